@@ -1,0 +1,209 @@
+"""Training configuration: one typed dataclass, filled from defaults, then a YAML file, then `--key value` flags.
+
+`parse_config(argv)` is the only place that turns user input into a `TrainConfig`; unknown keys and bad values
+raise `UserError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from accel_gpt.errors import UserError
+from accel_gpt.model import PRESETS, GPTConfig
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # --- data
+    train_data_path: str = _opt(
+        "tinyshakespeare",
+        "training text: a .txt/.jsonl/.parquet file, a directory, a glob, or a bundled corpus name "
+        "(the-verdict, tinyshakespeare, xiyouji)",
+    )
+    val_data_path: str | None = _opt(None, "validation text (same forms); if unset, val_fraction of the training text")
+    val_fraction: float = _opt(0.1, "share of the training tokens held out for validation when val_data_path is unset")
+    tokenizer: str = _opt("gpt2", "tokenizer: gpt2 (bundled, offline) or any tiktoken encoding name")
+    special_token_id: int = _opt(50256, "end-of-text id appended after every document")
+    context_len: int | None = _opt(None, "tokens per training window (default: the preset's context length)")
+    stride: int | None = _opt(None, "step between window starts (default: context_len, i.e. no overlap)")
+    data_cache_dir: str | None = _opt(None, "where tokenized corpora are cached (default: ~/.cache/accel_gpt)")
+    num_proc: int | None = _opt(None, "tokenizer processes (default: auto, more than 1 only for large corpora)")
+    # --- model
+    model: str = _opt("mini", f"model preset: {', '.join(PRESETS)}")
+    embedding_dim: int | None = _opt(None, "override the preset's embedding size")
+    num_layers: int | None = _opt(None, "override the preset's number of transformer blocks")
+    num_heads: int | None = _opt(None, "override the preset's number of attention heads")
+    dropout: float | None = _opt(None, "override the preset's dropout rate")
+    qkv_bias: bool | None = _opt(None, "bias in the query/key/value projection (preset default: false)")
+    tie_weights: bool | None = _opt(None, "share the token embedding with the output head (preset default: false)")
+    # --- optimisation
+    learning_rate: float = _opt(1e-3, "peak learning rate, reached after warmup")
+    initial_lr: float = _opt(1e-5, "learning rate at step 0, the start of the linear warmup")
+    min_lr: float = _opt(1e-4, "learning rate at the last step, the end of the cosine decay")
+    warmup_steps: int = _opt(20, "optimizer steps of linear warmup")
+    weight_decay: float = _opt(0.1, "AdamW weight decay (not applied to biases and norm weights)")
+    max_norm: float = _opt(1.0, "gradient-norm clipping threshold, applied after warmup")
+    batch_size: int = _opt(8, "windows per process per micro-batch")
+    global_batch_size: int | None = _opt(
+        None, "windows per optimizer step over all processes; derives gradient_accumulation_steps when set"
+    )
+    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step (ignored if global_batch_size is set)")
+    num_epochs: int = _opt(1, "passes over the training data (used when max_steps is unset)")
+    max_steps: int | None = _opt(300, "optimizer steps to run; unset (none) to train for num_epochs")
+    seed: int = _opt(123, "seed for weights, shuffling and dropout")
+    # --- evaluation and logging
+    eval_freq: int = _opt(50, "evaluate train/val loss and print a sample every N optimizer steps")
+    eval_iter: int = _opt(5, "batches per process averaged for each train/val loss estimate")
+    start_context: str = _opt("Every effort moves you", "prompt for the greedy sample printed at evaluation")
+    sample_tokens: int = _opt(50, "tokens generated for each sample")
+    output_dir: str | None = _opt(None, "run directory: config, metrics.jsonl, samples (default: runs/<time>)")
+    # --- checkpoints
+    checkpoint_dir: str | None = _opt(None, "where checkpoints go (default: <output_dir>/checkpoints)")
+    save_freq: int = _opt(100, "save a checkpoint every N optimizer steps (and always at the end)")
+    checkpoint: str | None = _opt(None, "resume from checkpoint index N, or 'latest'")
+
+    def model_config(self, vocabulary_size: int) -> GPTConfig:
+        """The preset with every model field that was set here layered on top."""
+        sizes = dict(PRESETS[self.model], vocabulary_size=vocabulary_size)
+        for name in ("embedding_dim", "num_layers", "num_heads", "dropout", "qkv_bias", "tie_weights", "context_len"):
+            if getattr(self, name) is not None:
+                sizes[name] = getattr(self, name)
+        try:
+            return GPTConfig(**sizes)
+        except ValueError as err:
+            raise UserError(f"model config: {err}") from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _base_type(annotation) -> type:
+    """`int | None` -> int (annotations are strings under `from __future__ import annotations`)."""
+    hint = typing.get_type_hints(TrainConfig)[annotation] if isinstance(annotation, str) else annotation
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = {name: _base_type(name) for name in _FIELDS}
+_TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
+
+
+def _coerce(key: str, value, source: str):
+    """Convert a YAML or command-line value to the field's type, or raise one clear line."""
+    kind = _TYPES[key]
+    optional = "None" in str(_FIELDS[key].type)
+    if value is None or (isinstance(value, str) and value.lower() in {"none", "null"} and kind is not str):
+        if optional:
+            return None
+        raise UserError(f"{source}: {key} cannot be empty")
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in _TRUE | _FALSE:
+                return str(value).lower() in _TRUE
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except ValueError:
+        expected = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, "a string")
+        raise UserError(f"{source}: {key} expects {expected}, got {value!r}") from None
+
+
+def _resolve_config_file(name: str) -> Path:
+    """A path, or the name of a config shipped with the package (e.g. `xiyouji`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    bundled = resources.files("accel_gpt") / "configs" / f"{path.stem}.yaml"
+    if not path.suffix and bundled.is_file():
+        return Path(str(bundled))
+    raise UserError(f"config file not found: {name}")
+
+
+def load_yaml(name: str) -> dict:
+    path = _resolve_config_file(name)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of key: value")
+    return data
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise UserError(f"command line: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Defaults are SUPPRESSed so that only flags the user typed override the YAML file; --help still shows them.
+    parser = _Parser(
+        prog="accelerate launch -m accel_gpt.train",
+        description="Pretrain a GPT-2 model. Values come from the defaults, then --config FILE, then the flags below.",
+        allow_abbrev=False,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="YAML file of key: value pairs, or a bundled config name (e.g. xiyouji)")
+    for name, f in _FIELDS.items():
+        metavar = {bool: "true|false"}.get(_TYPES[name], _TYPES[name].__name__.upper())
+        default = "none" if f.default is None else f.default
+        parser.add_argument(f"--{name}", metavar=metavar, help=f"{f.metadata['help']} (default: {default})")
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults <- YAML (`--config`) <- command-line flags. Raises UserError on unknown keys or bad values."""
+    given = vars(build_parser().parse_args(argv))
+    values: dict = {}
+    if "config" in given:
+        for key, value in load_yaml(given.pop("config")).items():
+            if key not in _FIELDS:
+                raise UserError(f"config file: unknown key {key!r}")
+            values[key] = _coerce(key, value, "config file")
+    for key, value in given.items():
+        values[key] = _coerce(key, value, "command line")
+    return validate(TrainConfig(**values))
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    if cfg.model not in PRESETS:
+        raise UserError(f"unknown model preset {cfg.model!r}; choose one of {', '.join(PRESETS)}")
+    positive = ["batch_size", "gradient_accumulation_steps", "num_epochs", "eval_freq", "eval_iter", "save_freq"]
+    positive += [k for k in ("max_steps", "global_batch_size", "context_len", "stride") if getattr(cfg, k) is not None]
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise UserError(f"{key} must be positive, got {getattr(cfg, key)}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise UserError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.val_data_path is None and cfg.val_fraction == 0.0:
+        raise UserError("no validation data: set val_data_path or a val_fraction above 0")
+    if cfg.warmup_steps < 0:
+        raise UserError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    if cfg.min_lr > cfg.learning_rate:
+        raise UserError(f"min_lr ({cfg.min_lr}) is larger than learning_rate ({cfg.learning_rate})")
+    if cfg.checkpoint is not None and cfg.checkpoint != "latest" and not cfg.checkpoint.isdigit():
+        raise UserError(f"checkpoint must be a step number or 'latest', got {cfg.checkpoint!r}")
+    return cfg

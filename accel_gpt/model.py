@@ -1,0 +1,188 @@
+"""GPT-2 from scratch: token + position embeddings, pre-LayerNorm blocks with causal attention and a GELU MLP.
+
+Numerically the same network as Hugging Face's `GPT2LMHeadModel` (tests/test_model.py proves it), plus decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocabulary_size: int = 50257
+    context_len: int = 1024
+    embedding_dim: int = 768
+    num_heads: int = 12
+    num_layers: int = 12
+    dropout: float = 0.1
+    qkv_bias: bool = False
+    tie_weights: bool = False
+
+    def __post_init__(self):
+        if self.embedding_dim % self.num_heads:
+            raise ValueError(f"embedding_dim ({self.embedding_dim}) must be divisible by num_heads ({self.num_heads})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# GPT-2's published sizes, plus two CPU-sized presets for tests and the default run.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(embedding_dim=64, num_layers=2, num_heads=2, context_len=64, dropout=0.0),
+    "mini": dict(embedding_dim=128, num_layers=2, num_heads=4, context_len=128, dropout=0.0),
+    "gpt2-small": dict(embedding_dim=768, num_layers=12, num_heads=12, context_len=1024),
+    "gpt2-medium": dict(embedding_dim=1024, num_layers=24, num_heads=16, context_len=1024),
+    "gpt2-large": dict(embedding_dim=1280, num_layers=36, num_heads=20, context_len=1024),
+    "gpt2-xl": dict(embedding_dim=1600, num_layers=48, num_heads=25, context_len=1024),
+}
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.dropout = cfg.dropout
+        # One fused projection: a single matmul for q, k and v is faster than three.
+        self.qkv = nn.Linear(cfg.embedding_dim, 3 * cfg.embedding_dim, bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(cfg.embedding_dim, cfg.embedding_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        # is_causal lets SDPA pick flash/memory-efficient kernels and avoids materialising a mask.
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out_proj(out.transpose(1, 2).reshape(batch, seq, dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.embedding_dim, 4 * cfg.embedding_dim)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.proj = nn.Linear(4 * cfg.embedding_dim, cfg.embedding_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.gelu(self.fc(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.embedding_dim, eps=1e-5)
+        self.att = MultiHeadAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.embedding_dim, eps=1e-5)
+        self.ff = FeedForward(cfg)
+        self.drop_shortcut = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+class GPTModel(nn.Module):
+    """GPT-2. Build from a `GPTConfig`, or from the original keyword names (`GPTModel(embedding_dim=..., ...)`)."""
+
+    def __init__(self, cfg: GPTConfig | dict | None = None, **kwargs):
+        super().__init__()
+        if isinstance(cfg, dict):
+            cfg = GPTConfig(**cfg)
+        if cfg is None:
+            cfg = GPTConfig(**kwargs)
+        elif kwargs:
+            raise TypeError("pass either a GPTConfig or keyword arguments, not both")
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocabulary_size, cfg.embedding_dim)
+        self.pos_emb = nn.Embedding(cfg.context_len, cfg.embedding_dim)
+        self.drop_emb = nn.Dropout(cfg.dropout)
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.num_layers)])
+        self.final_norm = nn.LayerNorm(cfg.embedding_dim, eps=1e-5)
+        self.out_head = nn.Linear(cfg.embedding_dim, cfg.vocabulary_size, bias=False)
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * layers) so the residual stream's variance stays bounded.
+        for name, param in self.named_parameters():
+            if name.endswith(("att.out_proj.weight", "ff.proj.weight")):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.num_layers))
+        if cfg.tie_weights:
+            self.out_head.weight = self.tok_emb.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids `[batch, seq]` -> logits `[batch, seq, vocabulary_size]`."""
+        seq = idx.shape[1]
+        if seq > self.config.context_len:
+            raise ValueError(f"sequence length {seq} exceeds the model's context_len {self.config.context_len}")
+        positions = torch.arange(seq, device=idx.device)
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))
+        return self.out_head(self.final_norm(self.trf_blocks(x)))
+
+    def num_parameters(self, exclude_position_embeddings: bool = False) -> int:
+        """Distinct parameters (a tied output head counts once)."""
+        total = sum(p.numel() for p in self.parameters())  # parameters() yields shared tensors once
+        return total - self.pos_emb.weight.numel() if exclude_position_embeddings else total
+
+
+def model_config_fields() -> list[str]:
+    return [f.name for f in fields(GPTConfig)]
+
+
+@torch.no_grad()
+def generate(
+    model: GPTModel,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    context_size: int | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Extend `idx` `[batch, seq]` by up to `max_new_tokens`; greedy when temperature is 0 or top_k is 1."""
+    context_size = context_size or model.config.context_len
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -context_size:])[:, -1, :]
+        if temperature <= 0.0 or top_k == 1:
+            next_id = logits.argmax(dim=-1, keepdim=True)
+        else:
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits / temperature, dim=-1)
+            next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+        if eos_id is not None and bool((next_id == eos_id).all()):
+            break
+        idx = torch.cat([idx, next_id], dim=1)
+    return idx
+
+
+def generate_text(
+    model: GPTModel,
+    start_context: str,
+    max_new_tokens: int,
+    tokenizer,
+    context_size: int | None = None,
+    top_k: int | None = 1,
+    temperature: float = 0.0,
+) -> str:
+    """Decode `start_context` plus its continuation as text (greedy by default), in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids = tokenizer.encode(start_context, allowed_special={"<|endoftext|>"})
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    out = generate(model, idx, max_new_tokens, context_size, temperature=temperature, top_k=top_k)
+    model.train(was_training)
+    return tokenizer.decode(out[0].tolist())

@@ -1,0 +1,38 @@
+"""Tokenizers as `tiktoken.Encoding` objects; GPT-2's is built offline from ranks shipped with the package.
+
+Nothing here touches the network for "gpt2", so training and tests run on machines without internet.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+
+import tiktoken
+import tiktoken.load
+
+from accel_gpt.errors import UserError
+
+# GPT-2's original split pattern; tiktoken's r50k pattern is a faster equivalent (same tokens on all bundled text).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+END_OF_TEXT = "<|endoftext|>"
+END_OF_TEXT_ID = 50256
+
+
+@lru_cache(maxsize=None)
+def get_tokenizer(name: str = "gpt2") -> tiktoken.Encoding:
+    """Return the tokenizer `name`: "gpt2" from bundled ranks, any other tiktoken encoding by its own name."""
+    if name != "gpt2":
+        try:
+            return tiktoken.get_encoding(name)
+        except ValueError as err:
+            raise UserError(f"unknown tokenizer {name!r}: {err}") from None
+    ranks_path = resources.files("accel_gpt") / "assets" / "gpt2.tiktoken"
+    with resources.as_file(ranks_path) as path:
+        ranks = tiktoken.load.load_tiktoken_bpe(str(path))
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={END_OF_TEXT: END_OF_TEXT_ID},
+    )

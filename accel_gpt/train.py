@@ -1,0 +1,265 @@
+"""The training loop: wires config, data, model, schedule, checkpoints and logging together on Accelerate.
+
+Run with `accelerate launch -m accel_gpt.train [--config FILE] [--key value ...]` (or plain `python -m`);
+the launcher, not this code, decides between one CPU, gloo processes, GPUs and machines.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
+
+from accel_gpt.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from accel_gpt.config import TrainConfig, parse_config
+from accel_gpt.data import GlobalBatchSampler, WindowDataset, make_loader, tokenize_corpus
+from accel_gpt.errors import UserError
+from accel_gpt.metrics import RunLogger
+from accel_gpt.model import GPTModel, generate_text
+from accel_gpt.schedule import clips_gradients_at, learning_rate_at
+from accel_gpt.tokenizer import get_tokenizer
+
+
+@dataclass
+class TrainerState:
+    """Everything that says where a run is; saved in every checkpoint as trainer_state.json."""
+
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0  # optimizer steps already taken in `epoch`: the data position, in world-size-free units
+    tokens_seen: int = 0
+
+
+def batch_geometry(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(gradient_accumulation_steps, global_batch_size) so that global = batch * accumulation * world."""
+    if cfg.global_batch_size is None:
+        return cfg.gradient_accumulation_steps, cfg.batch_size * cfg.gradient_accumulation_steps * world_size
+    per_step = cfg.batch_size * world_size
+    if cfg.global_batch_size % per_step:
+        raise UserError(
+            f"global_batch_size {cfg.global_batch_size} is not a multiple of batch_size x processes "
+            f"({cfg.batch_size} x {world_size} = {per_step})"
+        )
+    return cfg.global_batch_size // per_step, cfg.global_batch_size
+
+
+def resolve_run_dirs(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Path, Path]:
+    output_dir = cfg.output_dir
+    if output_dir is None:  # one timestamp for all ranks, chosen by the main process
+        stamp = [f"runs/{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}"]
+        broadcast_object_list(stamp)
+        output_dir = stamp[0]
+    checkpoint_dir = cfg.checkpoint_dir or str(Path(output_dir) / "checkpoints")
+    return Path(output_dir), Path(checkpoint_dir)
+
+
+def build_optimizer(model: GPTModel, cfg: TrainConfig) -> torch.optim.AdamW:
+    # Decay matrices only: biases and LayerNorm weights (1-D) are not regularised.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.initial_lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator: Accelerator) -> float:
+    """Mean loss over this rank's eval batches, then over all ranks."""
+    model.eval()
+    total, batches = torch.zeros((), device=accelerator.device), 0
+    for inputs, targets in loader:
+        total += loss_fn(model(inputs), targets)
+        batches += 1
+    model.train()
+    return accelerator.reduce(total / batches, reduction="mean").item()
+
+
+def use_cpu() -> bool:
+    # Without an accelerator, launched processes must ask for CPU explicitly: otherwise Accelerate leaves each one
+    # as an unconnected single process instead of joining them in a gloo group.
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available()
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train as `cfg` says; returns a summary (final step, losses, run directory). Runs on every rank."""
+    world_size = PartialState(cpu=use_cpu()).num_processes
+    accumulation, global_batch = batch_geometry(cfg, world_size)
+    accelerator = Accelerator(cpu=use_cpu(), gradient_accumulation_steps=accumulation)
+    set_seed(cfg.seed)
+    output_dir, checkpoint_dir = resolve_run_dirs(cfg, accelerator)
+
+    tokenizer = get_tokenizer(cfg.tokenizer)
+    model_cfg = cfg.model_config(tokenizer.n_vocab)
+    context_len = model_cfg.context_len
+    stride = cfg.stride or context_len
+    cache_dir = cfg.data_cache_dir or "~/.cache/accel_gpt"
+    with accelerator.local_main_process_first():  # one rank per machine tokenizes; the others hit its cache
+        train_stream, _ = tokenize_corpus(cfg.train_data_path, cfg.tokenizer, cfg.special_token_id, cache_dir, cfg.num_proc)
+        if cfg.val_data_path:
+            val_stream, _ = tokenize_corpus(cfg.val_data_path, cfg.tokenizer, cfg.special_token_id, cache_dir, cfg.num_proc)
+        else:
+            split = int(len(train_stream) * (1.0 - cfg.val_fraction))
+            train_stream, val_stream = train_stream.view(0, split), train_stream.view(split, len(train_stream))
+
+    train_set = WindowDataset(train_stream, context_len, stride)
+    val_set = WindowDataset(val_stream, context_len, stride)
+    train_sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, global_batch, seed=cfg.seed)
+    if train_sampler.steps_per_epoch == 0:
+        raise UserError(
+            f"training data has {len(train_set)} windows of {context_len + 1} tokens; one optimizer step needs "
+            f"{global_batch} (lower batch_size/context_len or add text)"
+        )
+    # Eval loaders: the first eval_iter batches per rank, in corpus order, the same at every evaluation.
+    eval_batch = cfg.batch_size * world_size
+    eval_samplers = [
+        GlobalBatchSampler(len(ds), cfg.batch_size, eval_batch, shuffle=False, max_steps_per_epoch=cfg.eval_iter)
+        for ds in (train_set, val_set)
+    ]
+    if eval_samplers[1].steps_per_epoch == 0:
+        raise UserError(
+            f"validation data has {len(val_set)} windows of {context_len + 1} tokens; an evaluation batch needs "
+            f"{eval_batch} (raise val_fraction, add validation text or lower batch_size)"
+        )
+
+    model = GPTModel(model_cfg)
+    optimizer = build_optimizer(model, cfg)
+    model, optimizer, train_loader, train_eval_loader, val_loader = accelerator.prepare(
+        model,
+        optimizer,
+        make_loader(train_set, train_sampler),
+        make_loader(train_set, eval_samplers[0]),
+        make_loader(val_set, eval_samplers[1]),
+    )
+    steps_per_epoch = train_sampler.steps_per_epoch
+    total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
+
+    state = TrainerState()
+    if cfg.checkpoint is not None:
+        path = find_checkpoint(checkpoint_dir, cfg.checkpoint)
+        saved = load_checkpoint(path, accelerator.unwrap_model(model), optimizer.optimizer)
+        if saved["global_batch_size"] != global_batch:
+            raise UserError(
+                f"{path} was trained with global batch {saved['global_batch_size']}, this run uses {global_batch}: "
+                "the data position would not carry over (set global_batch_size to match)"
+            )
+        state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__})
+        set_seed(cfg.seed + state.global_step)  # fresh but reproducible dropout stream after a resume
+
+    logger = RunLogger(output_dir, accelerator.is_main_process, total_steps, state.global_step)
+    if accelerator.is_main_process:
+        resolved = cfg.to_dict() | {
+            "output_dir": str(output_dir),
+            "checkpoint_dir": str(checkpoint_dir),
+            "context_len": context_len,
+            "stride": stride,
+            "gradient_accumulation_steps": accumulation,
+            "global_batch_size": global_batch,
+        }
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+    logger.info(
+        f"accel_gpt | world_size {world_size} | device {accelerator.device} | mixed_precision "
+        f"{accelerator.mixed_precision} | model {cfg.model} ({accelerator.unwrap_model(model).num_parameters():,} "
+        f"params) | global batch {global_batch} = {cfg.batch_size} x {accumulation} accumulation x {world_size} "
+        f"processes | {len(train_set):,} train / {len(val_set):,} val windows of {context_len} tokens | "
+        f"{total_steps} steps" + (f" | resumed at step {state.global_step}" if state.global_step else "")
+    )
+
+    def save() -> None:
+        accelerator.wait_for_everyone()  # collective: every rank calls it, only the main rank writes
+        if accelerator.is_main_process:
+            saved_state = vars(state) | {
+                "global_batch_size": global_batch,
+                "world_size": world_size,
+                "seed": cfg.seed,
+                "total_steps": total_steps,
+            }
+            path = save_checkpoint(
+                checkpoint_dir, state.global_step, accelerator.unwrap_model(model), optimizer.optimizer,
+                saved_state, cfg.to_dict(),
+            )
+            logger.info(f"saved {path}")
+        accelerator.wait_for_everyone()
+
+    last_record: dict = {}
+    tokens_per_step = global_batch * context_len
+    model.train()
+    while state.global_step < total_steps:
+        train_sampler.set_position(state.epoch, state.step_in_epoch)
+        batches = iter(train_loader)
+        while state.step_in_epoch < steps_per_epoch and state.global_step < total_steps:
+            started = time.perf_counter()
+            lr = learning_rate_at(
+                state.global_step, total_steps=total_steps, warmup_steps=cfg.warmup_steps,
+                initial_lr=cfg.initial_lr, learning_rate=cfg.learning_rate, min_lr=cfg.min_lr,
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            max_norm = cfg.max_norm if clips_gradients_at(state.global_step, cfg.warmup_steps) else math.inf
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for _ in range(accumulation):
+                inputs, targets = next(batches)
+                with accelerator.accumulate(model):
+                    loss = loss_fn(model(inputs), targets)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+            step_loss = accelerator.reduce(loss_sum / accumulation, reduction="mean").item()
+            state.global_step += 1
+            state.step_in_epoch += 1
+            state.tokens_seen += tokens_per_step
+            record = {
+                "step": state.global_step,
+                "epoch": state.epoch,
+                "tokens_seen": state.tokens_seen,
+                "lr": lr,
+                "loss": step_loss,
+                "grad_norm": float(grad_norm),
+                "tokens_per_sec": tokens_per_step / (time.perf_counter() - started),
+            }
+            if state.global_step % cfg.eval_freq == 0 or state.global_step == total_steps:
+                record["train_loss"] = evaluate(model, train_eval_loader, accelerator)
+                record["val_loss"] = evaluate(model, val_loader, accelerator)
+                if accelerator.is_main_process:
+                    sample = generate_text(
+                        accelerator.unwrap_model(model), cfg.start_context, cfg.sample_tokens, tokenizer
+                    )
+                    logger.log_sample(state.global_step, sample)
+            logger.log_step(record, total_steps)
+            last_record = record
+            if state.step_in_epoch == steps_per_epoch:  # position of the next step: start of the next epoch
+                state.epoch += 1
+                state.step_in_epoch = 0
+            if state.global_step % cfg.save_freq == 0 or state.global_step == total_steps:
+                save()
+    logger.close()
+    accelerator.end_training()
+    return {"output_dir": str(output_dir), "checkpoint_dir": str(checkpoint_dir), "world_size": world_size} | last_record
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        train(parse_config(argv))
+    except UserError as err:
+        print(f"accel_gpt: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -87,7 +87,9 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     for name, value in list(tensors.items()) + list(meta["scalars"].items()):
         param_id, key = name.split(".", 1)
         state.setdefault(int(param_id), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+    # JSON turns tuples (e.g. AdamW's betas) into lists; "params" is the only list an optimizer expects.
+    groups = [{k: v if k == "params" or not isinstance(v, list) else tuple(v) for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": dict(sorted(state.items())), "param_groups": groups}
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -61,8 +61,11 @@ class TrainConfig:
     )
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step (ignored if global_batch_size is set)")
     num_epochs: int = _opt(1, "passes over the training data (used when max_steps is unset)")
-    max_steps: int | None = _opt(300, "optimizer steps to run; unset (none) to train for num_epochs")
+    max_steps: int | None = _opt(None, "optimizer steps to run, overriding num_epochs (none: num_epochs' worth)")
     seed: int = _opt(123, "seed for weights, shuffling and dropout")
+    cpu_threads: int | None = _opt(
+        None, "torch threads per process when training on CPU (default: this machine's cores / local processes)"
+    )
     # --- evaluation and logging
     eval_freq: int = _opt(50, "evaluate train/val loss and print a sample every N optimizer steps")
     eval_iter: int = _opt(5, "batches per process averaged for each train/val loss estimate")
@@ -192,7 +195,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.model not in PRESETS:
         raise UserError(f"unknown model preset {cfg.model!r}; choose one of {', '.join(PRESETS)}")
     positive = ["batch_size", "gradient_accumulation_steps", "num_epochs", "eval_freq", "eval_iter", "save_freq"]
-    positive += [k for k in ("max_steps", "global_batch_size", "context_len", "stride") if getattr(cfg, k) is not None]
+    positive += [k for k in ("max_steps", "global_batch_size", "context_len", "stride", "cpu_threads") if getattr(cfg, k) is not None]
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise UserError(f"{key} must be positive, got {getattr(cfg, key)}")

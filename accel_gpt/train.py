@@ -7,6 +7,7 @@ the launcher, not this code, decides between one CPU, gloo processes, GPUs and m
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -99,6 +100,10 @@ def train(cfg: TrainConfig) -> dict:
     world_size = PartialState(cpu=use_cpu()).num_processes
     accumulation, global_batch = batch_geometry(cfg, world_size)
     accelerator = Accelerator(cpu=use_cpu(), gradient_accumulation_steps=accumulation)
+    if accelerator.device.type == "cpu":
+        # `accelerate launch` pins OMP_NUM_THREADS=1 unless told otherwise, which halves a 2-core laptop's speed.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(cfg.cpu_threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     set_seed(cfg.seed)
     output_dir, checkpoint_dir = resolve_run_dirs(cfg, accelerator)
 
@@ -200,7 +205,7 @@ def train(cfg: TrainConfig) -> dict:
     while state.global_step < total_steps:
         train_sampler.set_position(state.epoch, state.step_in_epoch)
         batches = iter(train_loader)
-        while state.step_in_epoch < steps_per_epoch and state.global_step < total_steps:
+        while state.global_step < total_steps:
             started = time.perf_counter()
             lr = learning_rate_at(
                 state.global_step, total_steps=total_steps, warmup_steps=cfg.warmup_steps,
@@ -243,11 +248,14 @@ def train(cfg: TrainConfig) -> dict:
                     logger.log_sample(state.global_step, sample)
             logger.log_step(record, total_steps)
             last_record = record
-            if state.step_in_epoch == steps_per_epoch:  # position of the next step: start of the next epoch
+            epoch_done = state.step_in_epoch == steps_per_epoch
+            if epoch_done:  # checkpoints record the next step's position: the start of the next epoch
                 state.epoch += 1
                 state.step_in_epoch = 0
             if state.global_step % cfg.save_freq == 0 or state.global_step == total_steps:
                 save()
+            if epoch_done:
+                break
     logger.close()
     accelerator.end_training()
     return {"output_dir": str(output_dir), "checkpoint_dir": str(checkpoint_dir), "world_size": world_size} | last_record

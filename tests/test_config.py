@@ -1,0 +1,63 @@
+import subprocess
+import sys
+
+import pytest
+
+from accel_gpt.config import TrainConfig, parse_config
+from accel_gpt.errors import UserError
+
+
+def test_defaults_then_yaml_then_command_line(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("batch_size: 4\nlearning_rate: 3.0e-4\nqkv_bias: true\nstart_context: 孙悟空\n", encoding="utf-8")
+    cfg = parse_config(["--config", str(cfg_file), "--learning_rate", "1e-3", "--max_steps", "none"])
+    assert cfg.batch_size == 4 and cfg.qkv_bias is True and cfg.start_context == "孙悟空"
+    assert cfg.learning_rate == 1e-3  # the flag beats the file
+    assert cfg.max_steps is None
+    assert cfg.weight_decay == TrainConfig().weight_decay  # untouched default
+
+
+def test_bundled_xiyouji_config_resolves_by_name():
+    cfg = parse_config(["--config", "xiyouji"])
+    assert cfg.train_data_path == "xiyouji"
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in cfg.start_context)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--no_such_key", "1"], "unrecognized arguments: --no_such_key"),
+        (["--batch_size", "eight"], "batch_size expects an integer, got 'eight'"),
+        (["--qkv_bias", "maybe"], "qkv_bias expects true or false"),
+        (["--min_lr", "1", "--learning_rate", "0.1"], "min_lr (1.0) is larger than learning_rate"),
+        (["--model", "gpt5"], "unknown model preset 'gpt5'"),
+        (["--checkpoint", "last"], "checkpoint must be a step number or 'latest'"),
+        (["--config", "/no/such.yaml"], "config file not found"),
+    ],
+)
+def test_bad_values_are_one_clear_error(argv, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_config(argv)
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
+    (tmp_path / "bad.yaml").write_text("learning_rat: 0.1\n")
+    with pytest.raises(UserError, match="unknown key 'learning_rat'"):
+        parse_config(["--config", str(tmp_path / "bad.yaml")])
+
+
+def test_help_lists_every_option_with_default():
+    out = subprocess.run([sys.executable, "-m", "accel_gpt.train", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for name in TrainConfig.__dataclass_fields__:
+        assert f"--{name}" in text
+    assert "(default: 0.001)" in text and "(default: mini)" in text
+
+
+def test_cli_error_is_one_line_without_traceback():
+    out = subprocess.run(
+        [sys.executable, "-m", "accel_gpt.train", "--batch_size", "x"], capture_output=True, text=True
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == "accel_gpt: error: command line: batch_size expects an integer, got 'x'"

@@ -1,0 +1,80 @@
+"""End-to-end: the real trainer through `accelerate launch`, on 1 CPU process and on 2 gloo processes."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import VERDICT, launch
+
+
+def common_args(out, cache):
+    return [
+        "--model", "tiny", "--train_data_path", str(VERDICT), "--data_cache_dir", str(cache),
+        "--output_dir", str(out), "--max_steps", "10", "--eval_freq", "5", "--save_freq", "5", "--eval_iter", "2",
+        "--learning_rate", "1.5e-3", "--warmup_steps", "2", "--dropout", "0.0", "--seed", "11",
+        "--val_fraction", "0.6",  # 32 training windows = 8 steps of 4: the 10 steps cross into epoch 1
+    ]
+
+
+def read_metrics(run_dir):
+    records = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records[record["step"]] = record  # a resumed run appends: the latest record of a step wins
+    return records
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("launch")
+    out = root / "run2"
+    result = launch(common_args(out, root / "cache") + ["--batch_size", "2"], num_processes=2)
+    return {"out": out, "cache": root / "cache", "stdout": result.stdout, "metrics": read_metrics(out), "root": root}
+
+
+def test_two_gloo_processes_train_and_write_a_plain_checkpoint(two_process_run):
+    out, metrics = two_process_run["out"], two_process_run["metrics"]
+    assert "world_size 2" in two_process_run["stdout"]
+    assert two_process_run["stdout"].count("accel_gpt | world_size") == 1  # only the main process logs
+    assert sorted(metrics) == list(range(1, 11))
+    losses = [metrics[s]["loss"] for s in range(1, 11)]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3  # loss clearly falls
+    assert metrics[10]["val_loss"] < metrics[5]["val_loss"]
+    for key in ("epoch", "tokens_seen", "lr", "tokens_per_sec"):
+        assert key in metrics[1]
+    assert metrics[10]["tokens_seen"] == 10 * 4 * 64
+    assert [metrics[s]["epoch"] for s in (8, 9, 10)] == [0, 1, 1]
+    ckpt = out / "checkpoints" / "checkpoint_000010"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["global_step"] == 10
+    weights = load_file(str(ckpt / "model.safetensors"))  # safetensors alone, no accel_gpt, no pickle
+    assert "tok_emb.weight" in weights and not any(k.startswith(("module.", "_orig_mod.")) for k in weights)
+    assert (out / "samples.jsonl").read_text().strip()
+    assert (out / "config.yaml").exists()
+
+
+def test_resume_continues_at_the_right_step_with_the_same_losses(two_process_run):
+    out = two_process_run["out"]
+    result = launch(
+        common_args(out, two_process_run["cache"]) + ["--batch_size", "2", "--checkpoint", "5"], num_processes=2
+    )
+    assert "resumed at step 5" in result.stdout
+    assert "step      6/10" in result.stdout and "step      5/10" not in result.stdout
+    resumed, original = read_metrics(out), two_process_run["metrics"]
+    for step in range(6, 11):
+        assert resumed[step]["loss"] == pytest.approx(original[step]["loss"], abs=1e-5), step
+
+
+def test_one_process_equals_two_processes_at_the_same_global_batch(two_process_run):
+    out1 = two_process_run["root"] / "run1"
+    launch(common_args(out1, two_process_run["cache"]) + ["--batch_size", "4"], num_processes=1)
+    one, two = read_metrics(out1), two_process_run["metrics"]
+    for step in range(1, 11):
+        assert one[step]["loss"] == pytest.approx(two[step]["loss"], abs=1e-5), step
+    assert one[10]["val_loss"] == pytest.approx(two[10]["val_loss"], abs=1e-5)
+    w1 = load_file(str(out1 / "checkpoints" / "checkpoint_000010" / "model.safetensors"))
+    w2 = load_file(str(two_process_run["out"] / "checkpoints" / "checkpoint_000010" / "model.safetensors"))
+    for name in w1:
+        torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=0)

@@ -1,0 +1,127 @@
+import pytest
+import torch
+
+from accel_gpt.model import PRESETS, GPTConfig, GPTModel, generate, generate_text
+from accel_gpt.tokenizer import get_tokenizer
+
+
+def small(**overrides) -> GPTModel:
+    torch.manual_seed(0)
+    cfg = dict(vocabulary_size=1000, context_len=32, embedding_dim=48, num_heads=4, num_layers=2, dropout=0.0)
+    return GPTModel(**(cfg | overrides))
+
+
+def test_original_keyword_names_and_submodules():
+    model = small()
+    for name in ("tok_emb", "pos_emb", "drop_emb", "trf_blocks", "final_norm", "out_head"):
+        assert hasattr(model, name)
+    logits = model(torch.randint(0, 1000, (3, 17)))
+    assert logits.shape == (3, 17, 1000)
+    assert GPTModel(GPTConfig(vocabulary_size=1000, context_len=32, embedding_dim=48, num_heads=4, num_layers=2))
+
+
+def test_no_persistent_causal_mask_in_state_dict():
+    keys = small().state_dict().keys()
+    assert not any("mask" in k for k in keys)
+
+
+@pytest.mark.parametrize(
+    "qkv_bias, tie, expected", [(False, False, 163_009_536), (False, True, 124_412_160), (True, True, 124_439_808)]
+)
+def test_gpt2_small_parameter_counts(qkv_bias, tie, expected):
+    with torch.device("meta"):  # counts only: no memory for 124M parameters
+        model = GPTModel(GPTConfig(**PRESETS["gpt2-small"], qkv_bias=qkv_bias, tie_weights=tie))
+    assert model.num_parameters() == expected
+
+
+def test_presets_have_gpt2_sizes():
+    sizes = {k: (v["embedding_dim"], v["num_layers"], v["num_heads"]) for k, v in PRESETS.items()}
+    assert sizes["gpt2-medium"] == (1024, 24, 16)
+    assert sizes["gpt2-large"] == (1280, 36, 20)
+    assert sizes["gpt2-xl"] == (1600, 48, 25)
+
+
+def test_tied_weights_share_one_tensor_and_train_together():
+    model = small(tie_weights=True)
+    assert model.out_head.weight is model.tok_emb.weight
+    loss = model(torch.randint(0, 1000, (2, 8))).sum()
+    loss.backward()
+    assert model.tok_emb.weight.grad is not None
+
+
+def test_attention_is_causal():
+    model = small().eval()
+    x = torch.randint(0, 1000, (1, 10))
+    y = x.clone()
+    y[0, 7:] = (y[0, 7:] + 1) % 1000  # change only the future
+    torch.testing.assert_close(model(x)[:, :7], model(y)[:, :7])
+
+
+def test_greedy_generation_is_deterministic_and_crops_context():
+    model = small().eval()
+    idx = torch.randint(0, 1000, (1, 40))  # longer than context_len 32: must be cropped, not crash
+    a = generate(model, idx, max_new_tokens=5, context_size=32, top_k=1)
+    b = generate(model, idx, max_new_tokens=5, context_size=32, temperature=0.0)
+    assert a.shape == (1, 45) and torch.equal(a, b)
+    expected = model(idx[:, -32:])[:, -1].argmax(-1)
+    assert a[0, 40] == expected
+
+
+def test_sampled_generation_respects_top_k():
+    model = small().eval()
+    idx = torch.randint(0, 1000, (1, 4))
+    logits = model(idx)[:, -1]
+    allowed = set(torch.topk(logits, 3).indices[0].tolist())
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        out = generate(model, idx, 1, top_k=3, temperature=1.5, generator=gen)
+        assert out[0, -1].item() in allowed
+
+
+def test_generate_text_returns_prompt_plus_continuation():
+    model = GPTModel(**PRESETS["tiny"])
+    text = generate_text(model, "Every effort moves you", 5, get_tokenizer("gpt2"))
+    assert text.startswith("Every effort moves you") and len(text) > len("Every effort moves you")
+    assert model.training  # mode restored
+
+
+def to_hf_state_dict(model: GPTModel) -> dict:
+    """Our names -> GPT2LMHeadModel names (HF's Conv1D stores weights transposed)."""
+    sd, out = model.state_dict(), {}
+    out["transformer.wte.weight"] = sd["tok_emb.weight"]
+    out["transformer.wpe.weight"] = sd["pos_emb.weight"]
+    for i in range(model.config.num_layers):
+        p, h = f"trf_blocks.{i}.", f"transformer.h.{i}."
+        out[h + "ln_1.weight"], out[h + "ln_1.bias"] = sd[p + "norm1.weight"], sd[p + "norm1.bias"]
+        out[h + "ln_2.weight"], out[h + "ln_2.bias"] = sd[p + "norm2.weight"], sd[p + "norm2.bias"]
+        out[h + "attn.c_attn.weight"] = sd[p + "att.qkv.weight"].T
+        out[h + "attn.c_attn.bias"] = sd.get(p + "att.qkv.bias", torch.zeros(3 * model.config.embedding_dim))
+        out[h + "attn.c_proj.weight"] = sd[p + "att.out_proj.weight"].T
+        out[h + "attn.c_proj.bias"] = sd[p + "att.out_proj.bias"]
+        out[h + "mlp.c_fc.weight"], out[h + "mlp.c_fc.bias"] = sd[p + "ff.fc.weight"].T, sd[p + "ff.fc.bias"]
+        out[h + "mlp.c_proj.weight"], out[h + "mlp.c_proj.bias"] = sd[p + "ff.proj.weight"].T, sd[p + "ff.proj.bias"]
+    out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["final_norm.weight"], sd["final_norm.bias"]
+    out["lm_head.weight"] = sd["out_head.weight"]
+    return out
+
+
+@pytest.mark.parametrize("qkv_bias, tie", [(False, False), (True, True)])
+def test_logits_match_huggingface_gpt2(qkv_bias, tie):
+    transformers = pytest.importorskip("transformers")
+    model = small(qkv_bias=qkv_bias, tie_weights=tie).eval()
+    with torch.no_grad():  # random, non-zero biases so the mapping of every tensor is exercised
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+    cfg = model.config
+    hf_cfg = transformers.GPT2Config(
+        vocab_size=cfg.vocabulary_size, n_positions=cfg.context_len, n_embd=cfg.embedding_dim,
+        n_layer=cfg.num_layers, n_head=cfg.num_heads, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tie,
+    )
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    assert not unexpected and all("attn.bias" in k or "masked_bias" in k for k in missing)
+    idx = torch.randint(0, cfg.vocabulary_size, (2, cfg.context_len))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-4, rtol=0)

@@ -1,0 +1,27 @@
+import math
+
+import pytest
+
+from accel_gpt.schedule import clips_gradients_at, learning_rate_at
+
+KW = dict(total_steps=110, warmup_steps=10, initial_lr=1e-5, learning_rate=1e-3, min_lr=1e-4)
+
+
+def test_linear_warmup_from_initial_to_peak():
+    assert learning_rate_at(0, **KW) == pytest.approx(1e-5)
+    assert learning_rate_at(5, **KW) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+    assert learning_rate_at(10, **KW) == pytest.approx(1e-3)
+
+
+def test_cosine_reaches_min_lr_at_last_step():
+    assert learning_rate_at(109, **KW) == pytest.approx(1e-4)
+    mid = 10 + (109 - 10) / 2
+    assert learning_rate_at(int(mid), **KW) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * int(mid - 10) / 99)))
+    lrs = [learning_rate_at(s, **KW) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay after warmup
+
+
+def test_clipping_only_after_warmup():
+    assert not clips_gradients_at(9, 10)
+    assert clips_gradients_at(10, 10)
+    assert clips_gradients_at(0, 0)

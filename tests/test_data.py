@@ -153,3 +153,25 @@ def test_shuffle_is_seeded_per_epoch_and_resume_skips_exactly(tmp_path):
     assert list(GlobalBatchSampler(40, 4, 8, seed=5)) == epoch0
     sampler.set_position(1, start_step=3)
     assert list(sampler) == epoch1[6:] and len(sampler) == len(epoch1) - 6
+
+
+def rss_anon_bytes() -> int:
+    """Anonymous (heap) memory of this process; memory-mapped file pages are not counted, as they are evictable."""
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    pytest.skip("needs Linux /proc")
+
+
+def test_reading_windows_does_not_load_the_corpus_into_ram(tmp_path):
+    n = 24 * CHUNK_TOKENS  # 96 MiB of uint32 tokens on disk
+    stream = arange_stream(tmp_path, n)
+    before = rss_anon_bytes()
+    reopened = TokenStream(stream.path)
+    ds = WindowDataset(reopened, context_len=128, stride=128)
+    sampler = GlobalBatchSampler(len(ds), batch_size=8, global_batch_size=8, seed=0)
+    for i, (x, _) in enumerate(make_loader(ds, sampler)):
+        if i == 2000:
+            break
+    grown = rss_anon_bytes() - before
+    assert grown < 16 * 2**20, f"heap grew by {grown / 2**20:.1f} MiB while streaming a 96 MiB token file"

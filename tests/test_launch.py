@@ -78,3 +78,14 @@ def test_one_process_equals_two_processes_at_the_same_global_batch(two_process_r
     w2 = load_file(str(two_process_run["out"] / "checkpoints" / "checkpoint_000010" / "model.safetensors"))
     for name in w1:
         torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=0)
+
+
+def test_gradient_accumulation_derived_from_global_batch_matches(two_process_run):
+    out = two_process_run["root"] / "run_accum"
+    result = launch(
+        common_args(out, two_process_run["cache"]) + ["--batch_size", "2", "--global_batch_size", "4"], num_processes=1
+    )
+    assert "global batch 4 = 2 x 2 accumulation x 1 processes" in result.stdout
+    accumulated, two = read_metrics(out), two_process_run["metrics"]
+    for step in range(1, 11):
+        assert accumulated[step]["loss"] == pytest.approx(two[step]["loss"], abs=1e-5), step

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# A bounded GPU check of the training spine (well under 10 minutes with start-up), run from the repo root:
+#   bash benchmarks/gpu_smoke.sh            (writes run directories and logs under ${OUT:-/tmp/gpu_smoke})
+# 1. the unit tests that need no process launch, on the GPU machine's torch;
+# 2. the default `mini` run for 100 steps on one GPU with bf16 (accelerate_configs/gpu_1.yaml);
+# 3. gpt2-small (124M) bf16, 16 x 1024 tokens per step, 40 steps across two epochs of Tiny Shakespeare.
+# It prints each run's median steady-state tokens/s (first 5 steps skipped) and final val loss.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_smoke}
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, accelerate, datasets, pyarrow, tiktoken; print('torch', torch.__version__, '| accelerate', accelerate.__version__, '| datasets', datasets.__version__, '| pyarrow', pyarrow.__version__)"
+
+python3 -m pytest -q -p no:cacheprovider tests -k "not launch" 2>&1 | tail -3
+
+summary() {
+  python3 - "$1" <<'PY'
+import json, statistics, sys
+recs = {}
+for line in open(sys.argv[1] + "/metrics.jsonl"):
+    r = json.loads(line); recs[r["step"]] = r
+steady = [r["tokens_per_sec"] for s, r in sorted(recs.items()) if s > 5]
+last = recs[max(recs)]
+print(f"{sys.argv[1]}: {len(recs)} steps | median {statistics.median(steady):,.0f} tokens/s | "
+      f"final loss {last['loss']:.3f} | val_loss {last.get('val_loss', float('nan')):.3f}")
+PY
+}
+
+run() {
+  local name=$1; shift
+  accelerate launch --config_file accelerate_configs/gpu_1.yaml -m accel_gpt.train \
+    --output_dir "$OUT/$name" --data_cache_dir "$OUT/cache" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  grep -E "world_size|val_loss|saved|error" "$OUT/$name.log" | cut -c1-220
+  [ $rc -eq 0 ] && summary "$OUT/$name" || { echo "$name failed (rc=$rc)"; tail -20 "$OUT/$name.log"; }
+}
+
+run mini --max_steps 100 --eval_freq 50 --save_freq 100
+run gpt2_small --model gpt2-small --batch_size 16 --max_steps 40 --eval_freq 20 --eval_iter 2 --save_freq 40 \
+  --warmup_steps 5 --learning_rate 6e-4 --min_lr 6e-5

@@ -209,4 +209,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"min_lr ({cfg.min_lr}) is larger than learning_rate ({cfg.learning_rate})")
     if cfg.checkpoint is not None and cfg.checkpoint != "latest" and not cfg.checkpoint.isdigit():
         raise UserError(f"checkpoint must be a step number or 'latest', got {cfg.checkpoint!r}")
+    if cfg.checkpoint is not None and cfg.output_dir is None and cfg.checkpoint_dir is None:
+        raise UserError("checkpoint needs the run to resume: pass its --output_dir (or --checkpoint_dir)")
     return cfg

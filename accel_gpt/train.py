@@ -19,10 +19,11 @@ import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
+from torch.utils.data import DataLoader
 
 from accel_gpt.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from accel_gpt.config import TrainConfig, parse_config
-from accel_gpt.data import GlobalBatchSampler, WindowDataset, make_loader, tokenize_corpus
+from accel_gpt.data import GlobalBatchSampler, TokenStream, WindowDataset, make_loader, tokenize_corpus
 from accel_gpt.errors import UserError
 from accel_gpt.metrics import RunLogger
 from accel_gpt.model import GPTModel, generate_text
@@ -95,61 +96,89 @@ def use_cpu() -> bool:
     return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available()
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train as `cfg` says; returns a summary (final step, losses, run directory). Runs on every rank."""
-    world_size = PartialState(cpu=use_cpu()).num_processes
-    accumulation, global_batch = batch_geometry(cfg, world_size)
-    accelerator = Accelerator(cpu=use_cpu(), gradient_accumulation_steps=accumulation)
-    if accelerator.device.type == "cpu":
-        # `accelerate launch` pins OMP_NUM_THREADS=1 unless told otherwise, which halves a 2-core laptop's speed.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(cfg.cpu_threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    set_seed(cfg.seed)
-    output_dir, checkpoint_dir = resolve_run_dirs(cfg, accelerator)
-
-    tokenizer = get_tokenizer(cfg.tokenizer)
-    model_cfg = cfg.model_config(tokenizer.n_vocab)
-    context_len = model_cfg.context_len
-    stride = cfg.stride or context_len
+def load_token_streams(cfg: TrainConfig, accelerator: Accelerator) -> tuple[TokenStream, TokenStream]:
     cache_dir = cfg.data_cache_dir or "~/.cache/accel_gpt"
     with accelerator.local_main_process_first():  # one rank per machine tokenizes; the others hit its cache
-        train_stream, _ = tokenize_corpus(cfg.train_data_path, cfg.tokenizer, cfg.special_token_id, cache_dir, cfg.num_proc)
+        train = tokenize_corpus(cfg.train_data_path, cfg.tokenizer, cfg.special_token_id, cache_dir, cfg.num_proc)[0]
         if cfg.val_data_path:
-            val_stream, _ = tokenize_corpus(cfg.val_data_path, cfg.tokenizer, cfg.special_token_id, cache_dir, cfg.num_proc)
-        else:
-            split = int(len(train_stream) * (1.0 - cfg.val_fraction))
-            train_stream, val_stream = train_stream.view(0, split), train_stream.view(split, len(train_stream))
+            val = tokenize_corpus(cfg.val_data_path, cfg.tokenizer, cfg.special_token_id, cache_dir, cfg.num_proc)[0]
+            return train, val
+    split = int(len(train) * (1.0 - cfg.val_fraction))
+    return train.view(0, split), train.view(split, len(train))
 
-    train_set = WindowDataset(train_stream, context_len, stride)
-    val_set = WindowDataset(val_stream, context_len, stride)
+
+@dataclass
+class RunData:
+    train_set: WindowDataset
+    val_set: WindowDataset
+    train_sampler: GlobalBatchSampler
+    loaders: tuple[DataLoader, DataLoader, DataLoader]  # train, train-eval, val (unprepared)
+
+
+def build_data(cfg: TrainConfig, streams, context_len: int, global_batch: int, world_size: int) -> RunData:
+    stride = cfg.stride or context_len
+    train_set, val_set = (WindowDataset(s, context_len, stride) for s in streams)
     train_sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, global_batch, seed=cfg.seed)
     if train_sampler.steps_per_epoch == 0:
         raise UserError(
             f"training data has {len(train_set)} windows of {context_len + 1} tokens; one optimizer step needs "
             f"{global_batch} (lower batch_size/context_len or add text)"
         )
-    # Eval loaders: the first eval_iter batches per rank, in corpus order, the same at every evaluation.
+    # Evaluation reads the first eval_iter batches per rank in corpus order: the same windows every time.
     eval_batch = cfg.batch_size * world_size
-    eval_samplers = [
+    train_eval, val_eval = (
         GlobalBatchSampler(len(ds), cfg.batch_size, eval_batch, shuffle=False, max_steps_per_epoch=cfg.eval_iter)
         for ds in (train_set, val_set)
-    ]
-    if eval_samplers[1].steps_per_epoch == 0:
+    )
+    if val_eval.steps_per_epoch == 0:
         raise UserError(
             f"validation data has {len(val_set)} windows of {context_len + 1} tokens; an evaluation batch needs "
             f"{eval_batch} (raise val_fraction, add validation text or lower batch_size)"
         )
+    loaders = (make_loader(train_set, train_sampler), make_loader(train_set, train_eval), make_loader(val_set, val_eval))
+    return RunData(train_set, val_set, train_sampler, loaders)
+
+
+def optimizer_step(model, optimizer, batches, accelerator: Accelerator, accumulation: int, max_norm: float):
+    """Forward/backward over `accumulation` micro-batches, then one update. Returns (mean loss, grad norm)."""
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for _ in range(accumulation):
+        inputs, targets = next(batches)
+        with accelerator.accumulate(model):  # gradient all-reduce only on the last micro-batch
+            loss = loss_fn(model(inputs), targets)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+            optimizer.step()  # a no-op until the last micro-batch
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+    return loss_sum / accumulation, grad_norm
+
+
+def set_cpu_threads(cfg: TrainConfig) -> None:
+    # `accelerate launch` pins OMP_NUM_THREADS=1 unless told otherwise, which halves a 2-core laptop's speed.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(cfg.cpu_threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train as `cfg` says; returns the run directory and the last step's record. Runs on every rank."""
+    world_size = PartialState(cpu=use_cpu()).num_processes
+    accumulation, global_batch = batch_geometry(cfg, world_size)
+    accelerator = Accelerator(cpu=use_cpu(), gradient_accumulation_steps=accumulation)
+    if accelerator.device.type == "cpu":
+        set_cpu_threads(cfg)
+    set_seed(cfg.seed)
+    output_dir, checkpoint_dir = resolve_run_dirs(cfg, accelerator)
+    tokenizer = get_tokenizer(cfg.tokenizer)
+    model_cfg = cfg.model_config(tokenizer.n_vocab)
+    context_len = model_cfg.context_len
+    data = build_data(cfg, load_token_streams(cfg, accelerator), context_len, global_batch, world_size)
 
     model = GPTModel(model_cfg)
     optimizer = build_optimizer(model, cfg)
-    model, optimizer, train_loader, train_eval_loader, val_loader = accelerator.prepare(
-        model,
-        optimizer,
-        make_loader(train_set, train_sampler),
-        make_loader(train_set, eval_samplers[0]),
-        make_loader(val_set, eval_samplers[1]),
-    )
-    steps_per_epoch = train_sampler.steps_per_epoch
+    model, optimizer, train_loader, train_eval_loader, val_loader = accelerator.prepare(model, optimizer, *data.loaders)
+    steps_per_epoch = data.train_sampler.steps_per_epoch
     total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
 
     state = TrainerState()
@@ -167,11 +196,8 @@ def train(cfg: TrainConfig) -> dict:
     logger = RunLogger(output_dir, accelerator.is_main_process, total_steps, state.global_step)
     if accelerator.is_main_process:
         resolved = cfg.to_dict() | {
-            "output_dir": str(output_dir),
-            "checkpoint_dir": str(checkpoint_dir),
-            "context_len": context_len,
-            "stride": stride,
-            "gradient_accumulation_steps": accumulation,
+            "output_dir": str(output_dir), "checkpoint_dir": str(checkpoint_dir), "context_len": context_len,
+            "stride": cfg.stride or context_len, "gradient_accumulation_steps": accumulation,
             "global_batch_size": global_batch,
         }
         (output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
@@ -179,33 +205,29 @@ def train(cfg: TrainConfig) -> dict:
         f"accel_gpt | world_size {world_size} | device {accelerator.device} | mixed_precision "
         f"{accelerator.mixed_precision} | model {cfg.model} ({accelerator.unwrap_model(model).num_parameters():,} "
         f"params) | global batch {global_batch} = {cfg.batch_size} x {accumulation} accumulation x {world_size} "
-        f"processes | {len(train_set):,} train / {len(val_set):,} val windows of {context_len} tokens | "
+        f"processes | {len(data.train_set):,} train / {len(data.val_set):,} val windows of {context_len} tokens | "
         f"{total_steps} steps" + (f" | resumed at step {state.global_step}" if state.global_step else "")
     )
 
     def save() -> None:
         accelerator.wait_for_everyone()  # collective: every rank calls it, only the main rank writes
         if accelerator.is_main_process:
-            saved_state = vars(state) | {
-                "global_batch_size": global_batch,
-                "world_size": world_size,
-                "seed": cfg.seed,
-                "total_steps": total_steps,
+            run_state = vars(state) | {
+                "global_batch_size": global_batch, "world_size": world_size, "seed": cfg.seed, "total_steps": total_steps,
             }
-            path = save_checkpoint(
-                checkpoint_dir, state.global_step, accelerator.unwrap_model(model), optimizer.optimizer,
-                saved_state, cfg.to_dict(),
-            )
+            model_to_save = accelerator.unwrap_model(model)
+            path = save_checkpoint(checkpoint_dir, state.global_step, model_to_save, optimizer.optimizer, run_state, cfg.to_dict())
             logger.info(f"saved {path}")
         accelerator.wait_for_everyone()
 
-    last_record: dict = {}
+    record: dict = {}
     tokens_per_step = global_batch * context_len
     model.train()
     while state.global_step < total_steps:
-        train_sampler.set_position(state.epoch, state.step_in_epoch)
+        data.train_sampler.set_position(state.epoch, state.step_in_epoch)
         batches = iter(train_loader)
-        while state.global_step < total_steps:
+        epoch_done = False
+        while state.global_step < total_steps and not epoch_done:
             started = time.perf_counter()
             lr = learning_rate_at(
                 state.global_step, total_steps=total_steps, warmup_steps=cfg.warmup_steps,
@@ -214,51 +236,32 @@ def train(cfg: TrainConfig) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             max_norm = cfg.max_norm if clips_gradients_at(state.global_step, cfg.warmup_steps) else math.inf
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for _ in range(accumulation):
-                inputs, targets = next(batches)
-                with accelerator.accumulate(model):
-                    loss = loss_fn(model(inputs), targets)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach()
-            step_loss = accelerator.reduce(loss_sum / accumulation, reduction="mean").item()
+            loss, grad_norm = optimizer_step(model, optimizer, batches, accelerator, accumulation, max_norm)
+            loss = accelerator.reduce(loss, reduction="mean").item()
             state.global_step += 1
             state.step_in_epoch += 1
             state.tokens_seen += tokens_per_step
             record = {
-                "step": state.global_step,
-                "epoch": state.epoch,
-                "tokens_seen": state.tokens_seen,
-                "lr": lr,
-                "loss": step_loss,
-                "grad_norm": float(grad_norm),
+                "step": state.global_step, "epoch": state.epoch, "tokens_seen": state.tokens_seen, "lr": lr,
+                "loss": loss, "grad_norm": float(grad_norm),
                 "tokens_per_sec": tokens_per_step / (time.perf_counter() - started),
             }
             if state.global_step % cfg.eval_freq == 0 or state.global_step == total_steps:
                 record["train_loss"] = evaluate(model, train_eval_loader, accelerator)
                 record["val_loss"] = evaluate(model, val_loader, accelerator)
                 if accelerator.is_main_process:
-                    sample = generate_text(
-                        accelerator.unwrap_model(model), cfg.start_context, cfg.sample_tokens, tokenizer
-                    )
+                    sample = generate_text(accelerator.unwrap_model(model), cfg.start_context, cfg.sample_tokens, tokenizer)
                     logger.log_sample(state.global_step, sample)
             logger.log_step(record, total_steps)
-            last_record = record
             epoch_done = state.step_in_epoch == steps_per_epoch
             if epoch_done:  # checkpoints record the next step's position: the start of the next epoch
                 state.epoch += 1
                 state.step_in_epoch = 0
             if state.global_step % cfg.save_freq == 0 or state.global_step == total_steps:
                 save()
-            if epoch_done:
-                break
     logger.close()
     accelerator.end_training()
-    return {"output_dir": str(output_dir), "checkpoint_dir": str(checkpoint_dir), "world_size": world_size} | last_record
+    return {"output_dir": str(output_dir), "checkpoint_dir": str(checkpoint_dir), "world_size": world_size} | record
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,6 +32,7 @@ def test_bundled_xiyouji_config_resolves_by_name():
         (["--min_lr", "1", "--learning_rate", "0.1"], "min_lr (1.0) is larger than learning_rate"),
         (["--model", "gpt5"], "unknown model preset 'gpt5'"),
         (["--checkpoint", "last"], "checkpoint must be a step number or 'latest'"),
+        (["--checkpoint", "latest"], "checkpoint needs the run to resume: pass its --output_dir"),
         (["--config", "/no/such.yaml"], "config file not found"),
     ],
 )

@@ -1,12 +1,15 @@
 """End-to-end: the real trainer through `accelerate launch`, on 1 CPU process and on 2 gloo processes."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import VERDICT, launch
+from accel_gpt.tokenizer import get_tokenizer
+from conftest import REPO, VERDICT, launch
 
 
 def common_args(out, cache):
@@ -89,3 +92,21 @@ def test_gradient_accumulation_derived_from_global_batch_matches(two_process_run
     accumulated, two = read_metrics(out), two_process_run["metrics"]
     for step in range(1, 11):
         assert accumulated[step]["loss"] == pytest.approx(two[step]["loss"], abs=1e-5), step
+
+
+def test_python_m_with_a_separate_validation_path(tmp_path):
+    """`python -m accel_gpt.train` needs no launcher; val_data_path takes a directory of .jsonl files."""
+    val_dir = tmp_path / "val"
+    val_dir.mkdir()
+    text = VERDICT.read_text(encoding="utf-8")
+    (val_dir / "part.jsonl").write_text(json.dumps({"text": text[:6000]}) + "\n", encoding="utf-8")
+    out = tmp_path / "run"
+    args = common_args(out, tmp_path / "cache") + ["--val_data_path", str(val_dir), "--max_steps", "3"]
+    result = subprocess.run(
+        [sys.executable, "-m", "accel_gpt.train", *args], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world_size 1" in result.stdout
+    val_tokens = len(get_tokenizer("gpt2").encode(text[:6000])) + 1  # + end-of-text
+    assert f"/ {(val_tokens - 65) // 64 + 1} val windows" in result.stdout
+    assert read_metrics(out)[3]["val_loss"] > 0

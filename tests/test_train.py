@@ -1,0 +1,31 @@
+import pytest
+
+from accel_gpt.config import TrainConfig
+from accel_gpt.errors import UserError
+from accel_gpt.model import PRESETS, GPTModel
+from accel_gpt.train import batch_geometry, build_optimizer
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPTModel(**PRESETS["tiny"], qkv_bias=True)
+    decay, no_decay = build_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(names[id(p)].endswith("weight") and p.dim() == 2 for p in decay["params"])
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "trf_blocks.0.att.qkv.bias" in no_decay_names and "final_norm.weight" in no_decay_names
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize(
+    "batch, accumulation, global_batch, world, expected",
+    [(8, 1, None, 1, (1, 8)), (4, 3, None, 2, (3, 24)), (4, 1, 32, 2, (4, 32)), (8, 1, 32, 4, (1, 32))],
+)
+def test_global_batch_is_batch_times_accumulation_times_world(batch, accumulation, global_batch, world, expected):
+    cfg = TrainConfig(batch_size=batch, gradient_accumulation_steps=accumulation, global_batch_size=global_batch)
+    assert batch_geometry(cfg, world) == expected
+
+
+def test_global_batch_that_does_not_divide_is_a_clear_error():
+    with pytest.raises(UserError, match=r"global_batch_size 30 is not a multiple of batch_size x processes \(4 x 2 = 8\)"):
+        batch_geometry(TrainConfig(batch_size=4, global_batch_size=30), 2)

@@ -1,26 +1,37 @@
-"""Checkpoints as plain files: weights and optimizer tensors in safetensors, everything else in JSON; no pickle.
+"""Checkpoints as plain files: tensors in safetensors, everything else in JSON; nothing is pickled or executed.
 
-A checkpoint is written into a hidden temporary directory and renamed into place, so a directory named
-`checkpoint_NNNNNN` is always complete.
+A checkpoint is written into a hidden temporary directory, verified, and renamed into place; `manifest.json`
+records every file's size and sha256, so a torn or corrupted checkpoint is detected and skipped on load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import random
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from accel_gpt.errors import UserError
 from accel_gpt.model import GPTModel
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{6,})$")
 MODEL_FILE, OPTIMIZER_FILE, OPTIMIZER_META = "model.safetensors", "optimizer.safetensors", "optimizer.json"
-STATE_FILE, CONFIG_FILE = "trainer_state.json", "config.json"
+STATE_FILE, CONFIG_FILE, RNG_FILE, RNG_META = "trainer_state.json", "config.json", "rng.safetensors", "rng.json"
+MANIFEST = "manifest.json"
+# Bytes per element of each safetensors dtype: used to check a header before anything is allocated.
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+MAX_HEADER_BYTES = 100 * 2**20
 
 
 def checkpoint_name(step: int) -> str:
@@ -28,7 +39,7 @@ def checkpoint_name(step: int) -> str:
 
 
 def list_checkpoints(checkpoint_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first (temporary directories are hidden and never match)."""
+    """Checkpoint directories, oldest first (temporary directories are hidden and never match)."""
     root = Path(checkpoint_dir)
     if not root.is_dir():
         return []
@@ -36,18 +47,85 @@ def list_checkpoints(checkpoint_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise UserError unless every file the manifest lists is present with its recorded size and hash."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UserError(f"checkpoint {path} is incomplete or corrupt: missing or unreadable {MANIFEST}") from None
+    for name, expected in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise UserError(f"checkpoint {path} is incomplete: {name} is missing")
+        if file.stat().st_size != expected["bytes"]:
+            raise UserError(
+                f"checkpoint {path} is corrupt: {name} has {file.stat().st_size} bytes, expected {expected['bytes']}"
+            )
+        if _sha256(file) != expected["sha256"]:
+            raise UserError(f"checkpoint {path} is corrupt: {name} does not match its recorded sha256")
+
+
 def find_checkpoint(checkpoint_dir: str | Path, which: str) -> Path:
-    """`which` is a step number or 'latest'."""
+    """`which` is a step number or 'latest' (the newest checkpoint that verifies; broken ones are skipped)."""
     found = list_checkpoints(checkpoint_dir)
     if not found:
         raise UserError(f"no checkpoints in {checkpoint_dir}")
-    if which == "latest":
-        return found[-1][1]
-    by_step = dict(found)
-    if int(which) not in by_step:
-        steps = ", ".join(str(s) for s, _ in found)
-        raise UserError(f"checkpoint {which} not found in {checkpoint_dir} (available: {steps})")
-    return by_step[int(which)]
+    if which != "latest":
+        by_step = dict(found)
+        if int(which) not in by_step:
+            steps = ", ".join(str(s) for s, _ in found)
+            raise UserError(f"checkpoint {which} not found in {checkpoint_dir} (available: {steps})")
+        verify_checkpoint(by_step[int(which)])
+        return by_step[int(which)]
+    for _, path in reversed(found):
+        try:
+            verify_checkpoint(path)
+            return path
+        except UserError as err:
+            log.warning("%s; falling back to the previous checkpoint", err)
+    raise UserError(f"no complete checkpoint in {checkpoint_dir}: every one failed verification")
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse and bounds-check a safetensors header, so a truncated or foreign file (a pickle, say) is refused
+    before any tensor memory is allocated."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < header_len <= min(size - 8, MAX_HEADER_BYTES):
+            raise UserError(f"{path} is not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError:
+            raise UserError(f"{path} is not a safetensors file (header is not JSON)") from None
+    data_bytes = size - 8 - header_len
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = entry["data_offsets"]
+            expected = DTYPE_BYTES[entry["dtype"]] * int(np.prod(entry["shape"], dtype=np.int64))
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path} has a malformed safetensors entry {name!r}") from None
+        if not 0 <= begin <= end <= data_bytes or end - begin != expected:
+            raise UserError(f"{path} is truncated or corrupt: tensor {name!r} lies outside the file")
+    return header
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load tensors on CPU after validating the header."""
+    path = Path(path)
+    read_safetensors_header(path)
+    return load_file(str(path), device="cpu")
 
 
 def model_state_for_saving(model: GPTModel) -> dict[str, torch.Tensor]:
@@ -60,7 +138,7 @@ def model_state_for_saving(model: GPTModel) -> dict[str, torch.Tensor]:
 
 def load_model_weights(model: GPTModel, path: str | Path) -> None:
     """Load `model.safetensors` into `model` (CPU first, then wherever the model lives)."""
-    state = load_file(str(path), device="cpu")
+    state = load_safetensors(path)
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     if model.config.tie_weights:
         state["out_head.weight"] = state["tok_emb.weight"]
@@ -88,12 +166,66 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
         param_id, key = name.split(".", 1)
         state.setdefault(int(param_id), {})[key] = value
     # JSON turns tuples (e.g. AdamW's betas) into lists; "params" is the only list an optimizer expects.
-    groups = [{k: v if k == "params" or not isinstance(v, list) else tuple(v) for k, v in g.items()} for g in meta["param_groups"]]
+    groups = [
+        {k: v if k == "params" or not isinstance(v, list) else tuple(v) for k, v in g.items()}
+        for g in meta["param_groups"]
+    ]
     return {"state": dict(sorted(state.items())), "param_groups": groups}
 
 
+# ----------------------------------------------------------------------------------------------- RNG state
+def capture_rng_state() -> dict:
+    """This process's Python, NumPy and torch (CPU and CUDA) generator states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _rng_to_files(rng_states: list[dict]) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = {}, {}
+    for rank, state in enumerate(rng_states):
+        for key in ("torch", "cuda"):
+            if key in state:
+                tensors[f"rank{rank}.{key}"] = state[key].cpu().contiguous()
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        meta[f"rank{rank}"] = {"python": state["python"], "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
+    return tensors, meta
+
+
+def load_rng_states(path: Path) -> list[dict]:
+    """Per-rank RNG states saved in checkpoint `path`, in rank order."""
+    tensors = load_safetensors(path / RNG_FILE)
+    meta = json.loads((path / RNG_META).read_text(encoding="utf-8"))
+    states = []
+    for rank in range(len(meta)):
+        state = dict(meta[f"rank{rank}"])
+        state |= {key: tensors[f"rank{rank}.{key}"] for key in ("torch", "cuda") if f"rank{rank}.{key}" in tensors}
+        states.append(state)
+    return states
+
+
+# ----------------------------------------------------------------------------------------------- save / load
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(
@@ -103,43 +235,79 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer_state: dict,
     run_config: dict,
+    rng_states: list[dict] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically. Call on the main process only, between two `wait_for_everyone`."""
+    """Write checkpoint `step` atomically. Call on the main process only, between two `wait_for_everyone`.
+
+    On any write error (full disk, permissions) the temporary directory is removed, earlier checkpoints are
+    untouched, and a UserError says what failed."""
     root = Path(checkpoint_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(model_state_for_saving(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
-    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
-    save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
-    _write_json(tmp / OPTIMIZER_META, opt_meta)
-    _write_json(tmp / STATE_FILE, trainer_state)
-    _write_json(tmp / CONFIG_FILE, {"model": model.config.to_dict(), "train": run_config})
-    for f in tmp.iterdir():  # data on disk before the rename makes the checkpoint visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():  # re-saving a step (e.g. after resuming from it): swap, never leave neither
-        old = root / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(model_state_for_saving(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+        save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
+        _write_json(tmp / OPTIMIZER_META, opt_meta)
+        if rng_states is not None:
+            rng_tensors, rng_meta = _rng_to_files(rng_states)
+            save_file(rng_tensors, str(tmp / RNG_FILE))
+            _write_json(tmp / RNG_META, rng_meta)
+        _write_json(tmp / STATE_FILE, trainer_state)
+        _write_json(tmp / CONFIG_FILE, {"model": model.config.to_dict(), "train": run_config})
+        # Hash what is on disk, not what was meant to be written: the manifest vouches for the bytes.
+        files = sorted(p for p in tmp.iterdir())
+        for f in files:
+            _fsync(f)
+        manifest = {"step": step, "files": {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files}}
+        _write_json(tmp / MANIFEST, manifest)
+        _fsync(tmp / MANIFEST)
+        if final.exists():  # re-saving a step (e.g. after resuming from it): swap, never leave neither
+            old = root / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync(root)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write checkpoint {final}: {err.strerror or err} (earlier checkpoints are intact)") from None
     return final
+
+
+def prune_checkpoints(checkpoint_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints (0 keeps all). Returns what was removed."""
+    found = list_checkpoints(checkpoint_dir)
+    doomed = [path for _, path in found[:-keep_last]] if keep_last > 0 else []
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def check_model_config(path: Path, model: GPTModel) -> None:
+    saved = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))["model"]
+    requested = model.config.to_dict()
+    if saved["context_len"] < requested["context_len"]:
+        raise UserError(
+            f"context_len {requested['context_len']} exceeds the position table of checkpoint {path} "
+            f"({saved['context_len']} positions)"
+        )
+    diff = {k: {"checkpoint": v, "requested": requested.get(k)} for k, v in saved.items() if requested.get(k) != v}
+    if diff:
+        raise UserError(f"checkpoint {path} was trained with a different model config: {diff}")
 
 
 def load_checkpoint(path: str | Path, model: GPTModel, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Restore weights (and optimizer state) from checkpoint directory `path`; returns its trainer state."""
     path = Path(path)
-    saved_model = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))["model"]
-    if saved_model != model.config.to_dict():
-        diff = {k: (v, model.config.to_dict().get(k)) for k, v in saved_model.items() if model.config.to_dict().get(k) != v}
-        raise UserError(f"checkpoint {path} was trained with a different model config (saved vs requested: {diff})")
+    check_model_config(path, model)
     load_model_weights(model, path / MODEL_FILE)
     if optimizer is not None:
-        tensors = load_file(str(path / OPTIMIZER_FILE), device="cpu")
+        tensors = load_safetensors(path / OPTIMIZER_FILE)
         meta = json.loads((path / OPTIMIZER_META).read_text(encoding="utf-8"))
         optimizer.load_state_dict(_optimizer_from_files(tensors, meta))
     return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))

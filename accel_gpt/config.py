@@ -76,6 +76,7 @@ class TrainConfig:
     checkpoint_dir: str | None = _opt(None, "where checkpoints go (default: <output_dir>/checkpoints)")
     save_freq: int = _opt(100, "save a checkpoint every N optimizer steps (and always at the end)")
     checkpoint: str | None = _opt(None, "resume from checkpoint index N, or 'latest'")
+    keep_last: int = _opt(3, "keep only the newest N checkpoints (0 keeps all)")
 
     def model_config(self, vocabulary_size: int) -> GPTConfig:
         """The preset with every model field that was set here layered on top."""
@@ -203,6 +204,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.val_data_path is None and cfg.val_fraction == 0.0:
         raise UserError("no validation data: set val_data_path or a val_fraction above 0")
+    if cfg.keep_last < 0:
+        raise UserError(f"keep_last must be >= 0, got {cfg.keep_last}")
     if cfg.warmup_steps < 0:
         raise UserError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
     if cfg.min_lr > cfg.learning_rate:

@@ -256,4 +256,6 @@ class GlobalBatchSampler:
 
 def make_loader(dataset: WindowDataset, sampler: GlobalBatchSampler) -> DataLoader:
     # Reading a window is a memory-mapped slice, far faster than a training step: no worker processes needed.
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=0)
+    # A private generator: creating an iterator then draws nothing from the global RNG that dropout uses,
+    # so a resumed run's dropout stream continues exactly where the checkpoint left it.
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=0, generator=torch.Generator())

@@ -18,10 +18,18 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator, PartialState
-from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
 
-from accel_gpt.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from accel_gpt.checkpoint import (
+    capture_rng_state,
+    find_checkpoint,
+    load_checkpoint,
+    load_rng_states,
+    prune_checkpoints,
+    restore_rng_state,
+    save_checkpoint,
+)
 from accel_gpt.config import TrainConfig, parse_config
 from accel_gpt.data import GlobalBatchSampler, TokenStream, WindowDataset, make_loader, tokenize_corpus
 from accel_gpt.errors import UserError
@@ -181,7 +189,10 @@ def train(cfg: TrainConfig) -> dict:
     steps_per_epoch = data.train_sampler.steps_per_epoch
     total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
 
-    state = TrainerState()
+    if cfg.warmup_steps >= total_steps:
+        raise UserError(f"warmup_steps ({cfg.warmup_steps}) must be shorter than the run ({total_steps} steps)")
+
+    state, rng_state, resume_note = TrainerState(), None, ""
     if cfg.checkpoint is not None:
         path = find_checkpoint(checkpoint_dir, cfg.checkpoint)
         saved = load_checkpoint(path, accelerator.unwrap_model(model), optimizer.optimizer)
@@ -191,7 +202,12 @@ def train(cfg: TrainConfig) -> dict:
                 "the data position would not carry over (set global_batch_size to match)"
             )
         state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__})
-        set_seed(cfg.seed + state.global_step)  # fresh but reproducible dropout stream after a resume
+        resume_note = f" | resumed at step {state.global_step} from {path}"
+        if saved["world_size"] == world_size:
+            rng_state = load_rng_states(path)[accelerator.process_index]
+        else:  # ranks do not map one to one: the data order carries over exactly, dropout masks cannot
+            resume_note += f" (saved by {saved['world_size']} processes: dropout RNG reseeded)"
+            set_seed(cfg.seed + state.global_step)
 
     logger = RunLogger(output_dir, accelerator.is_main_process, total_steps, state.global_step)
     if accelerator.is_main_process:
@@ -206,23 +222,30 @@ def train(cfg: TrainConfig) -> dict:
         f"{accelerator.mixed_precision} | model {cfg.model} ({accelerator.unwrap_model(model).num_parameters():,} "
         f"params) | global batch {global_batch} = {cfg.batch_size} x {accumulation} accumulation x {world_size} "
         f"processes | {len(data.train_set):,} train / {len(data.val_set):,} val windows of {context_len} tokens | "
-        f"{total_steps} steps" + (f" | resumed at step {state.global_step}" if state.global_step else "")
+        f"{total_steps} steps{resume_note}"
     )
 
     def save() -> None:
-        accelerator.wait_for_everyone()  # collective: every rank calls it, only the main rank writes
+        # Collectives (gather, barriers) run on every rank; only the main rank writes.
+        rng_states = gather_object([capture_rng_state()])
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             run_state = vars(state) | {
                 "global_batch_size": global_batch, "world_size": world_size, "seed": cfg.seed, "total_steps": total_steps,
             }
-            model_to_save = accelerator.unwrap_model(model)
-            path = save_checkpoint(checkpoint_dir, state.global_step, model_to_save, optimizer.optimizer, run_state, cfg.to_dict())
-            logger.info(f"saved {path}")
+            path = save_checkpoint(
+                checkpoint_dir, state.global_step, accelerator.unwrap_model(model), optimizer.optimizer, run_state,
+                cfg.to_dict(), rng_states,
+            )
+            pruned = prune_checkpoints(checkpoint_dir, cfg.keep_last)
+            logger.info(f"saved {path}" + (f" (pruned {', '.join(p.name for p in pruned)})" if pruned else ""))
         accelerator.wait_for_everyone()
 
     record: dict = {}
     tokens_per_step = global_batch * context_len
     model.train()
+    if rng_state is not None:  # last, so nothing between here and the first step draws from the restored streams
+        restore_rng_state(rng_state)
     while state.global_step < total_steps:
         data.train_sampler.set_position(state.epoch, state.step_in_epoch)
         batches = iter(train_loader)

@@ -1,0 +1,60 @@
+"""Exact resume through `accelerate launch`: same losses and weights as a run that was never interrupted."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import VERDICT, launch
+from test_launch import common_args, read_metrics
+
+
+def weights(run_dir, step):
+    return load_file(str(run_dir / "checkpoints" / f"checkpoint_{step:06d}" / "model.safetensors"))
+
+
+def test_resume_mid_epoch_with_dropout_and_accumulation_is_bit_identical(tmp_path):
+    # 40 training windows / global batch 4 = 10 steps per epoch; checkpoints at 3, 6, 9, 12, keeping the last 2.
+    args = common_args(tmp_path / "full", tmp_path / "cache") + [
+        "--dropout", "0.1", "--batch_size", "2", "--global_batch_size", "4", "--val_fraction", "0.5",
+        "--max_steps", "12", "--save_freq", "3", "--keep_last", "2", "--eval_freq", "4",
+    ]
+    launch(args, num_processes=1)
+    full = read_metrics(tmp_path / "full")
+    kept = sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir())
+    assert kept == ["checkpoint_000009", "checkpoint_000012"]  # keep_last pruned 3 and 6
+
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full", resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "checkpoint_000012")
+    (resumed_dir / "metrics.jsonl").unlink()
+    out = launch([a if a != str(tmp_path / "full") else str(resumed_dir) for a in args] + ["--checkpoint", "latest"], 1)
+    assert "resumed at step 9" in out.stdout
+    resumed = read_metrics(resumed_dir)
+    assert sorted(resumed) == [10, 11, 12]
+    for step in (10, 11, 12):  # crosses into epoch 1 at step 11
+        assert resumed[step]["loss"] == full[step]["loss"], step
+        assert resumed[step]["epoch"] == full[step]["epoch"]
+    assert resumed[12]["val_loss"] == full[12]["val_loss"]
+    final_full, final_resumed = weights(tmp_path / "full", 12), weights(resumed_dir, 12)
+    assert all(torch.equal(final_full[k], final_resumed[k]) for k in final_full)
+
+
+def test_two_process_checkpoint_resumes_on_one_process(tmp_path):
+    common = common_args(tmp_path / "run2", tmp_path / "cache") + ["--max_steps", "8", "--save_freq", "4"]
+    launch(common + ["--batch_size", "2"], num_processes=2)
+    two = read_metrics(tmp_path / "run2")
+    one_dir = tmp_path / "run1"
+    shutil.copytree(tmp_path / "run2", one_dir)
+    (one_dir / "metrics.jsonl").unlink()
+    args = [a if a != str(tmp_path / "run2") else str(one_dir) for a in common]
+    out = launch(args + ["--batch_size", "4", "--checkpoint", "4"], num_processes=1)
+    assert "resumed at step 4" in out.stdout and "saved by 2 processes" in out.stdout
+    one = read_metrics(one_dir)
+    assert sorted(one) == [5, 6, 7, 8]
+    for step in range(5, 9):  # same global batches, so the same losses (dropout 0)
+        assert one[step]["loss"] == pytest.approx(two[step]["loss"], abs=1e-5), step
+    w1, w2 = weights(one_dir, 8), weights(tmp_path / "run2", 8)
+    for name in w1:
+        torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=0)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from accel_gpt.errors import UserError
@@ -273,9 +274,10 @@ def save_checkpoint(
         else:
             os.replace(tmp, final)
         _fsync(root)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write checkpoint {final}: {err.strerror or err} (earlier checkpoints are intact)") from None
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise UserError(f"could not write checkpoint {final}: {reason} (earlier checkpoints are intact)") from None
     return final
 
 

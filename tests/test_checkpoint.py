@@ -74,3 +74,97 @@ def test_model_config_mismatch_is_refused(tmp_path):
     other = GPTModel(**(SIZES | {"embedding_dim": 64}))
     with pytest.raises(UserError, match="different model config"):
         load_checkpoint(path, other)
+
+
+def _rewrite_manifest_entry(ckpt, name):
+    """What an attacker (or a buggy tool) could do: make the manifest vouch for a replaced file."""
+    from accel_gpt.checkpoint import _sha256
+
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"][name] = {"bytes": (ckpt / name).stat().st_size, "sha256": _sha256(ckpt / name)}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_truncated_weights_fall_back_to_previous_checkpoint_for_latest(tmp_path, caplog):
+    model, opt = trained(False)
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, model, opt, {"global_step": step}, {})
+    newest = tmp_path / "checkpoint_000002" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])  # torn write
+    with caplog.at_level("WARNING"):
+        assert find_checkpoint(tmp_path, "latest").name == "checkpoint_000001"
+    assert "model.safetensors has 1000 bytes" in caplog.text and "falling back" in caplog.text
+    with pytest.raises(UserError, match="checkpoint .*checkpoint_000002 is corrupt: model.safetensors has 1000 bytes"):
+        find_checkpoint(tmp_path, "2")
+
+
+def test_flipped_byte_is_caught_by_the_hash(tmp_path):
+    model, opt = trained(False)
+    ckpt = save_checkpoint(tmp_path, 1, model, opt, {}, {})
+    data = bytearray((ckpt / "optimizer.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (ckpt / "optimizer.safetensors").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="optimizer.safetensors does not match its recorded sha256"):
+        find_checkpoint(tmp_path, "1")
+    (ckpt / "manifest.json").unlink()  # what a kill before the rename would leave, had it been renamed
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        find_checkpoint(tmp_path, "latest")
+
+
+def test_truncated_file_is_refused_before_allocation_even_if_the_manifest_agrees(tmp_path):
+    model, opt = trained(False)
+    ckpt = save_checkpoint(tmp_path, 1, model, opt, {}, {})
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    _rewrite_manifest_entry(ckpt, "model.safetensors")
+    with pytest.raises(UserError, match="truncated or corrupt: tensor .* lies outside the file"):
+        load_checkpoint(find_checkpoint(tmp_path, "1"), GPTModel(**SIZES))
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create the marker file if ever unpickled
+
+
+def test_a_pickle_in_place_of_weights_is_refused_not_executed(tmp_path):
+    import pickle
+
+    model, opt = trained(False)
+    ckpt = save_checkpoint(tmp_path / "ckpts", 1, model, opt, {}, {})
+    marker = tmp_path / "pwned"
+    (ckpt / "model.safetensors").write_bytes(pickle.dumps({"tok_emb.weight": _Payload(str(marker))}))
+    _rewrite_manifest_entry(ckpt, "model.safetensors")
+    with pytest.raises(UserError, match="is not a safetensors file"):
+        load_checkpoint(find_checkpoint(tmp_path / "ckpts", "latest"), GPTModel(**SIZES))
+    assert not marker.exists()
+
+
+def test_unwritable_checkpoint_dir_is_a_clear_error(tmp_path):
+    model, opt = trained(False)
+    (tmp_path / "a_file").write_text("not a directory")
+    with pytest.raises(UserError, match="could not write checkpoint .*a_file/ckpts/checkpoint_000001"):
+        save_checkpoint(tmp_path / "a_file" / "ckpts", 1, model, opt, {}, {})
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    model, opt = trained(False)
+    probe = save_checkpoint(tmp_path / "probe", 1, model, opt, {}, {})
+    one_checkpoint = sum(f.stat().st_size for f in probe.iterdir())
+    size_kib = one_checkpoint * 3 // 2 // 1024  # room for one checkpoint, not two
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("needs permission to mount a small tmpfs")
+    try:
+        save_checkpoint(disk, 1, model, opt, {"global_step": 1}, {})
+        with pytest.raises(UserError, match="could not write checkpoint .*checkpoint_000002: .*No space left on device"):
+            save_checkpoint(disk, 2, model, opt, {"global_step": 2}, {})
+        assert [p.name for p in disk.iterdir()] == ["checkpoint_000001"]  # no half-written leftovers
+        assert find_checkpoint(disk, "latest").name == "checkpoint_000001"
+    finally:
+        subprocess.run(["umount", str(disk)])

@@ -282,11 +282,14 @@ def save_checkpoint(
 
 
 def prune_checkpoints(checkpoint_dir: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` checkpoints (0 keeps all). Returns what was removed."""
+    """Delete all but the newest `keep_last` checkpoints (0 keeps all), and temporaries left by killed writers.
+    Call from the one process that writes checkpoints. Returns the checkpoints removed."""
     found = list_checkpoints(checkpoint_dir)
     doomed = [path for _, path in found[:-keep_last]] if keep_last > 0 else []
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
+    for leftover in Path(checkpoint_dir).glob(".checkpoint_*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     return doomed
 
 

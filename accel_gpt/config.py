@@ -77,6 +77,9 @@ class TrainConfig:
     save_freq: int = _opt(100, "save a checkpoint every N optimizer steps (and always at the end)")
     checkpoint: str | None = _opt(None, "resume from checkpoint index N, or 'latest'")
     keep_last: int = _opt(3, "keep only the newest N checkpoints (0 keeps all)")
+    max_nonfinite_steps: int = _opt(
+        5, "stop with an error after this many optimizer steps in a row with a non-finite gradient norm (each is skipped)"
+    )
 
     def model_config(self, vocabulary_size: int) -> GPTConfig:
         """The preset with every model field that was set here layered on top."""
@@ -196,6 +199,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.model not in PRESETS:
         raise UserError(f"unknown model preset {cfg.model!r}; choose one of {', '.join(PRESETS)}")
     positive = ["batch_size", "gradient_accumulation_steps", "num_epochs", "eval_freq", "eval_iter", "save_freq"]
+    positive += ["max_nonfinite_steps"]
     positive += [k for k in ("max_steps", "global_batch_size", "context_len", "stride", "cpu_threads") if getattr(cfg, k) is not None]
     for key in positive:
         if getattr(cfg, key) <= 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader
 from accel_gpt.checkpoint import (
     capture_rng_state,
     find_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     load_rng_states,
     prune_checkpoints,
@@ -47,6 +49,7 @@ class TrainerState:
     epoch: int = 0
     step_in_epoch: int = 0  # optimizer steps already taken in `epoch`: the data position, in world-size-free units
     tokens_seen: int = 0
+    skipped_steps: int = 0  # updates skipped for a non-finite gradient norm
 
 
 def batch_geometry(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
@@ -148,7 +151,10 @@ def build_data(cfg: TrainConfig, streams, context_len: int, global_batch: int, w
 
 
 def optimizer_step(model, optimizer, batches, accelerator: Accelerator, accumulation: int, max_norm: float):
-    """Forward/backward over `accumulation` micro-batches, then one update. Returns (mean loss, grad norm)."""
+    """Forward/backward over `accumulation` micro-batches, then one update unless the gradient norm is not finite.
+
+    Returns (this rank's mean loss, gradient norm). The norm is taken after the all-reduce, so every rank makes
+    the same skip decision."""
     loss_sum = torch.zeros((), device=accelerator.device)
     for _ in range(accumulation):
         inputs, targets = next(batches)
@@ -156,11 +162,31 @@ def optimizer_step(model, optimizer, batches, accelerator: Accelerator, accumula
             loss = loss_fn(model(inputs), targets)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-            optimizer.step()  # a no-op until the last micro-batch
-            optimizer.zero_grad(set_to_none=True)
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+                if math.isfinite(grad_norm):
+                    optimizer.step()
+            optimizer.zero_grad(set_to_none=True)  # a no-op until the last micro-batch
         loss_sum += loss.detach()
     return loss_sum / accumulation, grad_norm
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT (what schedulers send before pre-emption) into a stop at the next step boundary.
+
+    A second SIGINT aborts at once, for a person at a terminal who means it."""
+
+    def __init__(self):
+        self.received: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some notebook runners): no graceful stop there
+                pass
+
+    def _handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
 
 
 def set_cpu_threads(cfg: TrainConfig) -> None:
@@ -201,7 +227,7 @@ def train(cfg: TrainConfig) -> dict:
                 f"{path} was trained with global batch {saved['global_batch_size']}, this run uses {global_batch}: "
                 "the data position would not carry over (set global_batch_size to match)"
             )
-        state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__})
+        state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})
         resume_note = f" | resumed at step {state.global_step} from {path}"
         if saved["world_size"] == world_size:
             rng_state = load_rng_states(path)[accelerator.process_index]
@@ -240,8 +266,12 @@ def train(cfg: TrainConfig) -> dict:
             pruned = prune_checkpoints(checkpoint_dir, cfg.keep_last)
             logger.info(f"saved {path}" + (f" (pruned {', '.join(p.name for p in pruned)})" if pruned else ""))
         accelerator.wait_for_everyone()
+        saved_at.append(state.global_step)
 
     record: dict = {}
+    saved_at: list[int] = []
+    nonfinite_in_a_row = stops = 0
+    stop = StopSignal()
     tokens_per_step = global_batch * context_len
     model.train()
     if rng_state is not None:  # last, so nothing between here and the first step draws from the restored streams
@@ -260,15 +290,31 @@ def train(cfg: TrainConfig) -> dict:
                 group["lr"] = lr
             max_norm = cfg.max_norm if clips_gradients_at(state.global_step, cfg.warmup_steps) else math.inf
             loss, grad_norm = optimizer_step(model, optimizer, batches, accelerator, accumulation, max_norm)
-            loss = accelerator.reduce(loss, reduction="mean").item()
+            # One collective carries the loss and whether any rank was asked to stop.
+            stop_flag = torch.tensor(float(stop.received is not None), device=accelerator.device)
+            loss_sum, stops = accelerator.reduce(torch.stack([loss, stop_flag]), reduction="sum").tolist()
             state.global_step += 1
             state.step_in_epoch += 1
             state.tokens_seen += tokens_per_step
             record = {
                 "step": state.global_step, "epoch": state.epoch, "tokens_seen": state.tokens_seen, "lr": lr,
-                "loss": loss, "grad_norm": float(grad_norm),
+                "loss": loss_sum / world_size, "grad_norm": grad_norm,
                 "tokens_per_sec": tokens_per_step / (time.perf_counter() - started),
             }
+            if not math.isfinite(grad_norm):
+                state.skipped_steps += 1
+                nonfinite_in_a_row += 1
+                record["skipped"] = True
+                if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                    logger.log_step(record, total_steps)
+                    good = list_checkpoints(checkpoint_dir)
+                    raise UserError(
+                        f"stopping: {nonfinite_in_a_row} steps in a row had a non-finite gradient norm (last at step "
+                        f"{state.global_step}); the last good checkpoint is "
+                        f"{good[-1][1] if good else 'none'}. Lower learning_rate or check the data."
+                    )
+            else:
+                nonfinite_in_a_row = 0
             if state.global_step % cfg.eval_freq == 0 or state.global_step == total_steps:
                 record["train_loss"] = evaluate(model, train_eval_loader, accelerator)
                 record["val_loss"] = evaluate(model, val_loader, accelerator)
@@ -282,6 +328,17 @@ def train(cfg: TrainConfig) -> dict:
                 state.step_in_epoch = 0
             if state.global_step % cfg.save_freq == 0 or state.global_step == total_steps:
                 save()
+            if stops:
+                if saved_at[-1:] != [state.global_step]:
+                    save()
+                logger.info(
+                    f"received {stop.received or 'a stop signal on another rank'}: stopped after step "
+                    f"{state.global_step} with a checkpoint. Resume with the same command plus "
+                    f"--output_dir {output_dir} --checkpoint latest"
+                )
+                break
+        if stops:
+            break
     logger.close()
     accelerator.end_training()
     return {"output_dir": str(output_dir), "checkpoint_dir": str(checkpoint_dir), "world_size": world_size} | record

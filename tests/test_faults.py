@@ -1,0 +1,132 @@
+"""Faults a long run meets: pre-emption signals, SIGKILL at any moment (mid-save too), non-finite steps."""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from accel_gpt.checkpoint import list_checkpoints
+from conftest import REPO, launch
+from test_launch import common_args, read_metrics
+
+
+def start(args, num_processes, env_extra=None):
+    """Start the trainer (through `accelerate launch` for 2 processes) in its own process group."""
+    if num_processes == 1:
+        cmd = [sys.executable, "-m", "accel_gpt.train", *args]
+    else:
+        config = REPO / "accelerate_configs" / "cpu_2proc_gloo.yaml"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "accel_gpt.train", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                            start_new_session=True)
+
+
+def kill_all(proc):
+    """SIGKILL the launcher and every worker (torchrun puts workers in sessions of their own)."""
+    family = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def steps_logged(run_dir):
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def wait_for(condition, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def test_sigterm_stops_every_rank_at_a_step_boundary_with_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = common_args(out, tmp_path / "cache") + ["--batch_size", "2", "--max_steps", "500", "--save_freq", "1000"]
+    proc = start(args, num_processes=2)
+    assert wait_for(lambda: steps_logged(out) >= 3, proc)
+    for worker in psutil.Process(proc.pid).children(recursive=True):  # what a scheduler's SIGTERM reaches
+        worker.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    stopped_at = max(read_metrics(out))
+    assert f"received SIGTERM: stopped after step {stopped_at} with a checkpoint" in stdout
+    assert f"--output_dir {out} --checkpoint latest" in stdout
+    assert (out / "checkpoints" / f"checkpoint_{stopped_at:06d}" / "manifest.json").exists()
+
+
+def test_sigint_without_a_launcher_also_stops_cleanly(tmp_path):
+    out = tmp_path / "run"
+    proc = start(common_args(out, tmp_path / "cache") + ["--max_steps", "500", "--save_freq", "1000"], 1)
+    assert wait_for(lambda: steps_logged(out) >= 2, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "received SIGINT" in stdout and "Traceback" not in stderr
+
+
+def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_losses(tmp_path):
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    args = common_args(tmp_path / "ref", tmp_path / "cache") + [
+        "--batch_size", "2", "--dropout", "0.1", "--max_steps", "12", "--save_freq", "2", "--eval_freq", "6",
+    ]
+    launch(args, num_processes=2)
+    reference = read_metrics(tmp_path / "ref")
+
+    out = tmp_path / "killed"
+    run_args = [a if a != str(tmp_path / "ref") else str(out) for a in args]
+    ckpts = out / "checkpoints"
+
+    def in_save():  # a writer's hidden temporary directory exists
+        return ckpts.is_dir() and any(".tmp-" in p.name for p in ckpts.iterdir())
+
+    kills = [("during a save", in_save), ("after a random step", None), ("during a save", in_save)]
+    for what, condition in kills:
+        resume = ["--checkpoint", "latest"] if list_checkpoints(ckpts) else []
+        proc = start(run_args + resume, num_processes=2)
+        if condition is None:
+            target = steps_logged(out) + rng.randint(3, 5)  # at least one save completes first
+            condition = lambda target=target: steps_logged(out) >= target
+        caught = wait_for(condition, proc)
+        if caught:
+            kill_all(proc)
+        stdout, stderr = proc.communicate()
+        assert caught, f"(seed {seed}) never reached the moment to kill: {what}\n{stdout[-1500:]}\n{stderr[-3000:]}"
+    assert list_checkpoints(ckpts), f"(seed {seed}) no checkpoint survived to resume from"
+    result = launch(run_args + ["--checkpoint", "latest"], num_processes=2)
+    assert "resumed at step" in result.stdout
+    final = read_metrics(out)
+    assert sorted(final) == sorted(reference)
+    for step in reference:
+        assert final[step]["loss"] == pytest.approx(reference[step]["loss"], abs=1e-6), (seed, step)
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]  # killed writers' temporaries cleaned up
+
+
+def test_non_finite_steps_are_skipped_then_stop_with_a_clear_error(tmp_path):
+    out = tmp_path / "run"
+    args = common_args(out, tmp_path / "cache") + [
+        "--learning_rate", "1e30", "--initial_lr", "1e30", "--min_lr", "0", "--warmup_steps", "0",
+        "--max_nonfinite_steps", "3", "--save_freq", "1", "--max_steps", "20",
+    ]
+    proc = start(args, num_processes=1)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in stderr
+    assert "stopping: 3 steps in a row had a non-finite gradient norm" in stderr
+    metrics = read_metrics(out)
+    skipped = [s for s, r in metrics.items() if r.get("skipped")]
+    assert len(skipped) == 3 and skipped == list(range(skipped[0], skipped[0] + 3))
+    assert f"the last good checkpoint is {out / 'checkpoints'}" in stderr

@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -291,6 +292,18 @@ def prune_checkpoints(checkpoint_dir: str | Path, keep_last: int) -> list[Path]:
     for leftover in Path(checkpoint_dir).glob(".checkpoint_*"):
         shutil.rmtree(leftover, ignore_errors=True)
     return doomed
+
+
+def set_aside_newer(checkpoint_dir: str | Path, step: int) -> Path | None:
+    """Move checkpoints later than `step` (an abandoned branch of the run) out of `latest`'s way, not deleting."""
+    newer = [path for s, path in list_checkpoints(checkpoint_dir) if s > step]
+    if not newer:
+        return None
+    dest = Path(checkpoint_dir) / f"abandoned-after-{step:06d}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dest.mkdir()
+    for path in newer:
+        os.replace(path, dest / path.name)
+    return dest
 
 
 def check_model_config(path: Path, model: GPTModel) -> None:

@@ -35,7 +35,9 @@ class TrainConfig:
     val_data_path: str | None = _opt(None, "validation text (same forms); if unset, val_fraction of the training text")
     val_fraction: float = _opt(0.1, "share of the training tokens held out for validation when val_data_path is unset")
     tokenizer: str = _opt("gpt2", "tokenizer: gpt2 (bundled, offline) or any tiktoken encoding name")
-    special_token_id: int = _opt(50256, "end-of-text id appended after every document")
+    special_token_id: int | None = _opt(
+        None, "end-of-text id appended after every document (default: the tokenizer's, 50256 for gpt2)"
+    )
     context_len: int | None = _opt(None, "tokens per training window (default: the preset's context length)")
     stride: int | None = _opt(None, "step between window starts (default: context_len, i.e. no overlap)")
     data_cache_dir: str | None = _opt(None, "where tokenized corpora are cached (default: ~/.cache/accel_gpt)")
@@ -113,7 +115,7 @@ def _coerce(key: str, value, source: str):
     """Convert a YAML or command-line value to the field's type, or raise one clear line."""
     kind = _TYPES[key]
     optional = "None" in str(_FIELDS[key].type)
-    if value is None or (isinstance(value, str) and value.lower() in {"none", "null"} and kind is not str):
+    if value is None or (isinstance(value, str) and value.lower() in {"none", "null"} and optional):
         if optional:
             return None
         raise UserError(f"{source}: {key} cannot be empty")
@@ -200,10 +202,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"unknown model preset {cfg.model!r}; choose one of {', '.join(PRESETS)}")
     positive = ["batch_size", "gradient_accumulation_steps", "num_epochs", "eval_freq", "eval_iter", "save_freq"]
     positive += ["max_nonfinite_steps"]
-    positive += [k for k in ("max_steps", "global_batch_size", "context_len", "stride", "cpu_threads") if getattr(cfg, k) is not None]
+    optional_positive = ("max_steps", "global_batch_size", "context_len", "stride", "cpu_threads", "embedding_dim",
+                         "num_layers", "num_heads")
+    positive += [k for k in optional_positive if getattr(cfg, k) is not None]
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise UserError(f"{key} must be positive, got {getattr(cfg, key)}")
+    if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
+        raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if not cfg.start_context:
+        raise UserError("start_context must not be empty: the sample needs a prompt to continue")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.val_data_path is None and cfg.val_fraction == 0.0:

@@ -7,6 +7,7 @@ RAM does not grow with the corpus. `GlobalBatchSampler` fixes which windows form
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
@@ -96,6 +97,26 @@ class TokenStream:
         return out
 
 
+def check_utf8(path: Path) -> None:
+    """Raise UserError naming the first byte offset at which `path` stops being valid UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            pending = len(decoder.getstate()[0])  # bytes of a character split across chunks
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                raise UserError(
+                    f"{path} is not valid UTF-8: {err.reason} at byte offset {offset - pending + err.start} "
+                    "(convert it, e.g. iconv -f GB18030 -t UTF-8)"
+                ) from None
+            if not chunk:
+                return
+            offset += len(chunk)
+
+
 def _encode_batch(batch: dict, tokenizer: str, special_token_id: int) -> dict:
     encoded = get_tokenizer(tokenizer).encode_ordinary_batch(batch["text"], num_threads=1)
     return {"ids": [ids + [special_token_id] for ids in encoded if ids]}
@@ -115,6 +136,11 @@ def _load_documents(files: list[Path], cache_dir: Path):
         raise UserError(f"could not read {files[0].parent}: {type(cause).__name__}: {cause}") from None
     if "text" not in ds.column_names:
         raise UserError(f"{files[0]} has no 'text' field (columns: {', '.join(ds.column_names)})")
+    text = ds.data.column("text")
+    if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
+        raise UserError(f"the 'text' field in {files[0].parent} holds {text.type}, not strings")
+    if text.null_count:
+        raise UserError(f"{text.null_count} documents in {files[0].parent} have no 'text' value (missing or null)")
     return ds
 
 
@@ -155,6 +181,9 @@ def tokenize_corpus(
     if tokens_file.exists():
         return TokenStream(tokens_file), True
 
+    if FORMATS[files[0].suffix.lower()] != "parquet":  # parquet stores strings already validated
+        for f in files:
+            check_utf8(f)
     ds = _load_documents(files, cache_dir)
     if num_proc is None:  # worker start-up only pays off on big corpora
         num_proc = min(os.cpu_count() or 1, 8) if sum(f.stat().st_size for f in files) > 64 * 2**20 else 1
@@ -173,11 +202,15 @@ def tokenize_corpus(
     out_dir.mkdir(parents=True, exist_ok=True)
     # Write under a unique name and rename: concurrent builders (several nodes) and crashes never leave a torn file.
     tmp = out_dir / f".tokens-{uuid.uuid4().hex}.arrow"
-    num_tokens = _write_stream(ds, tmp, dtype)
-    ds.cleanup_cache_files()
-    if num_tokens == 0:
-        tmp.unlink()
-        raise UserError(f"data path {spec} contains no text")
+    try:
+        num_tokens = _write_stream(ds, tmp, dtype)
+        if num_tokens == 0:
+            raise UserError(f"data path {spec} contains no text")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        ds.cleanup_cache_files()
     meta = {"files": [str(f) for f in files], "tokenizer": tokenizer, "num_tokens": num_tokens, "num_documents": len(ds)}
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))
     os.replace(tmp, tokens_file)

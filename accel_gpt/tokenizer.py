@@ -27,6 +27,8 @@ def get_tokenizer(name: str = "gpt2") -> tiktoken.Encoding:
             return tiktoken.get_encoding(name)
         except ValueError as err:
             raise UserError(f"unknown tokenizer {name!r}: {err}") from None
+        except OSError as err:  # tiktoken downloads other encodings' ranks on first use
+            raise UserError(f"tokenizer {name!r} is not cached and could not be downloaded ({err}); use gpt2") from None
     ranks_path = resources.files("accel_gpt") / "assets" / "gpt2.tiktoken"
     with resources.as_file(ranks_path) as path:
         ranks = tiktoken.load.load_tiktoken_bpe(str(path))

@@ -31,6 +31,7 @@ from accel_gpt.checkpoint import (
     prune_checkpoints,
     restore_rng_state,
     save_checkpoint,
+    set_aside_newer,
 )
 from accel_gpt.config import TrainConfig, parse_config
 from accel_gpt.data import GlobalBatchSampler, TokenStream, WindowDataset, make_loader, tokenize_corpus
@@ -107,12 +108,12 @@ def use_cpu() -> bool:
     return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available()
 
 
-def load_token_streams(cfg: TrainConfig, accelerator: Accelerator) -> tuple[TokenStream, TokenStream]:
+def load_token_streams(cfg: TrainConfig, accelerator: Accelerator, eot_id: int) -> tuple[TokenStream, TokenStream]:
     cache_dir = cfg.data_cache_dir or "~/.cache/accel_gpt"
     with accelerator.local_main_process_first():  # one rank per machine tokenizes; the others hit its cache
-        train = tokenize_corpus(cfg.train_data_path, cfg.tokenizer, cfg.special_token_id, cache_dir, cfg.num_proc)[0]
+        train = tokenize_corpus(cfg.train_data_path, cfg.tokenizer, eot_id, cache_dir, cfg.num_proc)[0]
         if cfg.val_data_path:
-            val = tokenize_corpus(cfg.val_data_path, cfg.tokenizer, cfg.special_token_id, cache_dir, cfg.num_proc)[0]
+            val = tokenize_corpus(cfg.val_data_path, cfg.tokenizer, eot_id, cache_dir, cfg.num_proc)[0]
             return train, val
     split = int(len(train) * (1.0 - cfg.val_fraction))
     return train.view(0, split), train.view(split, len(train))
@@ -207,7 +208,10 @@ def train(cfg: TrainConfig) -> dict:
     tokenizer = get_tokenizer(cfg.tokenizer)
     model_cfg = cfg.model_config(tokenizer.n_vocab)
     context_len = model_cfg.context_len
-    data = build_data(cfg, load_token_streams(cfg, accelerator), context_len, global_batch, world_size)
+    eot_id = tokenizer.eot_token if cfg.special_token_id is None else cfg.special_token_id
+    if not 0 <= eot_id < tokenizer.n_vocab:
+        raise UserError(f"special_token_id {eot_id} is outside the {cfg.tokenizer} vocabulary (0..{tokenizer.n_vocab - 1})")
+    data = build_data(cfg, load_token_streams(cfg, accelerator, eot_id), context_len, global_batch, world_size)
 
     model = GPTModel(model_cfg)
     optimizer = build_optimizer(model, cfg)
@@ -218,22 +222,34 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.warmup_steps >= total_steps:
         raise UserError(f"warmup_steps ({cfg.warmup_steps}) must be shorter than the run ({total_steps} steps)")
 
+    # What fixes the order of global batches: a checkpoint's data position means nothing if any of these change.
+    data_identity = {
+        "global_batch_size": global_batch, "seed": cfg.seed, "context_len": context_len,
+        "stride": cfg.stride or context_len, "train_windows": len(data.train_set),
+    }
     state, rng_state, resume_note = TrainerState(), None, ""
     if cfg.checkpoint is not None:
-        path = find_checkpoint(checkpoint_dir, cfg.checkpoint)
+        found = [find_checkpoint(checkpoint_dir, cfg.checkpoint) if accelerator.is_main_process else None]
+        broadcast_object_list(found)  # only the main rank reads and hashes the files to pick one
+        path = found[0]
         saved = load_checkpoint(path, accelerator.unwrap_model(model), optimizer.optimizer)
-        if saved["global_batch_size"] != global_batch:
+        changed = [f"{k} {saved[k]} -> {v}" for k, v in data_identity.items() if k in saved and saved[k] != v]
+        if changed:
             raise UserError(
-                f"{path} was trained with global batch {saved['global_batch_size']}, this run uses {global_batch}: "
-                "the data position would not carry over (set global_batch_size to match)"
+                f"cannot resume from {path}: the data order would change ({', '.join(changed)}); "
+                "resume with the settings it was saved with"
             )
         state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})
         resume_note = f" | resumed at step {state.global_step} from {path}"
+        if saved.get("total_steps", total_steps) != total_steps:
+            resume_note += f" (run length {saved['total_steps']} -> {total_steps} steps: the LR decay is re-stretched)"
         if saved["world_size"] == world_size:
             rng_state = load_rng_states(path)[accelerator.process_index]
         else:  # ranks do not map one to one: the data order carries over exactly, dropout masks cannot
             resume_note += f" (saved by {saved['world_size']} processes: dropout RNG reseeded)"
             set_seed(cfg.seed + state.global_step)
+        if accelerator.is_main_process and (moved := set_aside_newer(checkpoint_dir, state.global_step)):
+            resume_note += f" (later checkpoints of the abandoned run moved to {moved})"
 
     logger = RunLogger(output_dir, accelerator.is_main_process, total_steps, state.global_step)
     if accelerator.is_main_process:
@@ -256,9 +272,7 @@ def train(cfg: TrainConfig) -> dict:
         rng_states = gather_object([capture_rng_state()])
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            run_state = vars(state) | {
-                "global_batch_size": global_batch, "world_size": world_size, "seed": cfg.seed, "total_steps": total_steps,
-            }
+            run_state = vars(state) | data_identity | {"world_size": world_size, "total_steps": total_steps}
             path = save_checkpoint(
                 checkpoint_dir, state.global_step, accelerator.unwrap_model(model), optimizer.optimizer, run_state,
                 cfg.to_dict(), rng_states,

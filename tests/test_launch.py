@@ -34,7 +34,9 @@ def two_process_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("launch")
     out = root / "run2"
     result = launch(common_args(out, root / "cache") + ["--batch_size", "2"], num_processes=2)
-    return {"out": out, "cache": root / "cache", "stdout": result.stdout, "metrics": read_metrics(out), "root": root}
+    final_weights = load_file(str(out / "checkpoints" / "checkpoint_000010" / "model.safetensors"))
+    return {"out": out, "cache": root / "cache", "stdout": result.stdout, "metrics": read_metrics(out), "root": root,
+            "final_weights": final_weights}  # kept in memory: the resume test rewrites checkpoint 10
 
 
 def test_two_gloo_processes_train_and_write_a_plain_checkpoint(two_process_run):
@@ -78,7 +80,7 @@ def test_one_process_equals_two_processes_at_the_same_global_batch(two_process_r
         assert one[step]["loss"] == pytest.approx(two[step]["loss"], abs=1e-5), step
     assert one[10]["val_loss"] == pytest.approx(two[10]["val_loss"], abs=1e-5)
     w1 = load_file(str(out1 / "checkpoints" / "checkpoint_000010" / "model.safetensors"))
-    w2 = load_file(str(two_process_run["out"] / "checkpoints" / "checkpoint_000010" / "model.safetensors"))
+    w2 = two_process_run["final_weights"]
     for name in w1:
         torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=0)
 

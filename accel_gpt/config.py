@@ -65,6 +65,12 @@ class TrainConfig:
     num_epochs: int = _opt(1, "passes over the training data (used when max_steps is unset)")
     max_steps: int | None = _opt(None, "optimizer steps to run, overriding num_epochs (none: num_epochs' worth)")
     seed: int = _opt(123, "seed for weights, shuffling and dropout")
+    compile: bool = _opt(False, "torch.compile the model (pays off on GPUs; see benchmarks/RESULTS.md)")
+    activation_checkpointing: bool = _opt(False, "recompute each block's activations in backward: less memory, about a third more compute")
+    tf32: bool = _opt(True, "allow TF32 matmuls for fp32 work on Ampere and newer GPUs")
+    peak_flops: float | None = _opt(
+        None, "per-device peak FLOP/s for MFU (default: data sheet for known GPUs, a measured matmul on CPU)"
+    )
     cpu_threads: int | None = _opt(
         None, "torch threads per process when training on CPU (default: this machine's cores / local processes)"
     )

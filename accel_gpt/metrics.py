@@ -1,4 +1,5 @@
-"""What a run reports: `metrics.jsonl` (one JSON object per optimizer step), `samples.jsonl`, and the console.
+"""What a run reports: `metrics.jsonl` (one JSON object per optimizer step), `samples.jsonl`, the console,
+and the model-FLOPs utilisation (MFU) arithmetic behind the throughput figures.
 
 Only the main process writes; every other rank gets a logger that does nothing.
 """
@@ -7,9 +8,69 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
+
+from accel_gpt.model import GPTModel
+
+# Dense peak FLOP/s per GPU from the vendors' data sheets: (bf16/fp16 tensor cores, fp32 matmuls with TF32).
+GPU_PEAK_FLOPS = {
+    "H200": (989e12, 494e12),
+    "H100 PCIe": (756e12, 378e12),
+    "H100": (989e12, 494e12),  # SXM
+    "A100": (312e12, 156e12),
+    "L40S": (362e12, 183e12),
+    "L4": (121e12, 60e12),
+    "A10G": (70e12, 35e12),
+    "A10": (125e12, 62e12),
+    "RTX 4090": (165e12, 83e12),
+    "RTX 3090": (71e12, 36e12),
+}
+
+
+def flops_per_token(model: GPTModel, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per matmul weight (forward + backward) plus causal attention's
+    12 * layers * dim * seq (the PaLM / nanoGPT estimate). Embedding lookups cost nothing; a tied head counts once."""
+    cfg = model.config
+    matmul_params = model.num_parameters() - model.pos_emb.weight.numel()
+    if not cfg.tie_weights:
+        matmul_params -= model.tok_emb.weight.numel()
+    return 6 * matmul_params + 12 * cfg.num_layers * cfg.embedding_dim * seq_len
+
+
+def measured_cpu_peak_flops(size: int = 1024, seconds: float = 0.3) -> float:
+    """What this process's threads reach on a large fp32 matmul: the honest ceiling for MFU on a CPU."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+    return 2 * size**3 * runs / (time.perf_counter() - start)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this rank so far: allocated GPU memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def peak_flops(device: torch.device, mixed_precision: str) -> float | None:
+    """Per-device peak for MFU: the data-sheet figure for known GPUs, a measurement on CPU, else None."""
+    if device.type == "cpu":
+        return measured_cpu_peak_flops()
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (half, tf32) in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return half if mixed_precision in ("bf16", "fp16") else tf32
+    return None
 
 
 class RunLogger:
@@ -38,6 +99,8 @@ class RunLogger:
             f"step {record['step']:>6}/{total_steps} | epoch {record['epoch']} | loss {record['loss']:.4f} | "
             f"lr {record['lr']:.2e} | {record['tokens_per_sec']:,.0f} tok/s"
         )
+        if "mfu" in record:
+            line += f" | mfu {record['mfu']:.1%}"
         if "val_loss" in record:
             line += f" | train_loss {record['train_loss']:.4f} | val_loss {record['val_loss']:.4f}"
         self._bar.update(1)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -87,6 +88,57 @@ class TransformerBlock(nn.Module):
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T` against `targets`, computed `chunk` tokens at a time.
+
+    The full `[tokens, vocab]` logits and their gradient are never held at once: each chunk's logits are made,
+    turned into that chunk's loss and its gradients for `hidden` and `weight`, and dropped. With GPT-2's
+    50,257-wide head this is most of a small model's step; the gradients are computed in the forward pass, so
+    backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int, need_grad: bool):
+        tokens = hidden.shape[0]
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        for start in range(0, tokens, chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
+            logits = (h @ weight.T).float()
+            target_logits = logits.gather(1, t[:, None]).squeeze(1)
+            row_max = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()  # in place: one pass over the chunk's logits, reused for the gradient
+            row_sum = probs.sum(dim=-1)
+            loss += (row_max.squeeze(1) + row_sum.log() - target_logits).sum()
+            if need_grad:  # d(mean loss)/d(logits) = (softmax - onehot) / tokens
+                probs.div_(row_sum[:, None] * tokens)
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0 / tokens
+                grad_logits = probs.to(weight.dtype)
+                grad_hidden[start : start + chunk] = grad_logits @ weight
+                grad_weight.addmm_(grad_logits.T.float(), h.float())
+        if need_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss / tokens
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy of the logits `hidden @ weight.T` (hidden `[..., dim]`, targets `[...]`).
+
+    Default chunk: 64 tokens on CPU, where a chunk's logits should stay near the caches (measured fastest in
+    benchmarks/model_step.py), 4096 on GPUs, where fewer, larger matmuls keep the device busy."""
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    chunk = chunk or (64 if hidden.device.type == "cpu" else 4096)
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return ChunkedCrossEntropy.apply(hidden, weight, targets, chunk, need_grad)
+
+
 class GPTModel(nn.Module):
     """GPT-2. Build from a `GPTConfig`, or from the original keyword names (`GPTModel(embedding_dim=..., ...)`)."""
 
@@ -112,6 +164,7 @@ class GPTModel(nn.Module):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.num_layers))
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
+        self.activation_checkpointing = False  # a training choice, not part of the saved architecture
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -120,14 +173,23 @@ class GPTModel(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids `[batch, seq]` -> logits `[batch, seq, vocabulary_size]`."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids `[batch, seq]` -> logits `[batch, seq, vocabulary_size]`; with `targets`, the mean
+        cross-entropy instead, computed in chunks so the full logits never exist (the training fast path)."""
         seq = idx.shape[1]
         if seq > self.config.context_len:
             raise ValueError(f"sequence length {seq} exceeds the model's context_len {self.config.context_len}")
         positions = torch.arange(seq, device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))
-        return self.out_head(self.final_norm(self.trf_blocks(x)))
+        for block in self.trf_blocks:
+            if self.activation_checkpointing and self.training:  # recompute activations in backward: less memory
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        x = self.final_norm(x)
+        if targets is None:
+            return self.out_head(x)
+        return chunked_cross_entropy(x, self.out_head.weight, targets)
 
     def num_parameters(self, exclude_position_embeddings: bool = False) -> int:
         """Distinct parameters (a tied output head counts once)."""

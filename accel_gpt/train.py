@@ -16,7 +16,6 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env, set_seed
@@ -36,7 +35,7 @@ from accel_gpt.checkpoint import (
 from accel_gpt.config import TrainConfig, parse_config
 from accel_gpt.data import GlobalBatchSampler, TokenStream, WindowDataset, make_loader, tokenize_corpus
 from accel_gpt.errors import UserError
-from accel_gpt.metrics import RunLogger
+from accel_gpt.metrics import RunLogger, flops_per_token, peak_flops, peak_memory_mib
 from accel_gpt.model import GPTModel, generate_text
 from accel_gpt.schedule import clips_gradients_at, learning_rate_at
 from accel_gpt.tokenizer import get_tokenizer
@@ -86,17 +85,13 @@ def build_optimizer(model: GPTModel, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.initial_lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
 @torch.no_grad()
 def evaluate(model, loader, accelerator: Accelerator) -> float:
     """Mean loss over this rank's eval batches, then over all ranks."""
     model.eval()
     total, batches = torch.zeros((), device=accelerator.device), 0
     for inputs, targets in loader:
-        total += loss_fn(model(inputs), targets)
+        total += model(inputs, targets)
         batches += 1
     model.train()
     return accelerator.reduce(total / batches, reduction="mean").item()
@@ -160,7 +155,7 @@ def optimizer_step(model, optimizer, batches, accelerator: Accelerator, accumula
     for _ in range(accumulation):
         inputs, targets = next(batches)
         with accelerator.accumulate(model):  # gradient all-reduce only on the last micro-batch
-            loss = loss_fn(model(inputs), targets)
+            loss = model(inputs, targets)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
@@ -213,9 +208,20 @@ def train(cfg: TrainConfig) -> dict:
         raise UserError(f"special_token_id {eot_id} is outside the {cfg.tokenizer} vocabulary (0..{tokenizer.n_vocab - 1})")
     data = build_data(cfg, load_token_streams(cfg, accelerator, eot_id), context_len, global_batch, world_size)
 
+    if accelerator.device.type == "cuda" and cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model = GPTModel(model_cfg)
+    model.activation_checkpointing = cfg.activation_checkpointing
     optimizer = build_optimizer(model, cfg)
+    step_flops = flops_per_token(model, context_len) * global_batch * context_len
+    device_peak = cfg.peak_flops or peak_flops(accelerator.device, accelerator.mixed_precision)
+    if cfg.compile:
+        model = torch.compile(model)
     model, optimizer, train_loader, train_eval_loader, val_loader = accelerator.prepare(model, optimizer, *data.loaders)
+
+    def raw_model() -> GPTModel:  # without DDP and torch.compile wrappers: plain parameter names
+        return accelerator.unwrap_model(model, keep_torch_compile=False)
+
     steps_per_epoch = data.train_sampler.steps_per_epoch
     total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
 
@@ -232,7 +238,7 @@ def train(cfg: TrainConfig) -> dict:
         found = [find_checkpoint(checkpoint_dir, cfg.checkpoint) if accelerator.is_main_process else None]
         broadcast_object_list(found)  # only the main rank reads and hashes the files to pick one
         path = found[0]
-        saved = load_checkpoint(path, accelerator.unwrap_model(model), optimizer.optimizer)
+        saved = load_checkpoint(path, raw_model(), optimizer.optimizer)
         changed = [f"{k} {saved[k]} -> {v}" for k, v in data_identity.items() if k in saved and saved[k] != v]
         if changed:
             raise UserError(
@@ -261,7 +267,7 @@ def train(cfg: TrainConfig) -> dict:
         (output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
     logger.info(
         f"accel_gpt | world_size {world_size} | device {accelerator.device} | mixed_precision "
-        f"{accelerator.mixed_precision} | model {cfg.model} ({accelerator.unwrap_model(model).num_parameters():,} "
+        f"{accelerator.mixed_precision} | model {cfg.model} ({raw_model().num_parameters():,} "
         f"params) | global batch {global_batch} = {cfg.batch_size} x {accumulation} accumulation x {world_size} "
         f"processes | {len(data.train_set):,} train / {len(data.val_set):,} val windows of {context_len} tokens | "
         f"{total_steps} steps{resume_note}"
@@ -274,7 +280,7 @@ def train(cfg: TrainConfig) -> dict:
         if accelerator.is_main_process:
             run_state = vars(state) | data_identity | {"world_size": world_size, "total_steps": total_steps}
             path = save_checkpoint(
-                checkpoint_dir, state.global_step, accelerator.unwrap_model(model), optimizer.optimizer, run_state,
+                checkpoint_dir, state.global_step, raw_model(), optimizer.optimizer, run_state,
                 cfg.to_dict(), rng_states,
             )
             pruned = prune_checkpoints(checkpoint_dir, cfg.keep_last)
@@ -310,11 +316,14 @@ def train(cfg: TrainConfig) -> dict:
             state.global_step += 1
             state.step_in_epoch += 1
             state.tokens_seen += tokens_per_step
+            seconds = time.perf_counter() - started
             record = {
                 "step": state.global_step, "epoch": state.epoch, "tokens_seen": state.tokens_seen, "lr": lr,
-                "loss": loss_sum / world_size, "grad_norm": grad_norm,
-                "tokens_per_sec": tokens_per_step / (time.perf_counter() - started),
+                "loss": loss_sum / world_size, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_step / seconds,
+                "step_time": seconds, "peak_memory_mib": peak_memory_mib(accelerator.device),
             }
+            if device_peak:
+                record["mfu"] = step_flops / seconds / (device_peak * world_size)
             if not math.isfinite(grad_norm):
                 state.skipped_steps += 1
                 nonfinite_in_a_row += 1
@@ -333,7 +342,7 @@ def train(cfg: TrainConfig) -> dict:
                 record["train_loss"] = evaluate(model, train_eval_loader, accelerator)
                 record["val_loss"] = evaluate(model, val_loader, accelerator)
                 if accelerator.is_main_process:
-                    sample = generate_text(accelerator.unwrap_model(model), cfg.start_context, cfg.sample_tokens, tokenizer)
+                    sample = generate_text(raw_model(), cfg.start_context, cfg.sample_tokens, tokenizer)
                     logger.log_sample(state.global_step, sample)
             logger.log_step(record, total_steps)
             epoch_done = state.step_in_epoch == steps_per_epoch

@@ -130,3 +130,39 @@ def test_logits_match_huggingface_gpt2(qkv_bias, tie):
     idx = torch.randint(0, cfg.vocabulary_size, (2, cfg.context_len))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("tie, chunk", [(False, 7), (True, 64), (False, None)])
+def test_chunked_loss_and_gradients_equal_the_plain_ones(tie, chunk):
+    import torch.nn.functional as F
+
+    from accel_gpt.model import chunked_cross_entropy
+
+    model = small(tie_weights=tie)
+    idx, targets = torch.randint(0, 1000, (3, 30)), torch.randint(0, 1000, (3, 30))
+    plain = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+    plain.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    hidden = model.final_norm(model.trf_blocks(model.tok_emb(idx) + model.pos_emb(torch.arange(30))))
+    chunked = chunked_cross_entropy(hidden, model.out_head.weight, targets, chunk=chunk)
+    (chunked * 2.0).backward()  # upstream scaling (e.g. gradient accumulation) must pass through
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=0)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, 2.0 * expected[name], atol=1e-6, rtol=1e-4, msg=name)
+    model.zero_grad()
+    torch.testing.assert_close(model(idx, targets), plain, atol=1e-5, rtol=0)  # forward(idx, targets) path
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, targets), plain, atol=1e-5, rtol=0)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = small(dropout=0.0)
+    idx, targets = torch.randint(0, 1000, (2, 16)), torch.randint(0, 1000, (2, 16))
+    model(idx, targets).backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.activation_checkpointing = True
+    model(idx, targets).backward()
+    for got, want in zip((p.grad for p in model.parameters()), expected):
+        torch.testing.assert_close(got, want)

@@ -99,6 +99,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk: int, need_grad: bool):
         tokens = hidden.shape[0]
+        autocast = torch.is_autocast_enabled(hidden.device.type)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
@@ -115,7 +116,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0 / tokens
                 grad_logits = probs.to(weight.dtype)
                 grad_hidden[start : start + chunk] = grad_logits @ weight
-                grad_weight.addmm_(grad_logits.T.float(), h.float())
+                if autocast:  # an in-place addmm would bypass autocast and run in fp32
+                    grad_weight += grad_logits.T @ h
+                else:
+                    grad_weight.addmm_(grad_logits.T, h)
         if need_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return loss / tokens

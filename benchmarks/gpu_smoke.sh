@@ -3,8 +3,10 @@
 #   bash benchmarks/gpu_smoke.sh            (writes run directories and logs under ${OUT:-/tmp/gpu_smoke})
 # 1. the unit tests that need no process launch, on the GPU machine's torch;
 # 2. the default `mini` run for 100 steps on one GPU with bf16 (accelerate_configs/gpu_1.yaml);
-# 3. gpt2-small (124M) bf16, 16 x 1024 tokens per step, 40 steps across two epochs of Tiny Shakespeare.
-# It prints each run's median steady-state tokens/s (first 5 steps skipped) and final val loss.
+# 3. gpt2-small (untied, 163M) bf16, 16 x 1024 tokens per step, 40 steps, without and with torch.compile;
+# 4. benchmarks/model_step.py on the GPU (accel_gpt vs Hugging Face GPT-2, fp32).
+# It prints each run's median steady-state tokens/s and MFU (first 5 steps skipped: warm-up and compilation),
+# peak GPU memory and final val loss.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_smoke}
 mkdir -p "$OUT"
@@ -12,7 +14,8 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, accelerate, datasets, pyarrow, tiktoken; print('torch', torch.__version__, '| accelerate', accelerate.__version__, '| datasets', datasets.__version__, '| pyarrow', pyarrow.__version__)"
 
-python3 -m pytest -q -p no:cacheprovider tests -k "not launch" 2>&1 | tail -3
+python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_data.py tests/test_checkpoint.py \
+  tests/test_schedule.py tests/test_config.py tests/test_tokenizer.py tests/test_train.py 2>&1 | tail -3
 
 summary() {
   python3 - "$1" <<'PY'
@@ -20,9 +23,11 @@ import json, statistics, sys
 recs = {}
 for line in open(sys.argv[1] + "/metrics.jsonl"):
     r = json.loads(line); recs[r["step"]] = r
-steady = [r["tokens_per_sec"] for s, r in sorted(recs.items()) if s > 5]
+steady = [r for s, r in sorted(recs.items()) if s > 5]
 last = recs[max(recs)]
-print(f"{sys.argv[1]}: {len(recs)} steps | median {statistics.median(steady):,.0f} tokens/s | "
+mfu = statistics.median(r.get("mfu", float("nan")) for r in steady)
+print(f"{sys.argv[1]}: {len(recs)} steps | median {statistics.median(r['tokens_per_sec'] for r in steady):,.0f} "
+      f"tokens/s | MFU {mfu:.1%} | peak memory {last['peak_memory_mib'] / 1024:.1f} GiB | "
       f"final loss {last['loss']:.3f} | val_loss {last.get('val_loss', float('nan')):.3f}")
 PY
 }
@@ -37,5 +42,9 @@ run() {
 }
 
 run mini --max_steps 100 --eval_freq 50 --save_freq 100
-run gpt2_small --model gpt2-small --batch_size 16 --max_steps 40 --eval_freq 20 --eval_iter 2 --save_freq 40 \
-  --warmup_steps 5 --learning_rate 6e-4 --min_lr 6e-5
+small=(--model gpt2-small --batch_size 16 --max_steps 40 --eval_freq 20 --eval_iter 2 --save_freq 40 \
+  --warmup_steps 5 --learning_rate 6e-4 --min_lr 6e-5)
+run gpt2_small "${small[@]}"
+run gpt2_small_compiled "${small[@]}" --compile true
+
+python3 benchmarks/model_step.py --device cuda --rounds 9 2>&1 | tail -6

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from accel_gpt.hf import to_hf_model
 from accel_gpt.model import PRESETS, GPTConfig, GPTModel, generate, generate_text
 from accel_gpt.tokenizer import get_tokenizer
 
@@ -90,43 +91,16 @@ def test_generate_text_returns_prompt_plus_continuation():
     assert model.training  # mode restored
 
 
-def to_hf_state_dict(model: GPTModel) -> dict:
-    """Our names -> GPT2LMHeadModel names (HF's Conv1D stores weights transposed)."""
-    sd, out = model.state_dict(), {}
-    out["transformer.wte.weight"] = sd["tok_emb.weight"]
-    out["transformer.wpe.weight"] = sd["pos_emb.weight"]
-    for i in range(model.config.num_layers):
-        p, h = f"trf_blocks.{i}.", f"transformer.h.{i}."
-        out[h + "ln_1.weight"], out[h + "ln_1.bias"] = sd[p + "norm1.weight"], sd[p + "norm1.bias"]
-        out[h + "ln_2.weight"], out[h + "ln_2.bias"] = sd[p + "norm2.weight"], sd[p + "norm2.bias"]
-        out[h + "attn.c_attn.weight"] = sd[p + "att.qkv.weight"].T
-        out[h + "attn.c_attn.bias"] = sd.get(p + "att.qkv.bias", torch.zeros(3 * model.config.embedding_dim))
-        out[h + "attn.c_proj.weight"] = sd[p + "att.out_proj.weight"].T
-        out[h + "attn.c_proj.bias"] = sd[p + "att.out_proj.bias"]
-        out[h + "mlp.c_fc.weight"], out[h + "mlp.c_fc.bias"] = sd[p + "ff.fc.weight"].T, sd[p + "ff.fc.bias"]
-        out[h + "mlp.c_proj.weight"], out[h + "mlp.c_proj.bias"] = sd[p + "ff.proj.weight"].T, sd[p + "ff.proj.bias"]
-    out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["final_norm.weight"], sd["final_norm.bias"]
-    out["lm_head.weight"] = sd["out_head.weight"]
-    return out
-
-
 @pytest.mark.parametrize("qkv_bias, tie", [(False, False), (True, True)])
 def test_logits_match_huggingface_gpt2(qkv_bias, tie):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     model = small(qkv_bias=qkv_bias, tie_weights=tie).eval()
     with torch.no_grad():  # random, non-zero biases so the mapping of every tensor is exercised
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.02)
     cfg = model.config
-    hf_cfg = transformers.GPT2Config(
-        vocab_size=cfg.vocabulary_size, n_positions=cfg.context_len, n_embd=cfg.embedding_dim,
-        n_layer=cfg.num_layers, n_head=cfg.num_heads, activation_function="gelu_new", layer_norm_epsilon=1e-5,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tie,
-    )
-    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
-    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
-    assert not unexpected and all("attn.bias" in k or "masked_bias" in k for k in missing)
+    hf = to_hf_model(model).eval()
     idx = torch.randint(0, cfg.vocabulary_size, (2, cfg.context_len))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-4, rtol=0)

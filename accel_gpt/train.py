@@ -82,7 +82,9 @@ def build_optimizer(model: GPTModel, cfg: TrainConfig) -> torch.optim.AdamW:
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.initial_lr, betas=(0.9, 0.95), eps=1e-8)
+    # fused: one kernel per step, and it honours `found_inf`, which lets a non-finite step be skipped on the
+    # device without waiting for the gradient norm on the host.
+    return torch.optim.AdamW(groups, lr=cfg.initial_lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
 @torch.no_grad()
@@ -158,10 +160,10 @@ def optimizer_step(model, optimizer, batches, accelerator: Accelerator, accumula
             loss = model(inputs, targets)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
-                if math.isfinite(grad_norm):
-                    optimizer.step()
-            optimizer.zero_grad(set_to_none=True)  # a no-op until the last micro-batch
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                optimizer.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()  # fused AdamW skips if set
+            optimizer.step()  # a no-op until the last micro-batch
+            optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.detach()
     return loss_sum / accumulation, grad_norm
 
@@ -313,6 +315,7 @@ def train(cfg: TrainConfig) -> dict:
             # One collective carries the loss and whether any rank was asked to stop.
             stop_flag = torch.tensor(float(stop.received is not None), device=accelerator.device)
             loss_sum, stops = accelerator.reduce(torch.stack([loss, stop_flag]), reduction="sum").tolist()
+            grad_norm = grad_norm.item()  # after the update was queued: the step's one host sync is above
             state.global_step += 1
             state.step_in_epoch += 1
             state.tokens_seen += tokens_per_step

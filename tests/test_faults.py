@@ -10,6 +10,8 @@ import time
 
 import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from accel_gpt.checkpoint import list_checkpoints
 from conftest import REPO, launch
@@ -119,7 +121,7 @@ def test_non_finite_steps_are_skipped_then_stop_with_a_clear_error(tmp_path):
     out = tmp_path / "run"
     args = common_args(out, tmp_path / "cache") + [
         "--learning_rate", "1e30", "--initial_lr", "1e30", "--min_lr", "0", "--warmup_steps", "0",
-        "--max_nonfinite_steps", "3", "--save_freq", "1", "--max_steps", "20",
+        "--max_nonfinite_steps", "3", "--save_freq", "1", "--max_steps", "20", "--keep_last", "0",
     ]
     proc = start(args, num_processes=1)
     stdout, stderr = proc.communicate(timeout=120)
@@ -130,3 +132,7 @@ def test_non_finite_steps_are_skipped_then_stop_with_a_clear_error(tmp_path):
     skipped = [s for s, r in metrics.items() if r.get("skipped")]
     assert len(skipped) == 3 and skipped == list(range(skipped[0], skipped[0] + 3))
     assert f"the last good checkpoint is {out / 'checkpoints'}" in stderr
+    # A skipped step changes nothing: weights after it equal the weights before it, and stay finite.
+    before = load_file(str(out / "checkpoints" / f"checkpoint_{skipped[0] - 1:06d}" / "model.safetensors"))
+    after = load_file(str(out / "checkpoints" / f"checkpoint_{skipped[1]:06d}" / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) and torch.isfinite(after[k]).all() for k in before)

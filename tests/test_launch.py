@@ -112,3 +112,30 @@ def test_python_m_with_a_separate_validation_path(tmp_path):
     val_tokens = len(get_tokenizer("gpt2").encode(text[:6000])) + 1  # + end-of-text
     assert f"/ {(val_tokens - 65) // 64 + 1} val windows" in result.stdout
     assert read_metrics(out)[3]["val_loss"] > 0
+
+
+def test_two_machines_on_one_box_match_one_machine_with_two_processes(two_process_run, tmp_path):
+    """The multi-node path: two `accelerate launch` commands as machine 0 and 1 (one process each) over 127.0.0.1."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    train_args = common_args(out, two_process_run["cache"]) + ["--batch_size", "2"]
+    procs = []
+    for machine_rank in (0, 1):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+               "--num_processes", "2", "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1",
+               "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "accel_gpt.train", *train_args]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stderr[-3000:]
+    assert "world_size 2" in outputs[0][0] and "accel_gpt | world_size" not in outputs[1][0]  # machine 1 is silent
+    two_machines, one_machine = read_metrics(out), two_process_run["metrics"]
+    for step in range(1, 11):
+        assert two_machines[step]["loss"] == pytest.approx(one_machine[step]["loss"], abs=1e-5), step

@@ -1,0 +1,122 @@
+"""The data pipeline's speed and memory: tokenization vs raw tiktoken, and streaming vs corpus size.
+
+    python benchmarks/data_throughput.py [--base-copies 10] [--factor 10] [--num-proc 2]
+
+1. Tokenization: the Arrow pipeline (`tokenize_corpus`: datasets load + batched map with `num_proc` processes +
+   writing the token file) against plain `tiktoken` `encode_ordinary_batch` with as many threads, on the same
+   files (fresh cache, so nothing is reused), best of 3 each, interleaved.
+2. Streaming: builds two corpora from the bundled Tiny Shakespeare (`base-copies` files, and `factor` times as
+   many), tokenizes each, then in a fresh process per corpus streams one whole epoch of windows through the
+   trainer's loader and reports windows/s, peak anonymous memory (heap) and file-backed memory (the map's pages).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+
+def rss_kib() -> dict[str, int]:
+    fields = {}
+    for line in open("/proc/self/status"):
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def stream_epoch(tokens_file: str) -> None:
+    """Child process: one epoch of the trainer's loader over the token file; prints peak memory as JSON."""
+    from accel_gpt.data import GlobalBatchSampler, TokenStream, WindowDataset, make_loader
+
+    ds = WindowDataset(TokenStream(tokens_file), context_len=128, stride=128)
+    sampler = GlobalBatchSampler(len(ds), batch_size=8, global_batch_size=8, seed=0)
+    peak_anon = peak_file = 0
+    start = time.perf_counter()
+    for i, _ in enumerate(make_loader(ds, sampler)):
+        if i % 256 == 0:
+            mem = rss_kib()
+            peak_anon, peak_file = max(peak_anon, mem["RssAnon"]), max(peak_file, mem["RssFile"])
+    seconds = time.perf_counter() - start
+    print(json.dumps({"windows": len(ds), "peak_rss_anon_mib": peak_anon / 1024, "peak_rss_file_mib": peak_file / 1024,
+                      "windows_per_sec": len(ds) / seconds}))
+
+
+def tokenization_throughput(source: Path, work: Path, files: int, num_proc: int) -> None:
+    import tiktoken  # noqa: F401  (the raw baseline uses the same offline encoding object)
+
+    from accel_gpt.data import tokenize_corpus
+    from accel_gpt.tokenizer import get_tokenizer
+
+    corpus = work / "tok"
+    corpus.mkdir()
+    text = source.read_text(encoding="utf-8")
+    for i in range(files):  # distinct documents, so no layer can reuse another's work
+        (corpus / f"doc{i:04d}.txt").write_text(f"Document {i}.\n" + text, encoding="utf-8")
+    mb = sum(f.stat().st_size for f in corpus.iterdir()) / 1e6
+    enc = get_tokenizer("gpt2")
+    raw_times, pipeline_times = [], []
+    for attempt in range(3):
+        start = time.perf_counter()
+        texts = [f.read_text(encoding="utf-8") for f in sorted(corpus.iterdir())]
+        raw_tokens = sum(len(ids) + 1 for ids in enc.encode_ordinary_batch(texts, num_threads=num_proc))
+        raw_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        stream, hit = tokenize_corpus(str(corpus), "gpt2", 50256, work / f"tokcache{attempt}", num_proc=num_proc)
+        pipeline_times.append(time.perf_counter() - start)
+        assert not hit and len(stream) == raw_tokens, (len(stream), raw_tokens)
+    raw, pipeline = min(raw_times), min(pipeline_times)
+    print(f"tokenization of {files} files, {mb:.1f} MB, {raw_tokens:,} tokens, {num_proc} processes/threads:")
+    print(f"  raw tiktoken encode_ordinary_batch : {raw_tokens / raw:,.0f} tokens/s ({raw:.2f} s)")
+    print(f"  Arrow pipeline (tokenize_corpus)   : {raw_tokens / pipeline:,.0f} tokens/s ({pipeline:.2f} s)")
+    print(f"  pipeline / raw                     : {raw / pipeline:.2f}x (goal >= 0.8x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-copies", type=int, default=10)
+    parser.add_argument("--factor", type=int, default=10)
+    parser.add_argument("--num-proc", type=int, default=2)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return stream_epoch(args.child)
+
+    from accel_gpt.data import tokenize_corpus
+
+    source = Path(str(resources.files("accel_gpt") / "assets" / "tinyshakespeare.txt"))
+    work = Path(tempfile.mkdtemp(prefix="accel_gpt_data_"))
+    try:
+        tokenization_throughput(source, work, args.base_copies * 2, args.num_proc)
+        rows = []
+        for copies in (args.base_copies, args.base_copies * args.factor):
+            corpus = work / f"corpus{copies}"
+            corpus.mkdir()
+            for i in range(copies):
+                (corpus / f"part{i:05d}.txt").symlink_to(source)
+            stream, _ = tokenize_corpus(str(corpus), "gpt2", 50256, work / "cache")
+            out = subprocess.run([sys.executable, __file__, "--child", str(stream.path)], capture_output=True,
+                                 text=True, check=True)
+            rows.append({"tokens": len(stream), **json.loads(out.stdout)})
+        print("| corpus tokens | windows | peak heap (RssAnon) MiB | peak mapped file (RssFile) MiB | windows/s |")
+        print("| ---: | ---: | ---: | ---: | ---: |")
+        for r in rows:
+            print(f"| {r['tokens']:,} | {r['windows']:,} | {r['peak_rss_anon_mib']:.1f} | "
+                  f"{r['peak_rss_file_mib']:.1f} | {r['windows_per_sec']:,.0f} |")
+        ratio = rows[1]["peak_rss_anon_mib"] / rows[0]["peak_rss_anon_mib"]
+        print(f"heap ratio {args.factor}x corpus / 1x corpus: {ratio:.3f} (goal: within 10%)")
+        consumed = 2870 / 128  # windows/s the default mini run trains on (tokens/s / context), RESULTS.md
+        print(f"streaming / training consumption: {rows[0]['windows_per_sec'] / consumed:,.0f}x (goal >= 50x)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The notebook API on a real (tiny) run: metrics, plots, checkpoints, generation, perplexity, train()."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from accel_gpt import analysis
+from accel_gpt.errors import UserError
+from accel_gpt.model import generate_text
+from accel_gpt.tokenizer import get_tokenizer
+from conftest import REPO, VERDICT
+from test_launch import common_args
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny run with checkpoints at 3 and 6, then resumed from 3: steps 4-6 are logged twice."""
+    root = tmp_path_factory.mktemp("analysis")
+    args = common_args(root / "run", root / "cache") + ["--max_steps", "6", "--save_freq", "3", "--eval_freq", "3"]
+    for extra in ([], ["--checkpoint", "3"]):
+        result = subprocess.run([sys.executable, "-m", "accel_gpt.train", *args, *extra], capture_output=True,
+                                text=True, cwd=REPO, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    return root / "run"
+
+
+def test_load_run_has_one_row_per_step_and_every_metric(run_dir):
+    run = analysis.load_run(run_dir)
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 9  # 6 + 3 replayed after the resume
+    assert run.metrics["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    for column in ("epoch", "tokens_seen", "lr", "loss", "train_loss", "val_loss", "tokens_per_sec"):
+        assert column in run.metrics
+    assert run.metrics["val_loss"].notna().sum() == 2  # evaluations at 3 and 6
+    assert [p.name for p in run.checkpoints] == ["checkpoint_000003", "checkpoint_000006"]
+    assert run.config["model"] == "tiny" and run.config["global_batch_size"] == 8
+    with pytest.raises(UserError, match="not a run directory"):
+        analysis.load_run(run_dir / "checkpoints")
+
+
+def _is_png(path):
+    data = path.read_bytes()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_plots_return_figures_and_write_pngs(run_dir, tmp_path):
+    run = analysis.load_run(run_dir)
+    fig = analysis.plot_losses(run, path=tmp_path / "losses.png")
+    assert fig.axes and _is_png(tmp_path / "losses.png")
+    analysis.plot_losses(run, x="tokens_seen", path=tmp_path / "tokens.png")
+    analysis.plot_losses([run, run], labels=["a", "b"], path=tmp_path / "compare.png")
+    analysis.plot_lr(run, path=tmp_path / "lr.png")
+    assert all(_is_png(tmp_path / f) for f in ("tokens.png", "compare.png", "lr.png"))
+    with pytest.raises(UserError, match="x must be"):
+        analysis.plot_losses(run, x="time")
+
+
+def test_load_model_from_a_run_or_a_checkpoint(run_dir):
+    newest = analysis.load_model(run_dir)
+    assert not newest.training and next(newest.parameters()).device.type == "cpu"
+    saved = load_file(str(run_dir / "checkpoints" / "checkpoint_000006" / "model.safetensors"))
+    assert torch.equal(newest.tok_emb.weight, saved["tok_emb.weight"])
+    earlier = analysis.load_model(run_dir, step=3)
+    assert not torch.equal(earlier.tok_emb.weight, newest.tok_emb.weight)
+    direct = analysis.load_model(run_dir / "checkpoints" / "checkpoint_000003")
+    assert torch.equal(direct.tok_emb.weight, earlier.tok_emb.weight)
+    with pytest.raises(UserError, match="checkpoint 4 not found"):
+        analysis.load_model(run_dir, step=4)
+
+
+def test_generate_greedy_and_seeded_sampling(run_dir):
+    model = analysis.load_model(run_dir)
+    greedy = analysis.generate(model, "Every effort moves you", max_new_tokens=8)
+    assert greedy == generate_text(model, "Every effort moves you", 8, get_tokenizer("gpt2"))
+    a = analysis.generate(model, "Every effort", 8, temperature=1.0, top_k=40, seed=3)
+    b = analysis.generate(model, "Every effort", 8, temperature=1.0, top_k=40, seed=3)
+    assert a == b and a.startswith("Every effort")
+
+
+def test_perplexity_scores_every_token_once(run_dir):
+    model = analysis.load_model(run_dir)
+    ids = torch.tensor(get_tokenizer("gpt2").encode_ordinary(VERDICT.read_text()[:2000]))
+    short = ids[:50]
+    expected = math.exp(F.cross_entropy(model(short[None, :-1])[0], short[1:]).item())
+    assert analysis.perplexity(model, get_tokenizer("gpt2").decode(short.tolist())) == pytest.approx(expected, rel=1e-5)
+    # Long text, stride 16 with a 64-token context: each target scored once, with >= 48 tokens of context.
+    losses, scored, start = [], 0, 0
+    with torch.no_grad():
+        while scored < len(ids) - 1:
+            end = min(start + 65, len(ids))
+            token_losses = F.cross_entropy(model(ids[None, start : end - 1])[0], ids[start + 1 : end], reduction="none")
+            losses += token_losses[scored - start :].tolist()
+            scored, start = end - 1, start + 16
+    assert len(losses) == len(ids) - 1
+    got = analysis.perplexity(model, get_tokenizer("gpt2").decode(ids.tolist()), stride=16)
+    assert got == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
+    assert analysis.perplexity(model, str(VERDICT)) > 1.0  # a file path works too
+
+
+def test_train_is_callable_from_python(tmp_path):
+    code = (
+        "from accel_gpt.analysis import train\n"
+        "from accel_gpt.config import TrainConfig\n"
+        f"summary = train(TrainConfig(model='tiny', train_data_path={str(VERDICT)!r}, output_dir={str(tmp_path / 'r')!r},"
+        f" data_cache_dir={str(tmp_path / 'c')!r}, max_steps=3, warmup_steps=1, eval_freq=3, batch_size=4))\n"
+        "print('STEP', summary['step'], 'VAL', summary['val_loss'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "STEP 3 VAL" in result.stdout
+    assert [p.name for p in analysis.load_run(tmp_path / "r").checkpoints] == ["checkpoint_000003"]

@@ -50,6 +50,9 @@ class TrainConfig:
     dropout: float | None = _opt(None, "override the preset's dropout rate")
     qkv_bias: bool | None = _opt(None, "bias in the query/key/value projection (preset default: false)")
     tie_weights: bool | None = _opt(None, "share the token embedding with the output head (preset default: false)")
+    init_from: str | None = _opt(
+        None, "start from a local Hugging Face GPT-2 folder (config.json + model.safetensors) instead of a preset"
+    )
     # --- optimisation
     learning_rate: float = _opt(1e-3, "peak learning rate, reached after warmup")
     initial_lr: float = _opt(1e-5, "learning rate at step 0, the start of the linear warmup")
@@ -216,6 +219,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise UserError(f"{key} must be positive, got {getattr(cfg, key)}")
     if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
         raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.init_from is not None:
+        shaped = [k for k in ("embedding_dim", "num_layers", "num_heads", "qkv_bias", "tie_weights") if getattr(cfg, k) is not None]
+        if shaped:
+            raise UserError(f"init_from takes the model's shape from {cfg.init_from}; drop {', '.join(shaped)}")
     if not cfg.start_context:
         raise UserError("start_context must not be empty: the sample needs a prompt to continue")
     if not 0.0 <= cfg.val_fraction < 1.0:

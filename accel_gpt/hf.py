@@ -1,14 +1,26 @@
-"""Hugging Face interop: the same weights under `transformers.GPT2LMHeadModel`'s names and config.
+"""Hugging Face interop: the same weights under `transformers.GPT2LMHeadModel`'s names and config, both ways.
 
-Used by the parity test and the model-step benchmark; GPT-2 has no switch for an unbiased qkv projection, so a
-model without qkv bias maps to zero biases.
+Export (`python -m accel_gpt.export`) and `init_from` use it, as do the parity test and the model-step benchmark.
+GPT-2 has no switch for an unbiased qkv projection, so a model without qkv bias maps to zero biases. Reading
+and writing need only safetensors and JSON; `transformers` is needed only to build a live HF model.
 """
 
 from __future__ import annotations
 
-import torch
+import json
+from dataclasses import fields
+from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
+from accel_gpt.checkpoint import load_safetensors
+from accel_gpt.errors import UserError
 from accel_gpt.model import GPTConfig, GPTModel
+
+# Our block's parameter names -> GPT-2's (HF stores the Linear weights transposed, as Conv1D).
+BLOCK_NAMES = {"norm1": "ln_1", "norm2": "ln_2", "att.qkv": "attn.c_attn", "att.out_proj": "attn.c_proj",
+               "ff.fc": "mlp.c_fc", "ff.proj": "mlp.c_proj"}
 
 
 def hf_config_kwargs(cfg: GPTConfig) -> dict:
@@ -21,31 +33,90 @@ def hf_config_kwargs(cfg: GPTConfig) -> dict:
 
 
 def to_hf_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
-    """Our parameter names -> GPT2LMHeadModel's (HF's Conv1D stores weights transposed)."""
-    sd, cfg, out = model.state_dict(), model.config, {}
-    out["transformer.wte.weight"] = sd["tok_emb.weight"]
-    out["transformer.wpe.weight"] = sd["pos_emb.weight"]
+    """Our parameter names -> GPT2LMHeadModel's."""
+    sd, cfg = model.state_dict(), model.config
+    out = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"]}
     for i in range(cfg.num_layers):
-        p, h = f"trf_blocks.{i}.", f"transformer.h.{i}."
-        pairs = {
-            "ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "att.qkv", "attn.c_proj": "att.out_proj",
-            "mlp.c_fc": "ff.fc", "mlp.c_proj": "ff.proj",
-        }
-        for hf_name, ours in pairs.items():
-            weight = sd[p + ours + ".weight"]
-            out[h + hf_name + ".weight"] = weight if hf_name.startswith("ln") else weight.T.contiguous()
-            bias = sd.get(p + ours + ".bias")
-            out[h + hf_name + ".bias"] = bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
+        for ours, theirs in BLOCK_NAMES.items():
+            weight = sd[f"trf_blocks.{i}.{ours}.weight"]
+            bias = sd.get(f"trf_blocks.{i}.{ours}.bias")
+            hf = f"transformer.h.{i}.{theirs}"
+            out[hf + ".weight"] = weight if theirs.startswith("ln") else weight.T.contiguous()
+            out[hf + ".bias"] = bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
     out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["final_norm.weight"], sd["final_norm.bias"]
     out["lm_head.weight"] = sd["out_head.weight"]
     return out
 
 
+def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """GPT2LMHeadModel's parameter names -> ours (the inverse of `to_hf_state_dict`)."""
+    hf = {k.removeprefix("transformer.") if not k.startswith("lm_head") else k: v for k, v in hf.items()}
+    out = {"tok_emb.weight": hf["wte.weight"], "pos_emb.weight": hf["wpe.weight"],
+           "final_norm.weight": hf["ln_f.weight"], "final_norm.bias": hf["ln_f.bias"]}
+    for i in range(cfg.num_layers):
+        for ours, theirs in BLOCK_NAMES.items():
+            weight = hf[f"h.{i}.{theirs}.weight"]
+            out[f"trf_blocks.{i}.{ours}.weight"] = weight if theirs.startswith("ln") else weight.T.contiguous()
+            out[f"trf_blocks.{i}.{ours}.bias"] = hf[f"h.{i}.{theirs}.bias"]
+    out["out_head.weight"] = hf.get("lm_head.weight", hf["wte.weight"]) if not cfg.tie_weights else hf["wte.weight"]
+    return out
+
+
+def export_to_hf(model: GPTModel, out_dir: str | Path) -> Path:
+    """Write `config.json` + `model.safetensors` that `GPT2LMHeadModel.from_pretrained(out_dir)` loads."""
+    known = {f.name for f in fields(GPTConfig)}
+    extra = set(model.config.to_dict()) - known
+    if extra:  # future model options GPT-2 has no field for
+        raise UserError(f"GPT-2 cannot express {sorted(extra)}: this model cannot be exported as GPT2LMHeadModel")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = to_hf_state_dict(model)
+    if model.config.tie_weights:  # stored once; transformers re-ties lm_head to wte on load
+        state.pop("lm_head.weight")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_inner": None,
+              "bos_token_id": 50256, "eos_token_id": 50256, **hf_config_kwargs(model.config)}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def read_hf_gpt2_config(folder: str | Path, dropout: float | None = None) -> GPTConfig:
+    """The GPTConfig of a local Hugging Face GPT-2 folder, refusing what is not GPT-2."""
+    folder = Path(folder)
+    try:
+        hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"init_from {folder}: no readable config.json ({err})") from None
+    if hf_config.get("model_type") != "gpt2":
+        raise UserError(f"init_from {folder}: model_type {hf_config.get('model_type')!r}, expected 'gpt2'")
+    mlp = hf_config.get("n_inner")
+    if hf_config.get("activation_function", "gelu_new") != "gelu_new" or mlp not in (None, 4 * hf_config["n_embd"]):
+        raise UserError(f"init_from {folder}: only GPT-2's gelu_new MLP of 4 x n_embd is supported")
+    return GPTConfig(
+        vocabulary_size=hf_config["vocab_size"], context_len=hf_config["n_positions"],
+        embedding_dim=hf_config["n_embd"], num_heads=hf_config["n_head"], num_layers=hf_config["n_layer"],
+        dropout=hf_config.get("resid_pdrop", 0.1) if dropout is None else dropout, qkv_bias=True,
+        tie_weights=hf_config.get("tie_word_embeddings", True),
+    )
+
+
+def load_hf_gpt2(folder: str | Path, cfg: GPTConfig) -> GPTModel:
+    """A GPTModel (of `read_hf_gpt2_config`'s config) holding the folder's `model.safetensors` weights."""
+    weights = Path(folder) / "model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"init_from {folder}: needs model.safetensors (save with safe_serialization=True)")
+    model = GPTModel(cfg)
+    model.load_state_dict(from_hf_state_dict(load_safetensors(weights), cfg))
+    return model
+
+
 def to_hf_model(model: GPTModel):
-    """A `transformers.GPT2LMHeadModel` (sdpa attention) holding a copy of `model`'s weights."""
+    """A live `transformers.GPT2LMHeadModel` (sdpa attention) holding a copy of `model`'s weights."""
     import transformers
 
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config_kwargs(model.config), attn_implementation="sdpa"))
+    config = transformers.GPT2Config(**hf_config_kwargs(model.config), attn_implementation="sdpa")
+    hf = transformers.GPT2LMHeadModel(config)
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
     if unexpected or any("attn.bias" not in k and "masked_bias" not in k for k in missing):
         raise RuntimeError(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")

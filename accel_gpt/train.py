@@ -35,6 +35,7 @@ from accel_gpt.checkpoint import (
 from accel_gpt.config import TrainConfig, parse_config
 from accel_gpt.data import GlobalBatchSampler, TokenStream, WindowDataset, make_loader, tokenize_corpus
 from accel_gpt.errors import UserError
+from accel_gpt.hf import load_hf_gpt2, read_hf_gpt2_config
 from accel_gpt.metrics import RunLogger, flops_per_token, peak_flops, peak_memory_mib
 from accel_gpt.model import GPTModel, generate_text
 from accel_gpt.schedule import clips_gradients_at, learning_rate_at
@@ -203,8 +204,15 @@ def train(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
     output_dir, checkpoint_dir = resolve_run_dirs(cfg, accelerator)
     tokenizer = get_tokenizer(cfg.tokenizer)
-    model_cfg = cfg.model_config(tokenizer.n_vocab)
-    context_len = model_cfg.context_len
+    if cfg.init_from:
+        model_cfg = read_hf_gpt2_config(cfg.init_from, cfg.dropout)
+        if model_cfg.vocabulary_size != tokenizer.n_vocab:
+            raise UserError(f"init_from model has {model_cfg.vocabulary_size} tokens, the {cfg.tokenizer} tokenizer {tokenizer.n_vocab}")
+    else:
+        model_cfg = cfg.model_config(tokenizer.n_vocab)
+    context_len = cfg.context_len or model_cfg.context_len  # training window; at most the position table
+    if context_len > model_cfg.context_len:
+        raise UserError(f"context_len {context_len} exceeds the position table of {cfg.init_from} ({model_cfg.context_len})")
     eot_id = tokenizer.eot_token if cfg.special_token_id is None else cfg.special_token_id
     if not 0 <= eot_id < tokenizer.n_vocab:
         raise UserError(f"special_token_id {eot_id} is outside the {cfg.tokenizer} vocabulary (0..{tokenizer.n_vocab - 1})")
@@ -212,7 +220,7 @@ def train(cfg: TrainConfig) -> dict:
 
     if accelerator.device.type == "cuda" and cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    model = GPTModel(model_cfg)
+    model = load_hf_gpt2(cfg.init_from, model_cfg) if cfg.init_from else GPTModel(model_cfg)
     model.activation_checkpointing = cfg.activation_checkpointing
     optimizer = build_optimizer(model, cfg)
     step_flops = flops_per_token(model, context_len) * global_batch * context_len

@@ -1,0 +1,33 @@
+"""Export a checkpoint as a Hugging Face GPT-2 folder:
+
+    python -m accel_gpt.export --checkpoint RUN_OR_CHECKPOINT_DIR [--step N] --out HF_DIR
+
+The folder loads with `transformers.GPT2LMHeadModel.from_pretrained(HF_DIR)` and gives the same logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from accel_gpt.analysis import load_model
+from accel_gpt.errors import UserError
+from accel_gpt.hf import export_to_hf
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m accel_gpt.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a run directory (newest)")
+    parser.add_argument("--step", type=int, help="with a run directory: the checkpoint at this step")
+    parser.add_argument("--out", required=True, help="output folder for config.json + model.safetensors")
+    args = parser.parse_args(argv)
+    try:
+        out = export_to_hf(load_model(args.checkpoint, step=args.step), args.out)
+    except UserError as err:
+        print(f"accel_gpt: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {out}/config.json and {out}/model.safetensors (GPT2LMHeadModel)")
+
+
+if __name__ == "__main__":
+    main()

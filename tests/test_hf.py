@@ -1,0 +1,73 @@
+"""Hugging Face interop: export to GPT2LMHeadModel and pretraining from a local HF GPT-2 folder."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from accel_gpt.checkpoint import save_checkpoint
+from accel_gpt.config import TrainConfig
+from accel_gpt.hf import to_hf_state_dict
+from accel_gpt.model import GPTModel
+from accel_gpt.train import build_optimizer
+from conftest import REPO, VERDICT
+from test_errors import assert_one_line_error, run_cli
+
+transformers = pytest.importorskip("transformers")
+SIZES = dict(vocabulary_size=50257, context_len=32, embedding_dim=32, num_heads=2, num_layers=2, dropout=0.0)
+
+
+@pytest.mark.parametrize("qkv_bias, tie", [(False, False), (True, True), (False, True)])
+def test_exported_folder_loads_in_transformers_with_the_same_logits(tmp_path, qkv_bias, tie):
+    torch.manual_seed(0)
+    model = GPTModel(**SIZES, qkv_bias=qkv_bias, tie_weights=tie).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+    ckpt = save_checkpoint(tmp_path / "ckpts", 7, model, build_optimizer(model, TrainConfig()), {}, {})
+    result = subprocess.run([sys.executable, "-m", "accel_gpt.export", "--checkpoint", str(ckpt), "--out",
+                             str(tmp_path / "hf")], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.tie_word_embeddings is tie
+    idx = torch.randint(0, 50257, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-4, rtol=0)
+
+
+def test_export_of_a_missing_checkpoint_is_one_clear_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "accel_gpt.export", "--checkpoint", str(tmp_path / "nope"),
+                             "--out", str(tmp_path / "hf")], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "accel_gpt: error: no checkpoints in" in result.stderr
+
+
+def test_pretraining_starts_from_a_local_hf_gpt2(tmp_path):
+    torch.manual_seed(1)
+    hf_config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    out = tmp_path / "run"
+    args = ["--init_from", tmp_path / "hf", "--train_data_path", VERDICT, "--data_cache_dir", tmp_path / "c",
+            "--output_dir", out, "--context_len", "32", "--max_steps", "2", "--warmup_steps", "1",
+            "--initial_lr", "0", "--save_freq", "1", "--dropout", "0", "--batch_size", "4"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "windows of 32 tokens" in result.stdout  # a window shorter than the 64-position table
+    # Step 1 ran at lr 0: the checkpoint holds exactly the Hugging Face weights.
+    ours = load_file(str(out / "checkpoints" / "checkpoint_000001" / "model.safetensors"))
+    model = GPTModel(vocabulary_size=50257, context_len=64, embedding_dim=32, num_heads=2, num_layers=2,
+                     dropout=0.0, qkv_bias=True, tie_weights=True)
+    model.load_state_dict(ours | {"out_head.weight": ours["tok_emb.weight"]})
+    expected = hf.state_dict()
+    for name, tensor in to_hf_state_dict(model).items():
+        assert torch.equal(tensor, expected[name]), name
+    idx = torch.randint(0, 50257, (1, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(idx), hf(idx).logits, atol=1e-4, rtol=0)
+    assert_one_line_error(run_cli(*args, "--embedding_dim", "64"), "init_from takes the model's shape", "embedding_dim")
+    assert_one_line_error(run_cli(*args[2:], "--init_from", tmp_path / "nowhere"), "no readable config.json")
+    assert_one_line_error(run_cli(*args, "--context_len", "128"), "context_len 128 exceeds the position table")

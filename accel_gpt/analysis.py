@@ -73,22 +73,10 @@ def load_run(run_dir: str | Path) -> Run:
 
 def _figure():
     try:
-        import matplotlib
-
-        matplotlib.use("Agg") if not _in_notebook() else None
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # picks a headless backend by itself where there is no display
     except ImportError:
         raise UserError("plotting needs matplotlib: pip install 'accel_gpt[analysis]'") from None
     return plt
-
-
-def _in_notebook() -> bool:
-    try:
-        from IPython import get_ipython
-
-        return get_ipython() is not None and "IPKernelApp" in get_ipython().config
-    except ImportError:
-        return False
 
 
 def plot_losses(runs: Run | list[Run], x: str = "step", path: str | Path | None = None, labels: list[str] | None = None):

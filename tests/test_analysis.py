@@ -113,3 +113,19 @@ def test_train_is_callable_from_python(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "STEP 3 VAL" in result.stdout
     assert [p.name for p in analysis.load_run(tmp_path / "r").checkpoints] == ["checkpoint_000003"]
+
+
+def test_notebook_launcher_trains_with_two_processes(tmp_path):
+    """The documented way to train on several processes from a notebook."""
+    code = (
+        "from accelerate import notebook_launcher\n"
+        "from accel_gpt.analysis import train\n"
+        "from accel_gpt.config import TrainConfig\n"
+        f"cfg = TrainConfig(model='tiny', train_data_path={str(VERDICT)!r}, output_dir={str(tmp_path / 'r')!r},"
+        f" data_cache_dir={str(tmp_path / 'c')!r}, max_steps=3, warmup_steps=1, eval_freq=3, batch_size=2)\n"
+        "notebook_launcher(train, (cfg,), num_processes=2)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "world_size 2" in result.stdout and "global batch 4 = 2 x 1 accumulation x 2 processes" in result.stdout
+    assert analysis.load_run(tmp_path / "r").metrics["step"].tolist() == [1, 2, 3]

@@ -186,6 +186,7 @@ def tokenize_corpus(
     if FORMATS[files[0].suffix.lower()] != "parquet":  # parquet stores strings already validated
         for f in files:
             check_utf8(f)
+    vocab = get_tokenizer(tokenizer).n_vocab  # loaded before the map, so forked workers inherit it ready-made
     ds = _load_documents(files, cache_dir)
     if num_proc is None:  # worker start-up only pays off on big corpora
         num_proc = min(os.cpu_count() or 1, 8) if sum(f.stat().st_size for f in files) > 64 * 2**20 else 1
@@ -199,7 +200,6 @@ def tokenize_corpus(
         remove_columns=ds.column_names,
         desc=f"tokenizing {spec}",
     )
-    vocab = get_tokenizer(tokenizer).n_vocab
     dtype = pa.uint16() if vocab <= 2**16 else pa.uint32()
     out_dir.mkdir(parents=True, exist_ok=True)
     # Write under a unique name and rename: concurrent builders (several nodes) and crashes never leave a torn file.

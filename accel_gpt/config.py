@@ -70,6 +70,9 @@ class TrainConfig:
     seed: int = _opt(123, "seed for weights, shuffling and dropout")
     compile: bool = _opt(False, "torch.compile the model (pays off on GPUs; see benchmarks/RESULTS.md)")
     activation_checkpointing: bool = _opt(False, "recompute each block's activations in backward: less memory, about a third more compute")
+    loss_chunk: int | None = _opt(
+        None, "tokens per chunk of the fused loss, 0 for plain cross-entropy (default: 64 on CPU, 0 on GPUs)"
+    )
     tf32: bool = _opt(True, "allow TF32 matmuls for fp32 work on Ampere and newer GPUs")
     peak_flops: float | None = _opt(
         None, "per-device peak FLOP/s for MFU (default: data sheet for known GPUs, a measured matmul on CPU)"
@@ -229,6 +232,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.val_data_path is None and cfg.val_fraction == 0.0:
         raise UserError("no validation data: set val_data_path or a val_fraction above 0")
+    if cfg.loss_chunk is not None and cfg.loss_chunk < 0:
+        raise UserError(f"loss_chunk must be >= 0, got {cfg.loss_chunk}")
     if cfg.keep_last < 0:
         raise UserError(f"keep_last must be >= 0, got {cfg.keep_last}")
     if cfg.warmup_steps < 0:

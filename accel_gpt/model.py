@@ -130,15 +130,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
 
 
-def chunked_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None
-) -> torch.Tensor:
-    """Mean cross-entropy of the logits `hidden @ weight.T` (hidden `[..., dim]`, targets `[...]`).
-
-    Default chunk: 64 tokens on CPU, where a chunk's logits should stay near the caches (measured fastest in
-    benchmarks/model_step.py), 4096 on GPUs, where fewer, larger matmuls keep the device busy."""
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """Mean cross-entropy of the logits `hidden @ weight.T` (hidden `[..., dim]`, targets `[...]`)."""
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    chunk = chunk or (64 if hidden.device.type == "cpu" else 4096)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return ChunkedCrossEntropy.apply(hidden, weight, targets, chunk, need_grad)
 
@@ -168,7 +162,12 @@ class GPTModel(nn.Module):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.num_layers))
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
-        self.activation_checkpointing = False  # a training choice, not part of the saved architecture
+        # Training choices, not part of the saved architecture:
+        self.activation_checkpointing = False
+        # Tokens per chunk of the fused loss; 0 = plain cross-entropy on full logits. None picks what measured
+        # fastest (benchmarks/loss_chunk.py): 64 on CPU (1.46x the plain loss), plain on GPUs (chunking cost
+        # 3-10% on an H100, and saves the memory of the full logits).
+        self.loss_chunk: int | None = None
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -179,7 +178,7 @@ class GPTModel(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids `[batch, seq]` -> logits `[batch, seq, vocabulary_size]`; with `targets`, the mean
-        cross-entropy instead, computed in chunks so the full logits never exist (the training fast path)."""
+        cross-entropy instead (on CPU computed in chunks so the full logits never exist: the fast path there)."""
         seq = idx.shape[1]
         if seq > self.config.context_len:
             raise ValueError(f"sequence length {seq} exceeds the model's context_len {self.config.context_len}")
@@ -193,7 +192,10 @@ class GPTModel(nn.Module):
         x = self.final_norm(x)
         if targets is None:
             return self.out_head(x)
-        return chunked_cross_entropy(x, self.out_head.weight, targets)
+        chunk = self.loss_chunk if self.loss_chunk is not None else (64 if x.device.type == "cpu" else 0)
+        if chunk == 0:
+            return F.cross_entropy(self.out_head(x).flatten(0, 1).float(), targets.flatten())
+        return chunked_cross_entropy(x, self.out_head.weight, targets, chunk)
 
     def num_parameters(self, exclude_position_embeddings: bool = False) -> int:
         """Distinct parameters (a tied output head counts once)."""

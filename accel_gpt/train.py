@@ -222,6 +222,7 @@ def train(cfg: TrainConfig) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model = load_hf_gpt2(cfg.init_from, model_cfg) if cfg.init_from else GPTModel(model_cfg)
     model.activation_checkpointing = cfg.activation_checkpointing
+    model.loss_chunk = cfg.loss_chunk
     optimizer = build_optimizer(model, cfg)
     step_flops = flops_per_token(model, context_len) * global_batch * context_len
     device_peak = cfg.peak_flops or peak_flops(accelerator.device, accelerator.mixed_precision)

@@ -4,7 +4,7 @@
 
 Same model, weights and batch; one training step (forward, backward, fused AdamW) per variant per round, the
 order rotating every round. Prints median step time and speed relative to the plain loss. Used to pick the
-default chunk (64 tokens on CPU, 4096 on GPU) in `accel_gpt/model.py`.
+default chunk (64 tokens on CPU, plain on GPU) in `accel_gpt/model.py`.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ import codecs
 import glob
 import hashlib
 import json
-import logging
 import os
 import uuid
 from importlib import resources
@@ -25,8 +24,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from accel_gpt.errors import UserError
 from accel_gpt.tokenizer import get_tokenizer
-
-log = logging.getLogger(__name__)
 
 BUNDLED_CORPORA = {"the-verdict": "the-verdict.txt", "tinyshakespeare": "tinyshakespeare.txt", "xiyouji": "xiyouji.txt"}
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}

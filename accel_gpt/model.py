@@ -6,7 +6,7 @@ Numerically the same network as Hugging Face's `GPT2LMHeadModel` (tests/test_mod
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -201,10 +201,6 @@ class GPTModel(nn.Module):
         """Distinct parameters (a tied output head counts once)."""
         total = sum(p.numel() for p in self.parameters())  # parameters() yields shared tensors once
         return total - self.pos_emb.weight.numel() if exclude_position_embeddings else total
-
-
-def model_config_fields() -> list[str]:
-    return [f.name for f in fields(GPTConfig)]
 
 
 @torch.no_grad()

@@ -101,6 +101,12 @@ def test_perplexity_scores_every_token_once(run_dir):
     assert analysis.perplexity(model, str(VERDICT)) > 1.0  # a file path works too
 
 
+def run_python(code: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
 def test_train_is_callable_from_python(tmp_path):
     code = (
         "from accel_gpt.analysis import train\n"
@@ -109,9 +115,7 @@ def test_train_is_callable_from_python(tmp_path):
         f" data_cache_dir={str(tmp_path / 'c')!r}, max_steps=3, warmup_steps=1, eval_freq=3, batch_size=4))\n"
         "print('STEP', summary['step'], 'VAL', summary['val_loss'])\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "STEP 3 VAL" in result.stdout
+    assert "STEP 3 VAL" in run_python(code).stdout
     assert [p.name for p in analysis.load_run(tmp_path / "r").checkpoints] == ["checkpoint_000003"]
 
 
@@ -125,7 +129,6 @@ def test_notebook_launcher_trains_with_two_processes(tmp_path):
         f" data_cache_dir={str(tmp_path / 'c')!r}, max_steps=3, warmup_steps=1, eval_freq=3, batch_size=2)\n"
         "notebook_launcher(train, (cfg,), num_processes=2)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_python(code)
     assert "world_size 2" in result.stdout and "global batch 4 = 2 x 1 accumulation x 2 processes" in result.stdout
     assert analysis.load_run(tmp_path / "r").metrics["step"].tolist() == [1, 2, 3]

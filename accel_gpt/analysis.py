@@ -16,7 +16,15 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from accel_gpt.checkpoint import CONFIG_FILE, MANIFEST, MODEL_FILE, find_checkpoint, list_checkpoints, load_model_weights
+from accel_gpt.checkpoint import (
+    CONFIG_FILE,
+    MANIFEST,
+    MODEL_FILE,
+    find_checkpoint,
+    list_checkpoints,
+    load_model_weights,
+    verify_checkpoint,
+)
 from accel_gpt.errors import UserError
 from accel_gpt.model import GPTConfig, GPTModel
 from accel_gpt.model import generate as generate_ids
@@ -133,7 +141,7 @@ def _checkpoint_path(path: Path, step: int | None) -> Path:
     if (path / MANIFEST).exists():  # one checkpoint directory
         if step is not None:
             raise UserError("step selects a checkpoint of a run directory; this is already one checkpoint")
-        find_checkpoint(path.parent, str(int(path.name.rsplit("_", 1)[1])))  # verifies sizes and hashes
+        verify_checkpoint(path)
         return path
     checkpoint_dir = load_run(path).checkpoint_dir if (path / "metrics.jsonl").exists() else path / "checkpoints"
     return find_checkpoint(checkpoint_dir, "latest" if step is None else str(step))

@@ -125,8 +125,7 @@ class RunData:
     loaders: tuple[DataLoader, DataLoader, DataLoader]  # train, train-eval, val (unprepared)
 
 
-def build_data(cfg: TrainConfig, streams, context_len: int, global_batch: int, world_size: int) -> RunData:
-    stride = cfg.stride or context_len
+def build_data(cfg: TrainConfig, streams, context_len: int, stride: int, global_batch: int, world_size: int) -> RunData:
     train_set, val_set = (WindowDataset(s, context_len, stride) for s in streams)
     train_sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, global_batch, seed=cfg.seed)
     if train_sampler.steps_per_epoch == 0:
@@ -216,7 +215,8 @@ def train(cfg: TrainConfig) -> dict:
     eot_id = tokenizer.eot_token if cfg.special_token_id is None else cfg.special_token_id
     if not 0 <= eot_id < tokenizer.n_vocab:
         raise UserError(f"special_token_id {eot_id} is outside the {cfg.tokenizer} vocabulary (0..{tokenizer.n_vocab - 1})")
-    data = build_data(cfg, load_token_streams(cfg, accelerator, eot_id), context_len, global_batch, world_size)
+    stride = cfg.stride or context_len
+    data = build_data(cfg, load_token_streams(cfg, accelerator, eot_id), context_len, stride, global_batch, world_size)
 
     if accelerator.device.type == "cuda" and cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -241,8 +241,8 @@ def train(cfg: TrainConfig) -> dict:
 
     # What fixes the order of global batches: a checkpoint's data position means nothing if any of these change.
     data_identity = {
-        "global_batch_size": global_batch, "seed": cfg.seed, "context_len": context_len,
-        "stride": cfg.stride or context_len, "train_windows": len(data.train_set),
+        "global_batch_size": global_batch, "seed": cfg.seed, "context_len": context_len, "stride": stride,
+        "train_windows": len(data.train_set),
     }
     state, rng_state, resume_note = TrainerState(), None, ""
     if cfg.checkpoint is not None:
@@ -270,10 +270,9 @@ def train(cfg: TrainConfig) -> dict:
 
     logger = RunLogger(output_dir, accelerator.is_main_process, total_steps, state.global_step)
     if accelerator.is_main_process:
-        resolved = cfg.to_dict() | {
-            "output_dir": str(output_dir), "checkpoint_dir": str(checkpoint_dir), "context_len": context_len,
-            "stride": cfg.stride or context_len, "gradient_accumulation_steps": accumulation,
-            "global_batch_size": global_batch,
+        resolved = cfg.to_dict() | data_identity | {
+            "output_dir": str(output_dir), "checkpoint_dir": str(checkpoint_dir),
+            "gradient_accumulation_steps": accumulation,
         }
         (output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
     logger.info(
@@ -297,10 +296,8 @@ def train(cfg: TrainConfig) -> dict:
             pruned = prune_checkpoints(checkpoint_dir, cfg.keep_last)
             logger.info(f"saved {path}" + (f" (pruned {', '.join(p.name for p in pruned)})" if pruned else ""))
         accelerator.wait_for_everyone()
-        saved_at.append(state.global_step)
 
     record: dict = {}
-    saved_at: list[int] = []
     nonfinite_in_a_row = stops = 0
     stop = StopSignal()
     tokens_per_step = global_batch * context_len
@@ -361,11 +358,9 @@ def train(cfg: TrainConfig) -> dict:
             if epoch_done:  # checkpoints record the next step's position: the start of the next epoch
                 state.epoch += 1
                 state.step_in_epoch = 0
-            if state.global_step % cfg.save_freq == 0 or state.global_step == total_steps:
+            if stops or state.global_step % cfg.save_freq == 0 or state.global_step == total_steps:
                 save()
             if stops:
-                if saved_at[-1:] != [state.global_step]:
-                    save()
                 logger.info(
                     f"received {stop.received or 'a stop signal on another rank'}: stopped after step "
                     f"{state.global_step} with a checkpoint. Resume with the same command plus "

@@ -18,11 +18,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from accel_gpt.errors import UserError
-from accel_gpt.model import GPTModel
+from accel_gpt.model import GPTConfig, GPTModel
 
 log = logging.getLogger(__name__)
 
@@ -130,49 +138,74 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path), device="cpu")
 
 
-def model_state_for_saving(model: GPTModel) -> dict[str, torch.Tensor]:
-    """Weights on CPU; a tied output head is stored once, as the token embedding."""
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_weights:
-        state.pop("out_head.weight")
+def full_state_dicts(model: GPTModel, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state on CPU, both keyed by parameter name.
+
+    The same call serves one process, DDP and FSDP (torch's distributed state-dict API gathers shards). It is a
+    collective under FSDP, so call it on every rank: the main process receives the full state, the others may
+    receive empty dicts. On one process the tensors may alias the live parameters: write them out before the
+    next step."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def model_state_for_saving(model_state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors; a tied output head is stored once, as the token embedding."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
+    if config.tie_weights:
+        state.pop("out_head.weight", None)
+    return state
+
+
+def _strip_wrappers(name: str) -> str:
+    return name.removeprefix("module.").removeprefix("_orig_mod.")
+
+
+def _check_names(path: Path, found: set[str], expected: set[str]) -> None:
+    if found != expected:
+        missing, unexpected = sorted(expected - found)[:3], sorted(found - expected)[:3]
+        raise UserError(f"{path} does not match the model: missing {missing}, unexpected {unexpected}")
+
+
+def check_model_file(path: Path, model: GPTModel) -> None:
+    """Refuse a weights file whose tensor names differ from the model's, reading only its header."""
+    found = {_strip_wrappers(k) for k in read_safetensors_header(path) if k != "__metadata__"}
+    expected = set(model.state_dict()) - ({"out_head.weight"} if model.config.tie_weights else set())
+    _check_names(path, found, expected)
+
+
+def read_model_state(path: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
+    """`model.safetensors` as a state dict for a model of `config` (a tied head restored from the embedding)."""
+    state = {_strip_wrappers(k): v for k, v in load_safetensors(path).items()}
+    if config.tie_weights:
+        state["out_head.weight"] = state["tok_emb.weight"]
     return state
 
 
 def load_model_weights(model: GPTModel, path: str | Path) -> None:
-    """Load `model.safetensors` into `model` (CPU first, then wherever the model lives)."""
-    state = load_safetensors(path)
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    if model.config.tie_weights:
-        state["out_head.weight"] = state["tok_emb.weight"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    """Load `model.safetensors` into an unsharded `model` (CPU first, then wherever the model lives)."""
+    check_model_file(Path(path), model)
+    model.load_state_dict(read_model_state(Path(path), model.config))
 
 
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state_dict into named tensors and JSON-safe scalars."""
-    state = optimizer.state_dict()
+def _optimizer_to_files(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict keyed by parameter name into named tensors and JSON-safe scalars."""
     tensors, scalars = {}, {}
-    for param_id, param_state in state["state"].items():
+    for param_name, param_state in state["state"].items():
         for key, value in param_state.items():
             if torch.is_tensor(value):
-                tensors[f"{param_id}.{key}"] = value.detach().to("cpu").contiguous()
+                tensors[f"{param_name}.{key}"] = value.detach().to("cpu").contiguous()
             else:
-                scalars[f"{param_id}.{key}"] = value
+                scalars[f"{param_name}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
+    state: dict[str, dict] = {}
     for name, value in list(tensors.items()) + list(meta["scalars"].items()):
-        param_id, key = name.split(".", 1)
-        state.setdefault(int(param_id), {})[key] = value
-    # JSON turns tuples (e.g. AdamW's betas) into lists; "params" is the only list an optimizer expects.
-    groups = [
-        {k: v if k == "params" or not isinstance(v, list) else tuple(v) for k, v in g.items()}
-        for g in meta["param_groups"]
-    ]
-    return {"state": dict(sorted(state.items())), "param_groups": groups}
+        param_name, key = name.rsplit(".", 1)  # parameter names contain dots, state keys ("exp_avg") do not
+        state.setdefault(param_name, {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 # ----------------------------------------------------------------------------------------------- RNG state
@@ -233,13 +266,14 @@ def _fsync(path: Path) -> None:
 def save_checkpoint(
     checkpoint_dir: str | Path,
     step: int,
-    model: GPTModel,
-    optimizer: torch.optim.Optimizer,
+    config: GPTConfig,
+    states: tuple[dict, dict],
     trainer_state: dict,
     run_config: dict,
     rng_states: list[dict] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically. Call on the main process only, between two `wait_for_everyone`.
+    """Write checkpoint `step` atomically: `states` are the model's and optimizer's from `full_state_dicts`.
+    Call on the main process only, between two `wait_for_everyone`.
 
     On any write error (full disk, permissions) the temporary directory is removed, earlier checkpoints are
     untouched, and a UserError says what failed."""
@@ -250,8 +284,9 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file(model_state_for_saving(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+        model_state, optimizer_state = states
+        save_file(model_state_for_saving(model_state, config), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        opt_tensors, opt_meta = _optimizer_to_files(optimizer_state)
         save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
         _write_json(tmp / OPTIMIZER_META, opt_meta)
         if rng_states is not None:
@@ -259,7 +294,7 @@ def save_checkpoint(
             save_file(rng_tensors, str(tmp / RNG_FILE))
             _write_json(tmp / RNG_META, rng_meta)
         _write_json(tmp / STATE_FILE, trainer_state)
-        _write_json(tmp / CONFIG_FILE, {"model": model.config.to_dict(), "train": run_config})
+        _write_json(tmp / CONFIG_FILE, {"model": config.to_dict(), "train": run_config})
         # Hash what is on disk, not what was meant to be written: the manifest vouches for the bytes.
         files = sorted(p for p in tmp.iterdir())
         for f in files:
@@ -320,12 +355,27 @@ def check_model_config(path: Path, model: GPTModel) -> None:
 
 
 def load_checkpoint(path: str | Path, model: GPTModel, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Restore weights (and optimizer state) from checkpoint directory `path`; returns its trainer state."""
+    """Restore weights (and optimizer state) from checkpoint directory `path`; returns its trainer state.
+
+    Works for one process, DDP and FSDP alike. When processes are joined, call it on every rank: every rank
+    checks the small files, so all fail alike; only rank 0 reads the tensors and broadcasts them (one copy of a
+    large model in host memory, not one per process)."""
     path = Path(path)
     check_model_config(path, model)
-    load_model_weights(model, path / MODEL_FILE)
+    check_model_file(path / MODEL_FILE, model)
     if optimizer is not None:
-        tensors = load_safetensors(path / OPTIMIZER_FILE)
         meta = json.loads((path / OPTIMIZER_META).read_text(encoding="utf-8"))
-        optimizer.load_state_dict(_optimizer_from_files(tensors, meta))
+        found = {name for group in meta["param_groups"] for name in group["params"]}
+        _check_names(path / OPTIMIZER_META, found, {name for name, _ in model.named_parameters()})
+    broadcast = dist.is_initialized() and dist.get_world_size() > 1
+    reads = not broadcast or dist.get_rank() == 0
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast)
+    set_model_state_dict(model, read_model_state(path / MODEL_FILE, model.config) if reads else {}, options=options)
+    if optimizer is not None:
+        state = _optimizer_from_files(load_safetensors(path / OPTIMIZER_FILE), meta) if reads else {}
+        set_optimizer_state_dict(model, optimizer, state, options=options)
+        # JSON (and torch's state-dict flattening) turn tuples such as AdamW's betas into lists; "params" is the
+        # only list an optimizer's param group holds.
+        for group in optimizer.param_groups:
+            group.update({k: tuple(v) for k, v in group.items() if k != "params" and isinstance(v, list)})
     return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))

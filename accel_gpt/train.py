@@ -18,12 +18,21 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator, PartialState
-from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env, set_seed
+from accelerate.utils import (
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    broadcast_object_list,
+    gather_object,
+    parse_flag_from_env,
+    set_seed,
+)
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from accel_gpt.checkpoint import (
     capture_rng_state,
     find_checkpoint,
+    full_state_dicts,
     list_checkpoints,
     load_checkpoint,
     load_rng_states,
@@ -106,6 +115,24 @@ def use_cpu() -> bool:
     return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available()
 
 
+def enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Honour an FSDP `accelerate config` on CPU processes too.
+
+    Accelerate wires FSDP only for GPUs and would silently run plain data parallel instead, yet torch's FSDP2 runs
+    over gloo: switching it on here lets the sharded path and its consolidated checkpoints be tested on a laptop."""
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU or not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return
+    plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* settings, as Accelerate would
+    if plugin.fsdp_version != 2:
+        raise UserError("FSDP on CPU processes needs fsdp_version: 2 in the accelerate config (FSDP1 is GPU-only)")
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    # Both shared states: every later AcceleratorState() re-copies the process-level one over its own.
+    PartialState().distributed_type = state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+
+
 def load_token_streams(cfg: TrainConfig, accelerator: Accelerator, eot_id: int) -> tuple[TokenStream, TokenStream]:
     cache_dir = cfg.data_cache_dir or "~/.cache/accel_gpt"
     with accelerator.local_main_process_first():  # one rank per machine tokenizes; the others hit its cache
@@ -161,6 +188,8 @@ def optimizer_step(model, optimizer, batches, accelerator: Accelerator, accumula
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                if isinstance(grad_norm, DTensor):  # FSDP: a replicated norm; the optimizer wants a plain tensor
+                    grad_norm = grad_norm.full_tensor()
                 optimizer.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()  # fused AdamW skips if set
             optimizer.step()  # a no-op until the last micro-batch
             optimizer.zero_grad(set_to_none=True)
@@ -198,6 +227,7 @@ def train(cfg: TrainConfig) -> dict:
     world_size = PartialState(cpu=use_cpu()).num_processes
     accumulation, global_batch = batch_geometry(cfg, world_size)
     accelerator = Accelerator(cpu=use_cpu(), gradient_accumulation_steps=accumulation)
+    enable_fsdp_on_cpu(accelerator)
     if accelerator.device.type == "cpu":
         set_cpu_threads(cfg)
     set_seed(cfg.seed)
@@ -250,6 +280,8 @@ def train(cfg: TrainConfig) -> dict:
         broadcast_object_list(found)  # only the main rank reads and hashes the files to pick one
         path = found[0]
         saved = load_checkpoint(path, raw_model(), optimizer.optimizer)
+        if accelerator.scaler is not None and "grad_scaler" in saved:  # fp16: keep the loss scale it had found
+            accelerator.scaler.load_state_dict(saved["grad_scaler"])
         changed = [f"{k} {saved[k]} -> {v}" for k, v in data_identity.items() if k in saved and saved[k] != v]
         if changed:
             raise UserError(
@@ -275,23 +307,28 @@ def train(cfg: TrainConfig) -> dict:
             "gradient_accumulation_steps": accumulation,
         }
         (output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+    # Under FSDP each process holds a shard: say how much, so the memory saving is visible.
+    held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in raw_model().parameters())
+    params = raw_model().num_parameters()
     logger.info(
-        f"accel_gpt | world_size {world_size} | device {accelerator.device} | mixed_precision "
-        f"{accelerator.mixed_precision} | model {cfg.model} ({raw_model().num_parameters():,} "
-        f"params) | global batch {global_batch} = {cfg.batch_size} x {accumulation} accumulation x {world_size} "
+        f"accel_gpt | world_size {world_size} | {accelerator.distributed_type.value} | device {accelerator.device} | "
+        f"mixed_precision {accelerator.mixed_precision} | model {cfg.model} ({params:,} params"
+        f"{f', {held:,} held per process' if held != params else ''}) | global batch {global_batch} = {cfg.batch_size} x {accumulation} accumulation x {world_size} "
         f"processes | {len(data.train_set):,} train / {len(data.val_set):,} val windows of {context_len} tokens | "
         f"{total_steps} steps{resume_note}"
     )
 
     def save() -> None:
-        # Collectives (gather, barriers) run on every rank; only the main rank writes.
+        # Collectives (gathering shards and RNG states, barriers) run on every rank; only the main rank writes.
+        states = full_state_dicts(raw_model(), optimizer.optimizer)
         rng_states = gather_object([capture_rng_state()])
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             run_state = vars(state) | data_identity | {"world_size": world_size, "total_steps": total_steps}
+            if accelerator.scaler is not None:  # fp16 only; its state is a handful of numbers
+                run_state["grad_scaler"] = accelerator.scaler.state_dict()
             path = save_checkpoint(
-                checkpoint_dir, state.global_step, raw_model(), optimizer.optimizer, run_state,
-                cfg.to_dict(), rng_states,
+                checkpoint_dir, state.global_step, model_cfg, states, run_state, cfg.to_dict(), rng_states
             )
             pruned = prune_checkpoints(checkpoint_dir, cfg.keep_last)
             logger.info(f"saved {path}" + (f" (pruned {', '.join(p.name for p in pruned)})" if pruned else ""))
@@ -350,9 +387,9 @@ def train(cfg: TrainConfig) -> dict:
             if state.global_step % cfg.eval_freq == 0 or state.global_step == total_steps:
                 record["train_loss"] = evaluate(model, train_eval_loader, accelerator)
                 record["val_loss"] = evaluate(model, val_loader, accelerator)
-                if accelerator.is_main_process:
-                    sample = generate_text(raw_model(), cfg.start_context, cfg.sample_tokens, tokenizer)
-                    logger.log_sample(state.global_step, sample)
+                # Every rank decodes: under FSDP each forward pass gathers shards from all of them.
+                sample = generate_text(raw_model(), cfg.start_context, cfg.sample_tokens, tokenizer)
+                logger.log_sample(state.global_step, sample)
             logger.log_step(record, total_steps)
             epoch_done = state.step_in_epoch == steps_per_epoch
             if epoch_done:  # checkpoints record the next step's position: the start of the next epoch

@@ -10,7 +10,8 @@ memory and scaling efficiency tput(N) / (N x tput(1)). Writes `benchmarks/result
 markdown table beside it and a PNG plot (if matplotlib is installed).
 
 On a GPU machine the same command uses accelerate_configs/gpu_N.yaml (DDP over NCCL, bf16); on CPU it uses one
-process with all cores for N = 1 and N gloo processes with cores / N threads each otherwise. On several machines,
+process with all cores for N = 1 and N gloo processes with cores / N threads each otherwise. With --fsdp, N > 1
+shards with FSDP2 (gpu_8_fsdp.yaml or cpu_2proc_fsdp.yaml, --num_processes N); N = 1 stays one plain process. On several machines,
 run it with --launch-args naming your multi-node settings, e.g.
     --launch-args "--num_machines 2 --machine_rank 0 --main_process_ip 10.0.0.1 --main_process_port 29500"
 on each machine (rank 1 on the second), with --world-sizes counting all processes.
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,12 +36,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def launch_command(world_size: int, on_gpu: bool, extra: str) -> list[str]:
+def launch_command(world_size: int, on_gpu: bool, extra: str, fsdp: bool) -> list[str]:
     base = [sys.executable, "-m", "accelerate.commands.launch"]
-    if on_gpu:
-        base += ["--config_file", str(REPO / "accelerate_configs" / f"gpu_{world_size}.yaml")]
-    elif world_size == 1:
-        base += ["--config_file", str(REPO / "accelerate_configs" / "cpu_1proc.yaml")]
+    configs = REPO / "accelerate_configs"
+    if world_size == 1:  # the baseline is always one plain process: what N processes are measured against
+        base += ["--config_file", str(configs / ("gpu_1.yaml" if on_gpu else "cpu_1proc.yaml"))]
+    elif fsdp:
+        fsdp_config = "gpu_8_fsdp.yaml" if on_gpu else "cpu_2proc_fsdp.yaml"
+        base += ["--config_file", str(configs / fsdp_config), "--num_processes", str(world_size)]
+    elif on_gpu:
+        base += ["--config_file", str(configs / f"gpu_{world_size}.yaml")]
     else:  # MULTI_GPU without GPUs starts real gloo processes (see accelerate_configs/cpu_2proc_gloo.yaml)
         base += ["--multi_gpu", "--num_processes", str(world_size), "--num_machines", "1", "--mixed_precision", "no",
                  "--dynamo_backend", "no"]
@@ -48,7 +54,7 @@ def launch_command(world_size: int, on_gpu: bool, extra: str) -> list[str]:
 
 def run(world_size: int, batch_size: int, args, on_gpu: bool, workdir: Path) -> dict:
     out = workdir / f"n{world_size}-b{batch_size}"
-    cmd = launch_command(world_size, on_gpu, args.launch_args) + [
+    cmd = launch_command(world_size, on_gpu, args.launch_args, args.fsdp) + [
         "--model", args.model, "--batch_size", str(batch_size), "--max_steps", str(args.steps),
         "--warmup_steps", "2", "--eval_freq", str(10**6), "--save_freq", str(10**6), "--output_dir", str(out),
         "--train_data_path", args.data, "--data_cache_dir", str(workdir / "cache"), *shlex.split(args.train_args),
@@ -117,6 +123,7 @@ def main() -> None:
     parser.add_argument("--data", default="tinyshakespeare")
     parser.add_argument("--launch-args", default="", help="extra `accelerate launch` arguments")
     parser.add_argument("--train-args", default="", help="extra trainer flags, e.g. '--compile true'")
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (the *_fsdp.yaml configs) for N > 1")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
 
@@ -130,6 +137,7 @@ def main() -> None:
         results["weak"].append(run(n, args.batch_size, args, on_gpu, workdir))
         strong_batch = args.batch_size * largest // n
         results["strong"].append(run(n, strong_batch, args, on_gpu, workdir))
+    shutil.rmtree(workdir)  # runs and their checkpoints: the numbers are extracted
     for rows in results.values():
         base = rows[0]["tokens_per_sec"] / rows[0]["world_size"]
         for r in rows:
@@ -138,11 +146,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     device = torch.cuda.get_device_name(0) if on_gpu else f"CPU, {available} cores"
-    meta = {"date": stamp, "device": device, "model": args.model, "steps": args.steps, "skip": args.skip,
+    meta = {"date": stamp, "device": device, "strategy": "FSDP" if args.fsdp else "DDP", "model": args.model, "steps": args.steps, "skip": args.skip,
             "torch": torch.__version__, "command": " ".join(shlex.quote(a) for a in sys.argv)}
     (args.out / f"scaling-{stamp}.json").write_text(json.dumps({"meta": meta, **results}, indent=1))
     report = "\n\n".join(table(mode, rows) for mode, rows in results.items())
-    header = f"Scaling on {device}, model {args.model}, {args.steps} steps ({args.skip} skipped), {stamp}\n\n"
+    header = f"{meta['strategy']} scaling on {device}, model {args.model}, {args.steps} steps ({args.skip} skipped), {stamp}\n\n"
     (args.out / f"scaling-{stamp}.md").write_text(header + report + "\n")
     print(header + report)
     if plot(results, args.out / f"scaling-{stamp}.png"):

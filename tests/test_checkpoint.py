@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from accel_gpt.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from accel_gpt.checkpoint import find_checkpoint, full_state_dicts, list_checkpoints, load_checkpoint, save_checkpoint
 from accel_gpt.errors import UserError
 from accel_gpt.model import GPTModel
 from accel_gpt.train import build_optimizer
@@ -27,7 +27,7 @@ def trained(tie: bool):
 @pytest.mark.parametrize("tie", [False, True])
 def test_round_trip_restores_weights_and_optimizer(tmp_path, tie):
     model, opt = trained(tie)
-    path = save_checkpoint(tmp_path, 2, model, opt, {"global_step": 2}, {"seed": 1})
+    path = save_checkpoint(tmp_path, 2, model.config, full_state_dicts(model, opt), {"global_step": 2}, {"seed": 1})
     assert path.name == "checkpoint_000002"
     weights = load_file(str(path / "model.safetensors"))  # safetensors alone reads it
     assert ("out_head.weight" in weights) is not tie
@@ -50,7 +50,7 @@ def test_round_trip_restores_weights_and_optimizer(tmp_path, tie):
 def test_latest_ignores_unfinished_temporaries_and_missing_index_is_clear(tmp_path):
     model, opt = trained(False)
     for step in (5, 10):
-        save_checkpoint(tmp_path, step, model, opt, {"global_step": step}, {})
+        save_checkpoint(tmp_path, step, model.config, full_state_dicts(model, opt), {"global_step": step}, {})
     (tmp_path / ".checkpoint_000015.tmp-123").mkdir()  # what a crash mid-save leaves
     assert [s for s, _ in list_checkpoints(tmp_path)] == [5, 10]
     assert find_checkpoint(tmp_path, "latest").name == "checkpoint_000010"
@@ -62,15 +62,15 @@ def test_latest_ignores_unfinished_temporaries_and_missing_index_is_clear(tmp_pa
 
 def test_resaving_a_step_replaces_it_whole(tmp_path):
     model, opt = trained(False)
-    save_checkpoint(tmp_path, 3, model, opt, {"global_step": 3, "v": 1}, {})
-    save_checkpoint(tmp_path, 3, model, opt, {"global_step": 3, "v": 2}, {})
+    save_checkpoint(tmp_path, 3, model.config, full_state_dicts(model, opt), {"global_step": 3, "v": 1}, {})
+    save_checkpoint(tmp_path, 3, model.config, full_state_dicts(model, opt), {"global_step": 3, "v": 2}, {})
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_000003"]
     assert json.loads((tmp_path / "checkpoint_000003" / "trainer_state.json").read_text())["v"] == 2
 
 
 def test_model_config_mismatch_is_refused(tmp_path):
     model, opt = trained(False)
-    path = save_checkpoint(tmp_path, 1, model, opt, {}, {})
+    path = save_checkpoint(tmp_path, 1, model.config, full_state_dicts(model, opt), {}, {})
     other = GPTModel(**(SIZES | {"embedding_dim": 64}))
     with pytest.raises(UserError, match="different model config"):
         load_checkpoint(path, other)
@@ -88,7 +88,7 @@ def _rewrite_manifest_entry(ckpt, name):
 def test_truncated_weights_fall_back_to_previous_checkpoint_for_latest(tmp_path, caplog):
     model, opt = trained(False)
     for step in (1, 2):
-        save_checkpoint(tmp_path, step, model, opt, {"global_step": step}, {})
+        save_checkpoint(tmp_path, step, model.config, full_state_dicts(model, opt), {"global_step": step}, {})
     newest = tmp_path / "checkpoint_000002" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:1000])  # torn write
     with caplog.at_level("WARNING"):
@@ -100,7 +100,7 @@ def test_truncated_weights_fall_back_to_previous_checkpoint_for_latest(tmp_path,
 
 def test_flipped_byte_is_caught_by_the_hash(tmp_path):
     model, opt = trained(False)
-    ckpt = save_checkpoint(tmp_path, 1, model, opt, {}, {})
+    ckpt = save_checkpoint(tmp_path, 1, model.config, full_state_dicts(model, opt), {}, {})
     data = bytearray((ckpt / "optimizer.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (ckpt / "optimizer.safetensors").write_bytes(bytes(data))
@@ -113,7 +113,7 @@ def test_flipped_byte_is_caught_by_the_hash(tmp_path):
 
 def test_truncated_file_is_refused_before_allocation_even_if_the_manifest_agrees(tmp_path):
     model, opt = trained(False)
-    ckpt = save_checkpoint(tmp_path, 1, model, opt, {}, {})
+    ckpt = save_checkpoint(tmp_path, 1, model.config, full_state_dicts(model, opt), {}, {})
     weights = ckpt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])
     _rewrite_manifest_entry(ckpt, "model.safetensors")
@@ -133,7 +133,7 @@ def test_a_pickle_in_place_of_weights_is_refused_not_executed(tmp_path):
     import pickle
 
     model, opt = trained(False)
-    ckpt = save_checkpoint(tmp_path / "ckpts", 1, model, opt, {}, {})
+    ckpt = save_checkpoint(tmp_path / "ckpts", 1, model.config, full_state_dicts(model, opt), {}, {})
     marker = tmp_path / "pwned"
     (ckpt / "model.safetensors").write_bytes(pickle.dumps({"tok_emb.weight": _Payload(str(marker))}))
     _rewrite_manifest_entry(ckpt, "model.safetensors")
@@ -146,7 +146,7 @@ def test_unwritable_checkpoint_dir_is_a_clear_error(tmp_path):
     model, opt = trained(False)
     (tmp_path / "a_file").write_text("not a directory")
     with pytest.raises(UserError, match="could not write checkpoint .*a_file/ckpts/checkpoint_000001"):
-        save_checkpoint(tmp_path / "a_file" / "ckpts", 1, model, opt, {}, {})
+        save_checkpoint(tmp_path / "a_file" / "ckpts", 1, model.config, full_state_dicts(model, opt), {}, {})
 
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
@@ -155,15 +155,15 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
     model, opt = trained(False)
-    probe = save_checkpoint(tmp_path / "probe", 1, model, opt, {}, {})
+    probe = save_checkpoint(tmp_path / "probe", 1, model.config, full_state_dicts(model, opt), {}, {})
     one_checkpoint = sum(f.stat().st_size for f in probe.iterdir())
     size_kib = one_checkpoint * 3 // 2 // 1024  # room for one checkpoint, not two
     if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(disk)]).returncode != 0:
         pytest.skip("needs permission to mount a small tmpfs")
     try:
-        save_checkpoint(disk, 1, model, opt, {"global_step": 1}, {})
+        save_checkpoint(disk, 1, model.config, full_state_dicts(model, opt), {"global_step": 1}, {})
         with pytest.raises(UserError, match="could not write checkpoint .*checkpoint_000002: .*No space left on device"):
-            save_checkpoint(disk, 2, model, opt, {"global_step": 2}, {})
+            save_checkpoint(disk, 2, model.config, full_state_dicts(model, opt), {"global_step": 2}, {})
         assert [p.name for p in disk.iterdir()] == ["checkpoint_000001"]  # no half-written leftovers
         assert find_checkpoint(disk, "latest").name == "checkpoint_000001"
     finally:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from accel_gpt.checkpoint import save_checkpoint
+from accel_gpt.checkpoint import full_state_dicts, save_checkpoint
 from accel_gpt.config import TrainConfig
 from accel_gpt.hf import to_hf_state_dict
 from accel_gpt.model import GPTModel
@@ -27,7 +27,7 @@ def test_exported_folder_loads_in_transformers_with_the_same_logits(tmp_path, qk
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.02)
-    ckpt = save_checkpoint(tmp_path / "ckpts", 7, model, build_optimizer(model, TrainConfig()), {}, {})
+    ckpt = save_checkpoint(tmp_path / "ckpts", 7, model.config, full_state_dicts(model, build_optimizer(model, TrainConfig())), {}, {})
     result = subprocess.run([sys.executable, "-m", "accel_gpt.export", "--checkpoint", str(ckpt), "--out",
                              str(tmp_path / "hf")], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,6 +1,7 @@
 """End-to-end: the real trainer through `accelerate launch`, on 1 CPU process and on 2 gloo processes."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -139,3 +140,37 @@ def test_two_machines_on_one_box_match_one_machine_with_two_processes(two_proces
     two_machines, one_machine = read_metrics(out), two_process_run["metrics"]
     for step in range(1, 11):
         assert two_machines[step]["loss"] == pytest.approx(one_machine[step]["loss"], abs=1e-5), step
+
+
+def test_fsdp_on_two_cpu_processes_matches_ddp_and_writes_one_consolidated_checkpoint(two_process_run):
+    """FSDP2 over gloo (accelerate_configs/cpu_2proc_fsdp.yaml): sharded training, unsharded files.
+
+    Micro-batches of 1 with 2 accumulation steps: the same global batch of 4 as the DDP run it is compared to."""
+    out, cache = two_process_run["root"] / "run_fsdp", two_process_run["cache"]
+    args = common_args(out, cache) + ["--batch_size", "1", "--global_batch_size", "4"]
+    result = launch(args, num_processes=2, config="cpu_2proc_fsdp.yaml")
+    header = next(line for line in result.stdout.splitlines() if line.startswith("accel_gpt |"))
+    assert "world_size 2 | FSDP |" in header and "held per process" in header
+    assert "1 x 2 accumulation x 2 processes" in header
+    fsdp, ddp = read_metrics(out), two_process_run["metrics"]
+    for step in range(1, 11):
+        assert fsdp[step]["loss"] == pytest.approx(ddp[step]["loss"], abs=1e-5), step
+    ckpt = out / "checkpoints" / "checkpoint_000010"
+    weights = load_file(str(ckpt / "model.safetensors"))  # one file, full shapes, written by the main process
+    assert sorted(p.name for p in ckpt.iterdir() if "safetensors" in p.name) == [
+        "model.safetensors", "optimizer.safetensors", "rng.safetensors"]
+    for name, tensor in two_process_run["final_weights"].items():
+        # Reduce-scatter sums in another order than all-reduce; Adam turns that into rare 1e-5 differences.
+        torch.testing.assert_close(weights[name], tensor, atol=1e-4, rtol=0)
+    moments = load_file(str(ckpt / "optimizer.safetensors"))
+    assert moments["tok_emb.weight.exp_avg"].shape == weights["tok_emb.weight"].shape
+
+    # Resume sharded from the consolidated step-5 checkpoint, and unsharded on one process: the same losses.
+    resumed = launch(args + ["--checkpoint", "5"], num_processes=2, config="cpu_2proc_fsdp.yaml")
+    assert "resumed at step 5" in resumed.stdout
+    one = two_process_run["root"] / "run_fsdp_on_one"
+    shutil.copytree(out / "checkpoints" / "checkpoint_000005", one / "checkpoints" / "checkpoint_000005")
+    launch(common_args(one, cache) + ["--batch_size", "4", "--checkpoint", "5"], num_processes=1)
+    for run in (read_metrics(out), read_metrics(one)):
+        for step in range(6, 11):
+            assert run[step]["loss"] == pytest.approx(ddp[step]["loss"], abs=1e-5), step

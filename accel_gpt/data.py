@@ -115,10 +115,18 @@ def check_utf8(path: Path) -> None:
 
 
 def _encode_batch(batch: pa.Table, tokenizer: str, special_token_id: int) -> pa.Table:
-    encoded = get_tokenizer(tokenizer).encode_ordinary_batch(batch.column("text").to_pylist(), num_threads=1)
-    # A typed Arrow array: letting datasets infer the type of millions of Python ints costs more than tokenizing.
-    ids = pa.array([ids + [special_token_id] for ids in encoded if ids], type=pa.list_(pa.uint32()))
-    return pa.table({"ids": ids})
+    """Each non-empty document's tokens plus the end-of-text id, as one Arrow list per document."""
+    texts = batch.column("text").to_pylist()
+    encoded = [ids for ids in get_tokenizer(tokenizer).encode_ordinary_batch(texts, num_threads=1) if ids]
+    # Built through numpy, which converts each document's list in C: handing Arrow (or datasets) millions of
+    # Python ints to convert one by one costs almost as much as tokenizing them.
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
+    np.cumsum([len(ids) + 1 for ids in encoded], out=offsets[1:])
+    values = np.empty(offsets[-1], dtype=np.uint32)
+    for ids, end in zip(encoded, offsets[1:]):
+        values[end - 1 - len(ids) : end - 1] = ids
+        values[end - 1] = special_token_id
+    return pa.table({"ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))})
 
 
 def _load_documents(files: list[Path], cache_dir: Path):

@@ -83,8 +83,19 @@ def verify_checkpoint(path: Path) -> None:
             raise UserError(f"checkpoint {path} is corrupt: {name} does not match its recorded sha256")
 
 
+def restore_swapped_out(checkpoint_dir: str | Path) -> None:
+    """Re-saving a step moves the old copy aside, then renames the new one in: a writer killed between the two
+    renames leaves only the hidden old copy. Put it back. Call from the one process that writes checkpoints."""
+    for old in Path(checkpoint_dir).glob(".checkpoint_*.old-*"):
+        final = old.with_name(old.name[1:].split(".old-")[0])
+        if CHECKPOINT_RE.match(final.name) and not final.exists():
+            os.replace(old, final)
+
+
 def find_checkpoint(checkpoint_dir: str | Path, which: str) -> Path:
-    """`which` is a step number or 'latest' (the newest checkpoint that verifies; broken ones are skipped)."""
+    """`which` is a step number or 'latest' (the newest checkpoint that verifies; broken ones are skipped).
+    Call from the main process: it may restore a checkpoint left hidden by an interrupted re-save."""
+    restore_swapped_out(checkpoint_dir)
     found = list_checkpoints(checkpoint_dir)
     if not found:
         raise UserError(f"no checkpoints in {checkpoint_dir}")
@@ -320,6 +331,7 @@ def save_checkpoint(
 def prune_checkpoints(checkpoint_dir: str | Path, keep_last: int) -> list[Path]:
     """Delete all but the newest `keep_last` checkpoints (0 keeps all), and temporaries left by killed writers.
     Call from the one process that writes checkpoints. Returns the checkpoints removed."""
+    restore_swapped_out(checkpoint_dir)  # before the leftovers below are deleted
     found = list_checkpoints(checkpoint_dir)
     doomed = [path for _, path in found[:-keep_last]] if keep_last > 0 else []
     for path in doomed:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -163,10 +164,31 @@ def _resolve_config_file(name: str) -> Path:
     raise UserError(f"config file not found: {name}")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 integers: `checkpoint: 000200` (as in the directory name) is 200, not YAML 1.1's octal 128, and
+    `1:30` stays a string instead of becoming the base-60 number 90."""
+
+
+_INT = "tag:yaml.org,2002:int"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _INT]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    return int(text, 8 if text.startswith("0o") else 16 if text.startswith("0x") else 10)
+
+
+_Loader.add_constructor(_INT, _construct_int)
+
+
 def load_yaml(name: str) -> dict:
     path = _resolve_config_file(name)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
     except yaml.YAMLError as err:
         raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):

@@ -68,6 +68,17 @@ def test_resaving_a_step_replaces_it_whole(tmp_path):
     assert json.loads((tmp_path / "checkpoint_000003" / "trainer_state.json").read_text())["v"] == 2
 
 
+def test_a_resave_killed_between_its_renames_keeps_the_old_copy(tmp_path):
+    model, opt = trained(False)
+    save_checkpoint(tmp_path, 3, model.config, full_state_dicts(model, opt), {"global_step": 3}, {})
+    save_checkpoint(tmp_path, 5, model.config, full_state_dicts(model, opt), {"global_step": 5}, {})
+    # What a kill after `checkpoint_000005 -> .old` and before `.tmp -> checkpoint_000005` leaves behind:
+    (tmp_path / "checkpoint_000005").rename(tmp_path / ".checkpoint_000005.old-999")
+    (tmp_path / ".checkpoint_000005.tmp-999").mkdir()
+    assert find_checkpoint(tmp_path, "latest").name == "checkpoint_000005"
+    assert json.loads((tmp_path / "checkpoint_000005" / "trainer_state.json").read_text())["global_step"] == 5
+
+
 def test_model_config_mismatch_is_refused(tmp_path):
     model, opt = trained(False)
     path = save_checkpoint(tmp_path, 1, model.config, full_state_dicts(model, opt), {}, {})

@@ -62,3 +62,12 @@ def test_cli_error_is_one_line_without_traceback():
     )
     assert out.returncode == 2
     assert out.stderr.strip() == "accel_gpt: error: command line: batch_size expects an integer, got 'x'"
+
+
+def test_yaml_numbers_are_read_as_written(tmp_path):
+    """Zero-padded steps, as in checkpoint_000200, are decimal (YAML 1.1 would read octal 128)."""
+    (tmp_path / "run.yaml").write_text(
+        "checkpoint: 000200\noutput_dir: runs/x\nsave_freq: 010\nmax_steps: 1_000\nstart_context: 1:30\nseed: 0x10\n"
+    )
+    cfg = parse_config(["--config", str(tmp_path / "run.yaml")])
+    assert (cfg.checkpoint, cfg.save_freq, cfg.max_steps, cfg.start_context, cfg.seed) == ("200", 10, 1000, "1:30", 16)

@@ -366,6 +366,23 @@ def check_model_config(path: Path, model: GPTModel) -> None:
         raise UserError(f"checkpoint {path} was trained with a different model config: {diff}")
 
 
+def check_optimizer_files(path: Path, model: GPTModel) -> dict:
+    """Refuse optimizer files that do not hold state for exactly the model's parameters, reading only headers
+    and JSON (so every rank can check before any collective). Returns the JSON part."""
+    meta = json.loads((path / OPTIMIZER_META).read_text(encoding="utf-8"))
+    in_groups = [name for group in meta["param_groups"] for name in group["params"]]
+    if any(isinstance(name, int) for name in in_groups):
+        raise UserError(
+            f"checkpoint {path} was written by an earlier accel_gpt (optimizer state keyed by position) and cannot "
+            "be resumed; its weights still load (accel_gpt.analysis.load_model, python -m accel_gpt.export)"
+        )
+    expected = {name for name, _ in model.named_parameters()}
+    _check_names(path / OPTIMIZER_META, set(in_groups), expected)
+    keys = [k for k in read_safetensors_header(path / OPTIMIZER_FILE) if k != "__metadata__"] + list(meta["scalars"])
+    _check_names(path / OPTIMIZER_FILE, {key.rsplit(".", 1)[0] for key in keys}, expected)
+    return meta
+
+
 def load_checkpoint(path: str | Path, model: GPTModel, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Restore weights (and optimizer state) from checkpoint directory `path`; returns its trainer state.
 
@@ -376,9 +393,7 @@ def load_checkpoint(path: str | Path, model: GPTModel, optimizer: torch.optim.Op
     check_model_config(path, model)
     check_model_file(path / MODEL_FILE, model)
     if optimizer is not None:
-        meta = json.loads((path / OPTIMIZER_META).read_text(encoding="utf-8"))
-        found = {name for group in meta["param_groups"] for name in group["params"]}
-        _check_names(path / OPTIMIZER_META, found, {name for name, _ in model.named_parameters()})
+        meta = check_optimizer_files(path, model)
     broadcast = dist.is_initialized() and dist.get_world_size() > 1
     reads = not broadcast or dist.get_rank() == 0
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast)

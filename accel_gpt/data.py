@@ -120,13 +120,14 @@ def _encode_batch(batch: pa.Table, tokenizer: str, special_token_id: int) -> pa.
     encoded = [ids for ids in get_tokenizer(tokenizer).encode_ordinary_batch(texts, num_threads=1) if ids]
     # Built through numpy, which converts each document's list in C: handing Arrow (or datasets) millions of
     # Python ints to convert one by one costs almost as much as tokenizing them.
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
+    # 64-bit offsets: a batch of large documents (one per text file) can exceed 2**31 tokens.
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     np.cumsum([len(ids) + 1 for ids in encoded], out=offsets[1:])
     values = np.empty(offsets[-1], dtype=np.uint32)
     for ids, end in zip(encoded, offsets[1:]):
         values[end - 1 - len(ids) : end - 1] = ids
         values[end - 1] = special_token_id
-    return pa.table({"ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))})
+    return pa.table({"ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))})
 
 
 def _load_documents(files: list[Path], cache_dir: Path):

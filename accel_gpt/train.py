@@ -387,9 +387,10 @@ def train(cfg: TrainConfig) -> dict:
             if state.global_step % cfg.eval_freq == 0 or state.global_step == total_steps:
                 record["train_loss"] = evaluate(model, train_eval_loader, accelerator)
                 record["val_loss"] = evaluate(model, val_loader, accelerator)
-                # Every rank decodes: under FSDP each forward pass gathers shards from all of them.
-                sample = generate_text(raw_model(), cfg.start_context, cfg.sample_tokens, tokenizer)
-                logger.log_sample(state.global_step, sample)
+                # Under FSDP every rank decodes: each forward pass gathers shards from all of them.
+                if accelerator.is_main_process or accelerator.distributed_type == DistributedType.FSDP:
+                    sample = generate_text(raw_model(), cfg.start_context, cfg.sample_tokens, tokenizer)
+                    logger.log_sample(state.global_step, sample)
             logger.log_step(record, total_steps)
             epoch_done = state.step_in_epoch == steps_per_epoch
             if epoch_done:  # checkpoints record the next step's position: the start of the next epoch

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from accel_gpt.checkpoint import find_checkpoint, full_state_dicts, list_checkpoints, load_checkpoint, save_checkpoint
 from accel_gpt.errors import UserError
@@ -77,6 +77,23 @@ def test_a_resave_killed_between_its_renames_keeps_the_old_copy(tmp_path):
     (tmp_path / ".checkpoint_000005.tmp-999").mkdir()
     assert find_checkpoint(tmp_path, "latest").name == "checkpoint_000005"
     assert json.loads((tmp_path / "checkpoint_000005" / "trainer_state.json").read_text())["global_step"] == 5
+
+
+def test_optimizer_files_that_do_not_match_the_model_are_one_clear_error(tmp_path):
+    model, opt = trained(False)
+    path = save_checkpoint(tmp_path, 1, model.config, full_state_dicts(model, opt), {}, {})
+    meta = json.loads((path / "optimizer.json").read_text())
+    moments = load_file(str(path / "optimizer.safetensors"))
+    save_file({k: v for k, v in moments.items() if not k.startswith("final_norm.bias.")}, str(path / "optimizer.safetensors"))
+    fresh = GPTModel(**SIZES)
+    with pytest.raises(UserError, match=r"optimizer.safetensors does not match the model: missing \['final_norm.bias'\]"):
+        load_checkpoint(path, fresh, build_optimizer(fresh, TrainConfig()))
+    # Checkpoints from before optimizer state was keyed by parameter name: refused, with what still works.
+    for group in meta["param_groups"]:
+        group["params"] = list(range(len(group["params"])))
+    (path / "optimizer.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="written by an earlier accel_gpt .* its weights still load"):
+        load_checkpoint(path, fresh, build_optimizer(fresh, TrainConfig()))
 
 
 def test_model_config_mismatch_is_refused(tmp_path):

@@ -310,8 +310,12 @@ def train(cfg: TrainConfig) -> dict:
     # Under FSDP each process holds a shard: say how much, so the memory saving is visible.
     held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in raw_model().parameters())
     params = raw_model().num_parameters()
+    kind, backend = accelerator.distributed_type, accelerator.state.backend
+    strategy = {DistributedType.NO: "one process", DistributedType.FSDP: f"FSDP ({backend})"}.get(
+        kind, f"DDP ({backend})" if kind.value.startswith("MULTI_") else kind.value
+    )
     logger.info(
-        f"accel_gpt | world_size {world_size} | {accelerator.distributed_type.value} | device {accelerator.device} | "
+        f"accel_gpt | world_size {world_size} | {strategy} | device {accelerator.device} | "
         f"mixed_precision {accelerator.mixed_precision} | model {cfg.model} ({params:,} params"
         f"{f', {held:,} held per process' if held != params else ''}) | global batch {global_batch} = {cfg.batch_size} x {accumulation} accumulation x {world_size} "
         f"processes | {len(data.train_set):,} train / {len(data.val_set):,} val windows of {context_len} tokens | "

@@ -42,7 +42,7 @@ def two_process_run(tmp_path_factory):
 
 def test_two_gloo_processes_train_and_write_a_plain_checkpoint(two_process_run):
     out, metrics = two_process_run["out"], two_process_run["metrics"]
-    assert "world_size 2" in two_process_run["stdout"]
+    assert "world_size 2 | DDP (gloo) |" in two_process_run["stdout"]
     assert two_process_run["stdout"].count("accel_gpt | world_size") == 1  # only the main process logs
     assert sorted(metrics) == list(range(1, 11))
     losses = [metrics[s]["loss"] for s in range(1, 11)]
@@ -109,7 +109,7 @@ def test_python_m_with_a_separate_validation_path(tmp_path):
         [sys.executable, "-m", "accel_gpt.train", *args], capture_output=True, text=True, timeout=300, cwd=REPO
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "world_size 1" in result.stdout
+    assert "world_size 1 | one process |" in result.stdout
     val_tokens = len(get_tokenizer("gpt2").encode(text[:6000])) + 1  # + end-of-text
     assert f"/ {(val_tokens - 65) // 64 + 1} val windows" in result.stdout
     assert read_metrics(out)[3]["val_loss"] > 0
@@ -150,7 +150,7 @@ def test_fsdp_on_two_cpu_processes_matches_ddp_and_writes_one_consolidated_check
     args = common_args(out, cache) + ["--batch_size", "1", "--global_batch_size", "4"]
     result = launch(args, num_processes=2, config="cpu_2proc_fsdp.yaml")
     header = next(line for line in result.stdout.splitlines() if line.startswith("accel_gpt |"))
-    assert "world_size 2 | FSDP |" in header and "held per process" in header
+    assert "world_size 2 | FSDP (gloo) |" in header and "held per process" in header
     assert "1 x 2 accumulation x 2 processes" in header
     fsdp, ddp = read_metrics(out), two_process_run["metrics"]
     for step in range(1, 11):

@@ -4,7 +4,9 @@
 # 1. the unit tests that need no process launch, on the GPU machine's torch;
 # 2. the default `mini` run for 100 steps on one GPU with bf16 (accelerate_configs/gpu_1.yaml);
 # 3. gpt2-small (untied, 163M) bf16, 16 x 1024 tokens per step, 40 steps, without and with torch.compile;
-# 4. benchmarks/model_step.py on the GPU (accel_gpt vs Hugging Face GPT-2, fp32).
+# 4. benchmarks/model_step.py on the GPU (accel_gpt vs Hugging Face GPT-2, fp32);
+# 5. FSDP2 with bf16 (gpu_8_fsdp.yaml at one process): gpt2-small for 20 steps, then a resume from its step-10
+#    checkpoint, printing the largest loss difference between the two runs over steps 11-20.
 # It prints each run's median steady-state tokens/s and MFU (first 5 steps skipped: warm-up and compilation),
 # peak GPU memory and final val loss.
 set -uo pipefail
@@ -32,9 +34,9 @@ print(f"{sys.argv[1]}: {len(recs)} steps | median {statistics.median(r['tokens_p
 PY
 }
 
-run() {
+run() {  # CONFIG and LAUNCH (extra `accelerate launch` flags) may be set per call
   local name=$1; shift
-  accelerate launch --config_file accelerate_configs/gpu_1.yaml -m accel_gpt.train \
+  accelerate launch --config_file "${CONFIG:-accelerate_configs/gpu_1.yaml}" ${LAUNCH:-} -m accel_gpt.train \
     --output_dir "$OUT/$name" --data_cache_dir "$OUT/cache" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   grep -E "world_size|val_loss|saved|error" "$OUT/$name.log" | cut -c1-220
@@ -48,3 +50,15 @@ run gpt2_small "${small[@]}"
 run gpt2_small_compiled "${small[@]}" --compile true
 
 python3 benchmarks/model_step.py --device cuda --rounds 9 2>&1 | tail -6
+
+CONFIG=accelerate_configs/gpu_8_fsdp.yaml LAUNCH="--num_processes 1" run gpt2_small_fsdp "${small[@]}" --max_steps 20 --save_freq 10
+CONFIG=accelerate_configs/gpu_8_fsdp.yaml LAUNCH="--num_processes 1" run gpt2_small_fsdp "${small[@]}" --max_steps 20 --save_freq 10 --checkpoint 10
+python3 - "$OUT/gpt2_small_fsdp/metrics.jsonl" <<'PY'
+import json, sys
+by_step = {}
+for line in open(sys.argv[1]):
+    r = json.loads(line); by_step.setdefault(r["step"], []).append(r["loss"])
+pairs = [v for s, v in by_step.items() if s > 10 and len(v) == 2]
+print(f"FSDP resume from step 10: {len(pairs)} steps compared, largest loss difference "
+      f"{max(abs(a - b) for a, b in pairs) if pairs else float('nan'):.2e}")
+PY

@@ -133,6 +133,16 @@ def enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
     state.fsdp_plugin = plugin
 
 
+def strategy_name(accelerator: Accelerator) -> str:
+    """How the run is spread, for the console: one process, DDP or FSDP, with the collective backend."""
+    kind, backend = accelerator.distributed_type, accelerator.state.backend
+    if kind == DistributedType.NO:
+        return "one process"
+    if kind == DistributedType.FSDP:
+        return f"FSDP ({backend})"
+    return f"DDP ({backend})" if kind.value.startswith("MULTI_") else kind.value
+
+
 def load_token_streams(cfg: TrainConfig, accelerator: Accelerator, eot_id: int) -> tuple[TokenStream, TokenStream]:
     cache_dir = cfg.data_cache_dir or "~/.cache/accel_gpt"
     with accelerator.local_main_process_first():  # one rank per machine tokenizes; the others hit its cache
@@ -310,14 +320,11 @@ def train(cfg: TrainConfig) -> dict:
     # Under FSDP each process holds a shard: say how much, so the memory saving is visible.
     held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in raw_model().parameters())
     params = raw_model().num_parameters()
-    kind, backend = accelerator.distributed_type, accelerator.state.backend
-    strategy = {DistributedType.NO: "one process", DistributedType.FSDP: f"FSDP ({backend})"}.get(
-        kind, f"DDP ({backend})" if kind.value.startswith("MULTI_") else kind.value
-    )
+    shard_note = f", {held:,} held per process" if held != params else ""
     logger.info(
-        f"accel_gpt | world_size {world_size} | {strategy} | device {accelerator.device} | "
-        f"mixed_precision {accelerator.mixed_precision} | model {cfg.model} ({params:,} params"
-        f"{f', {held:,} held per process' if held != params else ''}) | global batch {global_batch} = {cfg.batch_size} x {accumulation} accumulation x {world_size} "
+        f"accel_gpt | world_size {world_size} | {strategy_name(accelerator)} | device {accelerator.device} | "
+        f"mixed_precision {accelerator.mixed_precision} | model {cfg.model} ({params:,} params{shard_note}) | "
+        f"global batch {global_batch} = {cfg.batch_size} x {accumulation} accumulation x {world_size} "
         f"processes | {len(data.train_set):,} train / {len(data.val_set):,} val windows of {context_len} tokens | "
         f"{total_steps} steps{resume_note}"
     )

@@ -51,6 +51,10 @@ class TrainConfig:
     dropout: float | None = _opt(None, "override the preset's dropout rate")
     qkv_bias: bool | None = _opt(None, "bias in the query/key/value projection (preset default: false)")
     tie_weights: bool | None = _opt(None, "share the token embedding with the output head (preset default: false)")
+    vocab_multiple: int = _opt(
+        64, "round the embedding and output-head rows up to a multiple of this, for faster matmuls; the padding "
+        "rows are never predicted (1: no padding)"
+    )
     init_from: str | None = _opt(
         None, "start from a local Hugging Face GPT-2 folder (config.json + model.safetensors) instead of a preset"
     )
@@ -70,6 +74,13 @@ class TrainConfig:
     max_steps: int | None = _opt(None, "optimizer steps to run, overriding num_epochs (none: num_epochs' worth)")
     seed: int = _opt(123, "seed for weights, shuffling and dropout")
     compile: bool = _opt(False, "torch.compile the model (pays off on GPUs; see benchmarks/RESULTS.md)")
+    compile_mode: str = _opt(
+        "default", "torch.compile mode: default, reduce-overhead (CUDA graphs: for small models bound by the host), "
+        "max-autotune, max-autotune-no-cudagraphs"
+    )
+    attention: str = _opt(
+        "auto", "preferred attention kernel: auto (torch's choice), cudnn, flash, efficient, math"
+    )
     activation_checkpointing: bool = _opt(False, "recompute each block's activations in backward: less memory, about a third more compute")
     loss_chunk: int | None = _opt(
         None, "tokens per chunk of the fused loss, 0 for plain cross-entropy (default: 64 on CPU, 0 on GPUs)"
@@ -82,8 +93,18 @@ class TrainConfig:
         None, "torch threads per process when training on CPU (default: this machine's cores / local processes)"
     )
     # --- evaluation and logging
-    eval_freq: int = _opt(50, "evaluate train/val loss and print a sample every N optimizer steps")
-    eval_iter: int = _opt(5, "batches per process averaged for each train/val loss estimate")
+    eval_freq: int = _opt(
+        50, "evaluate train/val loss and print a sample every N optimizer steps and at the end (0: never, e.g. for "
+        "throughput runs)"
+    )
+    eval_iter: int = _opt(
+        5, "global batches averaged for each train/val loss estimate: the first ones of each split, in corpus order, "
+        "the same windows at any number of processes"
+    )
+    log_every: int | None = _opt(
+        None, "bring losses and gradient norms to the host every N steps (still one record per step); between, the "
+        "GPU never waits for the host (default: 1 on CPU, 10 on GPUs)"
+    )
     start_context: str = _opt("Every effort moves you", "prompt for the greedy sample printed at evaluation")
     sample_tokens: int = _opt(50, "tokens generated for each sample")
     output_dir: str | None = _opt(None, "run directory: config, metrics.jsonl, samples (default: runs/<time>)")
@@ -102,6 +123,7 @@ class TrainConfig:
         for name in ("embedding_dim", "num_layers", "num_heads", "dropout", "qkv_bias", "tie_weights", "context_len"):
             if getattr(self, name) is not None:
                 sizes[name] = getattr(self, name)
+        sizes["vocab_multiple"] = self.vocab_multiple
         try:
             return GPTConfig(**sizes)
         except ValueError as err:
@@ -234,10 +256,10 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.model not in PRESETS:
         raise UserError(f"unknown model preset {cfg.model!r}; choose one of {', '.join(PRESETS)}")
-    positive = ["batch_size", "gradient_accumulation_steps", "num_epochs", "eval_freq", "eval_iter", "save_freq"]
-    positive += ["max_nonfinite_steps"]
+    positive = ["batch_size", "gradient_accumulation_steps", "num_epochs", "eval_iter", "save_freq"]
+    positive += ["max_nonfinite_steps", "vocab_multiple"]
     optional_positive = ("max_steps", "global_batch_size", "context_len", "stride", "cpu_threads", "embedding_dim",
-                         "num_layers", "num_heads")
+                         "num_layers", "num_heads", "log_every")
     positive += [k for k in optional_positive if getattr(cfg, k) is not None]
     for key in positive:
         if getattr(cfg, key) <= 0:
@@ -256,8 +278,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError("no validation data: set val_data_path or a val_fraction above 0")
     if cfg.loss_chunk is not None and cfg.loss_chunk < 0:
         raise UserError(f"loss_chunk must be >= 0, got {cfg.loss_chunk}")
-    if cfg.keep_last < 0:
-        raise UserError(f"keep_last must be >= 0, got {cfg.keep_last}")
+    choices = {"attention": ("auto", "cudnn", "flash", "efficient", "math"),
+               "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise UserError(f"{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+    for key in ("keep_last", "eval_freq"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.warmup_steps < 0:
         raise UserError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
     if cfg.min_lr > cfg.learning_rate:

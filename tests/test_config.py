@@ -34,6 +34,11 @@ def test_bundled_xiyouji_config_resolves_by_name():
         (["--checkpoint", "last"], "checkpoint must be a step number or 'latest'"),
         (["--checkpoint", "latest"], "checkpoint needs the run to resume: pass its --output_dir"),
         (["--config", "/no/such.yaml"], "config file not found"),
+        (["--attention", "fast"], "attention must be one of auto, cudnn, flash, efficient, math, got 'fast'"),
+        (["--compile_mode", "turbo"], "compile_mode must be one of default, reduce-overhead"),
+        (["--log_every", "0"], "log_every must be positive, got 0"),
+        (["--vocab_multiple", "0"], "vocab_multiple must be positive, got 0"),
+        (["--eval_freq", "-1"], "eval_freq must be >= 0, got -1"),
     ],
 )
 def test_bad_values_are_one_clear_error(argv, message):

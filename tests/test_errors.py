@@ -69,7 +69,7 @@ def test_corpus_too_short_for_one_step_and_val_without_batches(tmp_path):
     assert_one_line_error(result, "training data has", "one optimizer step needs 8")
     result = run_cli("--train_data_path", VERDICT, "--data_cache_dir", tmp_path / "c", "--model", "tiny",
                      "--val_fraction", "0.05")
-    assert_one_line_error(result, "validation data has 4 windows of 65 tokens; an evaluation batch needs 8")
+    assert_one_line_error(result, "validation data has 4 windows of 65 tokens; an evaluation needs one global batch of 8")
 
 
 @pytest.mark.parametrize(

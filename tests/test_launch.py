@@ -58,6 +58,9 @@ def test_two_gloo_processes_train_and_write_a_plain_checkpoint(two_process_run):
     weights = load_file(str(ckpt / "model.safetensors"))  # safetensors alone, no accel_gpt, no pickle
     assert "tok_emb.weight" in weights and not any(k.startswith(("module.", "_orig_mod.")) for k in weights)
     assert (out / "samples.jsonl").read_text().strip()
+    # Each rank has its own random stream (dropout masks): with one shared seed they would be equal.
+    rng = load_file(str(ckpt / "rng.safetensors"))
+    assert not torch.equal(rng["rank0.torch"], rng["rank1.torch"])
     assert (out / "config.yaml").exists()
 
 
@@ -95,6 +98,10 @@ def test_gradient_accumulation_derived_from_global_batch_matches(two_process_run
     accumulated, two = read_metrics(out), two_process_run["metrics"]
     for step in range(1, 11):
         assert accumulated[step]["loss"] == pytest.approx(two[step]["loss"], abs=1e-5), step
+    # Evaluation reads the same windows at any world size: the first eval_iter global batches.
+    for step in (5, 10):
+        for key in ("train_loss", "val_loss"):
+            assert accumulated[step][key] == pytest.approx(two[step][key], abs=1e-5), (step, key)
 
 
 def test_python_m_with_a_separate_validation_path(tmp_path):

@@ -116,7 +116,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0 / tokens
                 grad_logits = probs.to(weight.dtype)
                 grad_hidden[start : start + chunk] = grad_logits @ weight
-                if autocast:  # an in-place addmm would bypass autocast and run in fp32
+                # An in-place addmm into the fp32 sum would bypass autocast (and run in fp32), and fails on bf16
+                # parameters without autocast (FSDP's mixed precision): multiply in their dtype, then add.
+                if autocast or h.dtype != grad_weight.dtype:
                     grad_weight += grad_logits.T @ h
                 else:
                     grad_weight.addmm_(grad_logits.T, h)

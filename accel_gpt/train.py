@@ -6,6 +6,7 @@ the launcher, not this code, decides between one CPU, gloo processes, GPUs and m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -133,6 +134,18 @@ def enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
     state.fsdp_plugin = plugin
 
 
+def keep_fsdp_loss_in_fp32(accelerator: Accelerator) -> None:
+    """FSDP2's mixed precision (param_dtype bf16/fp16) runs without autocast, and Accelerate's policy also casts
+    every sharded module's output to that dtype: for the root module that output is the loss, which the model
+    computes in fp32 but would be logged, reduced and compared rounded to bf16 (steps of 1/32 near a loss of 5).
+    Blocks still hand bf16 activations to each other; only the cast of outputs is dropped."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version == 2 and plugin.mixed_precision_policy is not None:
+        plugin.mixed_precision_policy = dataclasses.replace(plugin.mixed_precision_policy, output_dtype=None)
+
+
 def strategy_name(accelerator: Accelerator) -> str:
     """How the run is spread, for the console: one process, DDP or FSDP, with the collective backend."""
     kind, backend = accelerator.distributed_type, accelerator.state.backend
@@ -238,6 +251,7 @@ def train(cfg: TrainConfig) -> dict:
     accumulation, global_batch = batch_geometry(cfg, world_size)
     accelerator = Accelerator(cpu=use_cpu(), gradient_accumulation_steps=accumulation)
     enable_fsdp_on_cpu(accelerator)
+    keep_fsdp_loss_in_fp32(accelerator)
     if accelerator.device.type == "cpu":
         set_cpu_threads(cfg)
     set_seed(cfg.seed)

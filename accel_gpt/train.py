@@ -13,8 +13,6 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
 
 import torch
 import yaml
@@ -22,7 +20,6 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import (
     DistributedType,
     FullyShardedDataParallelPlugin,
-    broadcast_object_list,
     gather_object,
     parse_flag_from_env,
     set_seed,
@@ -32,7 +29,6 @@ from torch.utils.data import DataLoader
 
 from accel_gpt.checkpoint import (
     capture_rng_state,
-    find_checkpoint,
     full_state_dicts,
     list_checkpoints,
     load_checkpoint,
@@ -48,6 +44,7 @@ from accel_gpt.errors import UserError
 from accel_gpt.hf import load_hf_gpt2, read_hf_gpt2_config
 from accel_gpt.metrics import RunLogger, flops_per_token, peak_flops, peak_memory_mib
 from accel_gpt.model import GPTModel, generate_text
+from accel_gpt.rundir import complete_already, resolve_run_dirs
 from accel_gpt.schedule import clips_gradients_at, learning_rate_at
 from accel_gpt.tokenizer import get_tokenizer
 
@@ -74,16 +71,6 @@ def batch_geometry(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
             f"({cfg.batch_size} x {world_size} = {per_step})"
         )
     return cfg.global_batch_size // per_step, cfg.global_batch_size
-
-
-def resolve_run_dirs(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Path, Path]:
-    output_dir = cfg.output_dir
-    if output_dir is None:  # one timestamp for all ranks, chosen by the main process
-        stamp = [f"runs/{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}"]
-        broadcast_object_list(stamp)
-        output_dir = stamp[0]
-    checkpoint_dir = cfg.checkpoint_dir or str(Path(output_dir) / "checkpoints")
-    return Path(output_dir), Path(checkpoint_dir)
 
 
 def build_optimizer(model: GPTModel, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -157,7 +144,7 @@ def strategy_name(accelerator: Accelerator) -> str:
 
 
 def load_token_streams(cfg: TrainConfig, accelerator: Accelerator, eot_id: int) -> tuple[TokenStream, TokenStream]:
-    cache_dir = cfg.data_cache_dir or "~/.cache/accel_gpt"
+    cache_dir = cfg.token_cache_dir()
     with accelerator.local_main_process_first():  # one rank per machine tokenizes; the others hit its cache
         train = tokenize_corpus(cfg.train_data_path, cfg.tokenizer, eot_id, cache_dir, cfg.num_proc)[0]
         if cfg.val_data_path:
@@ -255,7 +242,8 @@ def train(cfg: TrainConfig) -> dict:
     if accelerator.device.type == "cpu":
         set_cpu_threads(cfg)
     set_seed(cfg.seed)
-    output_dir, checkpoint_dir = resolve_run_dirs(cfg, accelerator)
+    run = resolve_run_dirs(cfg, accelerator)  # before any work: unusable or occupied directories stop here
+    output_dir, checkpoint_dir = run.output_dir, run.checkpoint_dir
     tokenizer = get_tokenizer(cfg.tokenizer)
     if cfg.init_from:
         model_cfg = read_hf_gpt2_config(cfg.init_from, cfg.dropout)
@@ -299,10 +287,7 @@ def train(cfg: TrainConfig) -> dict:
         "train_windows": len(data.train_set),
     }
     state, rng_state, resume_note = TrainerState(), None, ""
-    if cfg.checkpoint is not None:
-        found = [find_checkpoint(checkpoint_dir, cfg.checkpoint) if accelerator.is_main_process else None]
-        broadcast_object_list(found)  # only the main rank reads and hashes the files to pick one
-        path = found[0]
+    if (path := run.resume_from) is not None:
         saved = load_checkpoint(path, raw_model(), optimizer.optimizer)
         if accelerator.scaler is not None and "grad_scaler" in saved:  # fp16: keep the loss scale it had found
             accelerator.scaler.load_state_dict(saved["grad_scaler"])
@@ -321,6 +306,12 @@ def train(cfg: TrainConfig) -> dict:
         else:  # ranks do not map one to one: the data order carries over exactly, dropout masks cannot
             resume_note += f" (saved by {saved['world_size']} processes: dropout RNG reseeded)"
             set_seed(cfg.seed + state.global_step)
+        if state.global_step >= total_steps:  # e.g. a finished job requeued with --checkpoint auto
+            message = complete_already(state.global_step, total_steps, path)  # raises on every rank if past it
+            if accelerator.is_main_process:
+                print(message, flush=True)
+            accelerator.end_training()
+            return {"output_dir": str(output_dir), "checkpoint_dir": str(checkpoint_dir), "world_size": world_size}
         if accelerator.is_main_process and (moved := set_aside_newer(checkpoint_dir, state.global_step)):
             resume_note += f" (later checkpoints of the abandoned run moved to {moved})"
 

@@ -31,8 +31,10 @@ def test_bundled_xiyouji_config_resolves_by_name():
         (["--qkv_bias", "maybe"], "qkv_bias expects true or false"),
         (["--min_lr", "1", "--learning_rate", "0.1"], "min_lr (1.0) is larger than learning_rate"),
         (["--model", "gpt5"], "unknown model preset 'gpt5'"),
-        (["--checkpoint", "last"], "checkpoint must be a step number or 'latest'"),
+        (["--checkpoint", "last"], "checkpoint must be a step number, 'latest' or 'auto'"),
         (["--checkpoint", "latest"], "checkpoint needs the run to resume: pass its --output_dir"),
+        (["--checkpoint", "auto"], "checkpoint needs the run to resume: pass its --output_dir"),
+        (["--checkpoint", "auto", "--output_dir", "r", "--overwrite", "true"], "overwrite starts a new run and"),
         (["--config", "/no/such.yaml"], "config file not found"),
     ],
 )

@@ -80,6 +80,7 @@ def test_sigint_without_a_launcher_also_stops_cleanly(tmp_path):
 
 
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_losses(tmp_path):
+    """One command with `--checkpoint auto`, run again unchanged after each kill, as a requeued job is."""
     seed = random.randrange(10**6)
     rng = random.Random(seed)
     args = common_args(tmp_path / "ref", tmp_path / "cache") + [
@@ -89,16 +90,15 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_losses(tm
     reference = read_metrics(tmp_path / "ref")
 
     out = tmp_path / "killed"
-    run_args = [a if a != str(tmp_path / "ref") else str(out) for a in args]
+    command = [a if a != str(tmp_path / "ref") else str(out) for a in args] + ["--checkpoint", "auto"]
     ckpts = out / "checkpoints"
 
     def in_save():  # a writer's hidden temporary directory exists
         return ckpts.is_dir() and any(".tmp-" in p.name for p in ckpts.iterdir())
 
     kills = [("during a save", in_save), ("after a random step", None), ("during a save", in_save)]
-    for what, condition in kills:
-        resume = ["--checkpoint", "latest"] if list_checkpoints(ckpts) else []
-        proc = start(run_args + resume, num_processes=2)
+    for attempt, (what, condition) in enumerate(kills):
+        proc = start(command, num_processes=2)
         if condition is None:
             target = steps_logged(out) + rng.randint(3, 5)  # at least one save completes first
             condition = lambda target=target: steps_logged(out) >= target
@@ -107,8 +107,10 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_losses(tm
             kill_all(proc)
         stdout, stderr = proc.communicate()
         assert caught, f"(seed {seed}) never reached the moment to kill: {what}\n{stdout[-1500:]}\n{stderr[-3000:]}"
+        if attempt == 0:
+            assert f"--checkpoint auto: no checkpoint in {ckpts}; starting a new run" in stdout
     assert list_checkpoints(ckpts), f"(seed {seed}) no checkpoint survived to resume from"
-    result = launch(run_args + ["--checkpoint", "latest"], num_processes=2)
+    result = launch(command, num_processes=2)
     assert "resumed at step" in result.stdout
     final = read_metrics(out)
     assert sorted(final) == sorted(reference)

@@ -208,13 +208,14 @@ def optimizer_step(model, optimizer, batches, accelerator: Accelerator, accumula
 
 
 class StopSignal:
-    """Turns SIGTERM/SIGINT (what schedulers send before pre-emption) into a stop at the next step boundary.
+    """Turns SIGTERM/SIGINT (what schedulers send before pre-emption) and SIGUSR1 (what Slurm's --signal=USR1@N
+    sends ahead of a time limit) into a stop at the next step boundary, with a checkpoint.
 
     A second SIGINT aborts at once, for a person at a terminal who means it."""
 
     def __init__(self):
         self.received: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             try:
                 signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. some notebook runners): no graceful stop there

@@ -25,7 +25,7 @@ def start(args, num_processes, env_extra=None):
     else:
         config = REPO / "accelerate_configs" / "cpu_2proc_gloo.yaml"
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "accel_gpt.train", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env_extra or {}))
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
                             start_new_session=True)
 
@@ -117,6 +117,23 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_losses(tm
     for step in reference:
         assert final[step]["loss"] == pytest.approx(reference[step]["loss"], abs=1e-6), (seed, step)
     assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]  # killed writers' temporaries cleaned up
+
+
+def test_sigusr1_ahead_of_a_time_limit_saves_and_stops_every_rank(tmp_path):
+    """Slurm's `--signal=USR1@N` signals every process of the job step, the launcher as well as the workers. Told
+    to handle USR1 (PET_SIGNALS_TO_HANDLE, as the README's job script sets), the launcher forwards it and waits
+    instead of dying at once; every rank stops at the same step boundary, with a checkpoint."""
+    out = tmp_path / "run"
+    args = common_args(out, tmp_path / "cache") + ["--batch_size", "2", "--max_steps", "500", "--save_freq", "1000"]
+    proc = start(args, num_processes=2, env_extra={"PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"})
+    assert wait_for(lambda: steps_logged(out) >= 3, proc)
+    for pid in [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]:
+        os.kill(pid, signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=120)
+    stopped_at = max(read_metrics(out))
+    assert f"received SIGUSR1: stopped after step {stopped_at} with a checkpoint" in stdout, stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [stopped_at]
+    assert steps_logged(out) == stopped_at  # no rank went on past the stop
 
 
 def test_non_finite_steps_are_skipped_then_stop_with_a_clear_error(tmp_path):

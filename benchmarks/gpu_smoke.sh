@@ -36,8 +36,10 @@ PY
 
 run() {  # CONFIG and LAUNCH (extra `accelerate launch` flags) may be set per call
   local name=$1; shift
+  local new_run=(--overwrite true)  # a rerun of the script moves the last one's run aside; a resume continues it
+  [[ " $* " == *" --checkpoint "* ]] && new_run=()
   accelerate launch --config_file "${CONFIG:-accelerate_configs/gpu_1.yaml}" ${LAUNCH:-} -m accel_gpt.train \
-    --output_dir "$OUT/$name" --data_cache_dir "$OUT/cache" "$@" > "$OUT/$name.log" 2>&1
+    --output_dir "$OUT/$name" --data_cache_dir "$OUT/cache" "${new_run[@]}" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   grep -E "world_size|val_loss|saved|error" "$OUT/$name.log" | cut -c1-220
   [ $rc -eq 0 ] && summary "$OUT/$name" || { echo "$name failed (rc=$rc)"; tail -20 "$OUT/$name.log"; }

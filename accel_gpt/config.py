@@ -111,7 +111,16 @@ class TrainConfig:
     # --- checkpoints
     checkpoint_dir: str | None = _opt(None, "where checkpoints go (default: <output_dir>/checkpoints)")
     save_freq: int = _opt(100, "save a checkpoint every N optimizer steps (and always at the end)")
-    checkpoint: str | None = _opt(None, "resume from checkpoint index N, or 'latest'")
+    checkpoint: str | None = _opt(
+        None,
+        "resume from checkpoint step N, 'latest' (the newest that verifies), or 'auto' (latest if there is one, "
+        "else start a new run: one command for a job that is requeued)",
+    )
+    overwrite: bool = _opt(
+        False,
+        "start a new run in an output_dir/checkpoint_dir that holds one; the old run's files are moved into "
+        "overwritten-<time>/ inside it, never deleted",
+    )
     keep_last: int = _opt(3, "keep only the newest N checkpoints (0 keeps all)")
     max_nonfinite_steps: int = _opt(
         5, "stop with an error after this many optimizer steps in a row with a non-finite gradient norm (each is skipped)"
@@ -128,6 +137,9 @@ class TrainConfig:
             return GPTConfig(**sizes)
         except ValueError as err:
             raise UserError(f"model config: {err}") from None
+
+    def token_cache_dir(self) -> Path:
+        return Path(self.data_cache_dir or "~/.cache/accel_gpt").expanduser()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -290,8 +302,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
     if cfg.min_lr > cfg.learning_rate:
         raise UserError(f"min_lr ({cfg.min_lr}) is larger than learning_rate ({cfg.learning_rate})")
-    if cfg.checkpoint is not None and cfg.checkpoint != "latest" and not cfg.checkpoint.isdigit():
-        raise UserError(f"checkpoint must be a step number or 'latest', got {cfg.checkpoint!r}")
+    if cfg.checkpoint is not None and cfg.checkpoint not in ("latest", "auto") and not cfg.checkpoint.isdigit():
+        raise UserError(f"checkpoint must be a step number, 'latest' or 'auto', got {cfg.checkpoint!r}")
+    if cfg.checkpoint is not None and cfg.overwrite:
+        raise UserError("overwrite starts a new run and checkpoint continues one: pass only one of them")
     if cfg.checkpoint is not None and cfg.output_dir is None and cfg.checkpoint_dir is None:
         raise UserError("checkpoint needs the run to resume: pass its --output_dir (or --checkpoint_dir)")
     return cfg

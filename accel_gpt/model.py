@@ -152,23 +152,29 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             probs = logits.sub_(row_max).exp_()  # in place: one pass over the chunk's logits, reused for the gradient
             row_sum = probs.sum(dim=-1)
             loss += (row_max.squeeze(1) + row_sum.log() - target_logits).sum()
-            if need_grad:  # d(mean loss)/d(logits) = (softmax - onehot) / tokens
-                probs.div_(row_sum[:, None] * tokens)
-                probs[torch.arange(len(t), device=t.device), t] -= 1.0 / tokens
+            if need_grad:  # d(summed loss)/d(logits) = softmax - onehot; the mean's 1/tokens waits for backward
+                probs.div_(row_sum[:, None])
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
                 grad_logits = probs.to(weight.dtype)
                 grad_hidden[start : start + chunk] = grad_logits @ weight
-                if autocast:  # an in-place addmm would bypass autocast and run in fp32
+                # An in-place addmm into the fp32 sum would bypass autocast (and run in fp32), and fails on bf16
+                # parameters without autocast (FSDP's mixed precision): multiply in their dtype, then add.
+                if autocast or h.dtype != grad_weight.dtype:
                     grad_weight += grad_logits.T @ h
                 else:
                     grad_weight.addmm_(grad_logits.T, h)
         if need_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+            ctx.tokens, ctx.weight_dtype = tokens, weight.dtype
+            ctx.save_for_backward(grad_hidden, grad_weight)
         return loss / tokens
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
+        # Scaled by the upstream gradient (fp16's loss scale) and 1/tokens only here: fp16 gradients of the mean,
+        # formed in the forward pass, underflowed (a small probability over thousands of tokens is below 6e-8).
+        scale = grad_loss / ctx.tokens
+        return grad_hidden * scale, (grad_weight * scale).to(ctx.weight_dtype), None, None, None, None
 
 
 def chunked_cross_entropy(

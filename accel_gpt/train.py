@@ -6,13 +6,13 @@ the launcher, not this code, decides between one CPU, gloo processes, GPUs and m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,6 @@ from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import (
     DistributedType,
     FullyShardedDataParallelPlugin,
-    broadcast_object_list,
     gather_object,
     parse_flag_from_env,
     set_seed,
@@ -32,7 +31,6 @@ from torch.utils.data import DataLoader
 
 from accel_gpt.checkpoint import (
     capture_rng_state,
-    find_checkpoint,
     full_state_dicts,
     list_checkpoints,
     load_checkpoint,
@@ -48,6 +46,7 @@ from accel_gpt.errors import UserError
 from accel_gpt.hf import load_hf_gpt2, read_hf_gpt2_config
 from accel_gpt.metrics import RunLogger, flops_per_token, peak_flops, peak_memory_mib
 from accel_gpt.model import GPTConfig, GPTModel, attention_backends, generate_text
+from accel_gpt.rundir import complete_already, resolve_run_dirs
 from accel_gpt.schedule import clips_gradients_at, learning_rate_at
 from accel_gpt.tokenizer import get_tokenizer
 
@@ -74,16 +73,6 @@ def batch_geometry(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
             f"({cfg.batch_size} x {world_size} = {per_step})"
         )
     return cfg.global_batch_size // per_step, cfg.global_batch_size
-
-
-def resolve_run_dirs(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Path, Path]:
-    output_dir = cfg.output_dir
-    if output_dir is None:  # one timestamp for all ranks, chosen by the main process
-        stamp = [f"runs/{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}"]
-        broadcast_object_list(stamp)
-        output_dir = stamp[0]
-    checkpoint_dir = cfg.checkpoint_dir or str(Path(output_dir) / "checkpoints")
-    return Path(output_dir), Path(checkpoint_dir)
 
 
 def build_optimizer(model: GPTModel, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -135,6 +124,18 @@ def enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
     state.fsdp_plugin = plugin
 
 
+def keep_fsdp_loss_in_fp32(accelerator: Accelerator) -> None:
+    """FSDP2's mixed precision (param_dtype bf16/fp16) runs without autocast, and Accelerate's policy also casts
+    every sharded module's output to that dtype: for the root module that output is the loss, which the model
+    computes in fp32 but would be logged, reduced and compared rounded to bf16 (steps of 1/32 near a loss of 5).
+    Blocks still hand bf16 activations to each other; only the cast of outputs is dropped."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version == 2 and plugin.mixed_precision_policy is not None:
+        plugin.mixed_precision_policy = dataclasses.replace(plugin.mixed_precision_policy, output_dtype=None)
+
+
 def strategy_name(accelerator: Accelerator) -> str:
     """How the run is spread, for the console: one process, DDP or FSDP, with the collective backend."""
     kind, backend = accelerator.distributed_type, accelerator.state.backend
@@ -161,6 +162,7 @@ def start_accelerator(cfg: TrainConfig) -> tuple[Accelerator, int, int]:
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     enable_fsdp_on_cpu(accelerator)
+    keep_fsdp_loss_in_fp32(accelerator)
     if accelerator.device.type == "cpu":
         set_cpu_threads(cfg)
     if accelerator.device.type == "cuda" and cfg.tf32:
@@ -191,7 +193,7 @@ def build_model(cfg: TrainConfig, model_cfg: GPTConfig) -> GPTModel:
 
 
 def load_token_streams(cfg: TrainConfig, accelerator: Accelerator, eot_id: int) -> tuple[TokenStream, TokenStream]:
-    cache_dir = cfg.data_cache_dir or "~/.cache/accel_gpt"
+    cache_dir = cfg.token_cache_dir()
     with accelerator.local_main_process_first():  # one rank per machine tokenizes; the others hit its cache
         train = tokenize_corpus(cfg.train_data_path, cfg.tokenizer, eot_id, cache_dir, cfg.num_proc)[0]
         if cfg.val_data_path:
@@ -307,13 +309,14 @@ class StepWindow:
 
 
 class StopSignal:
-    """Turns SIGTERM/SIGINT (what schedulers send before pre-emption) into a stop at the next step boundary.
+    """Turns SIGTERM/SIGINT (what schedulers send before pre-emption) and SIGUSR1 (what Slurm's --signal=USR1@N
+    sends ahead of a time limit) into a stop at the next step boundary, with a checkpoint.
 
     A second SIGINT aborts at once, for a person at a terminal who means it."""
 
     def __init__(self):
         self.received: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             try:
                 signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. some notebook runners): no graceful stop there
@@ -348,14 +351,12 @@ def count_nonfinite(records: list[dict], state: TrainerState, in_a_row: int, cfg
     return in_a_row
 
 
-def resume(cfg: TrainConfig, accelerator: Accelerator, checkpoint_dir: Path, model: GPTModel, optimizer,
-           data_identity: dict, total_steps: int) -> tuple[TrainerState, dict | None, str]:
-    """Load `cfg.checkpoint` into the model and optimizer on every rank: returns where the run is, this rank's
-    RNG state to restore just before the first step (None if it cannot map one to one) and a note for the console."""
+def resume(cfg: TrainConfig, accelerator: Accelerator, path: Path, model: GPTModel, optimizer, data_identity: dict,
+           total_steps: int) -> tuple[TrainerState, dict | None, str]:
+    """Load checkpoint `path` into the model and optimizer on every rank: returns where the run is, this rank's
+    RNG state to restore just before the first step (None if it cannot map one to one) and a note for the console
+    (for a run with nothing left to train, the line that says so)."""
     world_size, rank = accelerator.num_processes, accelerator.process_index
-    found = [find_checkpoint(checkpoint_dir, cfg.checkpoint) if accelerator.is_main_process else None]
-    broadcast_object_list(found)  # only the main rank reads and hashes the files to pick one
-    path = found[0]
     saved = load_checkpoint(path, model, optimizer.optimizer)
     if accelerator.scaler is not None and "grad_scaler" in saved:  # fp16: keep the loss scale it had found
         accelerator.scaler.load_state_dict(saved["grad_scaler"])
@@ -366,6 +367,8 @@ def resume(cfg: TrainConfig, accelerator: Accelerator, checkpoint_dir: Path, mod
             "resume with the settings it was saved with"
         )
     state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})
+    if state.global_step >= total_steps:
+        return state, None, complete_already(state.global_step, total_steps, path)  # raises if beyond the end
     note, rng_state = f" | resumed at step {state.global_step} from {path}", None
     if saved.get("total_steps", total_steps) != total_steps:
         note += f" (run length {saved['total_steps']} -> {total_steps} steps: the LR decay is re-stretched)"
@@ -374,7 +377,7 @@ def resume(cfg: TrainConfig, accelerator: Accelerator, checkpoint_dir: Path, mod
     else:  # ranks do not map one to one: the data order carries over exactly, dropout masks cannot
         note += f" (saved by {saved['world_size']} processes: dropout RNG reseeded)"
         seed_rank(cfg.seed, rank, state.global_step)
-    if accelerator.is_main_process and (moved := set_aside_newer(checkpoint_dir, state.global_step)):
+    if accelerator.is_main_process and (moved := set_aside_newer(path.parent, state.global_step)):
         note += f" (later checkpoints of the abandoned run moved to {moved})"
     return state, rng_state, note
 
@@ -384,7 +387,8 @@ def train(cfg: TrainConfig) -> dict:
     accelerator, accumulation, global_batch = start_accelerator(cfg)
     world_size, rank = accelerator.num_processes, accelerator.process_index
     set_seed(cfg.seed)  # the same initial weights on every rank
-    output_dir, checkpoint_dir = resolve_run_dirs(cfg, accelerator)
+    run = resolve_run_dirs(cfg, accelerator)  # before any work: unusable or occupied directories stop here
+    output_dir, checkpoint_dir = run.output_dir, run.checkpoint_dir
     tokenizer = get_tokenizer(cfg.tokenizer)
     model_cfg = model_config_for(cfg, tokenizer)
     context_len = cfg.context_len or model_cfg.context_len  # training window; at most the position table
@@ -421,9 +425,14 @@ def train(cfg: TrainConfig) -> dict:
         "train_windows": len(data.train_set),
     }
     state, rng_state, resume_note = TrainerState(), None, ""
-    if cfg.checkpoint is not None:
-        state, rng_state, resume_note = resume(cfg, accelerator, checkpoint_dir, raw_model(), optimizer, data_identity,
-                                               total_steps)
+    if run.resume_from is not None:
+        state, rng_state, resume_note = resume(cfg, accelerator, run.resume_from, raw_model(), optimizer,
+                                               data_identity, total_steps)
+        if state.global_step == total_steps:  # a finished job requeued with --checkpoint auto: nothing to train
+            if accelerator.is_main_process:
+                print(resume_note, flush=True)
+            accelerator.end_training()
+            return {"output_dir": str(output_dir), "checkpoint_dir": str(checkpoint_dir), "world_size": world_size}
 
     logger = RunLogger(output_dir, accelerator.is_main_process, total_steps, state.global_step)
     if accelerator.is_main_process:

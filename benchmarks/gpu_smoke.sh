@@ -26,14 +26,15 @@ python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_data.py 
 python3 benchmarks/gpu_step.py --budget "${GPU_STEP_BUDGET:-300}" --out "$OUT" ${1:+--only "$@"} 2>&1 \
   | tee "$OUT/gpu_step.log" | grep -vE "^step |^sample|^saved|Generating|tokenizing|^accel_gpt \|"
 
-fsdp() {  # gpt2-small under FSDP2 + bf16 on one GPU; extra arguments go to the trainer
+fsdp() {  # NAME [trainer arguments]: gpt2-small under FSDP2 + bf16 on one GPU, logged to $OUT/fsdp-NAME.log
+  local log="$OUT/fsdp-$1.log"; shift
   accelerate launch --config_file accelerate_configs/gpu_8_fsdp.yaml --num_processes 1 -m accel_gpt.train \
     --output_dir "$OUT/fsdp" --data_cache_dir /tmp/gpu_smoke_cache --train_data_path xiyouji --model gpt2-small \
     --batch_size 8 --max_steps 20 --eval_freq 20 --eval_iter 1 --save_freq 10 --warmup_steps 5 "$@" \
-    > "$OUT/fsdp$#.log" 2>&1 || { echo "FSDP run failed:"; tail -5 "$OUT/fsdp$#.log"; }
+    > "$log" 2>&1 || { echo "FSDP run failed:"; tail -5 "$log"; }
 }
-fsdp
-fsdp --checkpoint 10
+fsdp new --overwrite true  # a rerun of this script moves the last one's run aside
+fsdp resumed --checkpoint 10
 python3 - "$OUT/fsdp/metrics.jsonl" <<'PY'
 import json, sys
 import torch

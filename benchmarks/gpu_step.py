@@ -144,6 +144,7 @@ def bench_losses(out: Path, compiled: bool) -> None:
 def minimal_loop(out: Path, name: str, preset: dict, compiled: bool, vocab_multiple: int, attention: str,
                  loss_chunk: int = 0, steps: int = 30) -> None:
     """Forward, loss, backward, fused AdamW on one fixed batch: nothing a trainer adds."""
+    torch.cuda.empty_cache()  # the last variant's model is gone: give its memory back before measuring the peak
     torch.manual_seed(0)
     cfg = TrainConfig(**preset, vocab_multiple=vocab_multiple)
     model = GPTModel(cfg.model_config(50257)).cuda()
@@ -174,8 +175,6 @@ def minimal_loop(out: Path, name: str, preset: dict, compiled: bool, vocab_multi
            attention=attention, ms=round(ms, 2), tokens_per_sec=round(tokens / ms * 1000),
            mfu=round(flops / (ms / 1000) / peak_flops(torch.device("cuda"), "bf16"), 4),
            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), warmup_s=round(warm, 1))
-    del model, optimizer, forward
-    torch.cuda.empty_cache()
 
 
 def trainer(out: Path, name: str, preset: dict, compiled: bool, steps: int, **options) -> None:

@@ -71,5 +71,7 @@ def test_pretraining_starts_from_a_local_hf_gpt2(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(idx), hf(idx).logits, atol=1e-4, rtol=0)
     assert_one_line_error(run_cli(*args, "--embedding_dim", "64"), "init_from takes the model's shape", "embedding_dim")
-    assert_one_line_error(run_cli(*args[2:], "--init_from", tmp_path / "nowhere"), "no readable config.json")
-    assert_one_line_error(run_cli(*args, "--context_len", "128"), "context_len 128 exceeds the position table")
+    # In a new run directory: `out` now holds a run, which a new run would be refused before reaching these checks.
+    fresh = ["--output_dir", tmp_path / "fresh"]
+    assert_one_line_error(run_cli(*args[2:], *fresh, "--init_from", tmp_path / "nowhere"), "no readable config.json")
+    assert_one_line_error(run_cli(*args, *fresh, "--context_len", "128"), "context_len 128 exceeds the position table")

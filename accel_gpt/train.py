@@ -310,7 +310,8 @@ class StepWindow:
 
 class StopSignal:
     """Turns SIGTERM/SIGINT (what schedulers send before pre-emption) and SIGUSR1 (what Slurm's --signal=USR1@N
-    sends ahead of a time limit) into a stop at the next step boundary, with a checkpoint.
+    sends ahead of a time limit) into a stop, with a checkpoint, after the next step that syncs with the host
+    (every `log_every` steps: at most a few seconds).
 
     A second SIGINT aborts at once, for a person at a terminal who means it."""
 
@@ -524,11 +525,10 @@ def train(cfg: TrainConfig) -> dict:
                 if stopping or save_due:
                     save()
                 if stopping:
-                    logger.info(
-                        f"received {stop.received or 'a stop signal on another rank'}: stopped after step "
-                        f"{state.global_step} with a checkpoint. Resume with the same command plus "
-                        f"--output_dir {output_dir} --checkpoint latest"
-                    )
+                    how = ("Rerun the same command to resume" if cfg.checkpoint == "auto" else
+                           f"Resume with the same command plus --output_dir {output_dir} --checkpoint latest")
+                    logger.info(f"received {stop.received or 'a stop signal on another rank'}: stopped after step "
+                                f"{state.global_step} with a checkpoint. {how}")
                 window.restart_clock()
     logger.close()
     accelerator.end_training()

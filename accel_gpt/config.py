@@ -42,7 +42,7 @@ class TrainConfig:
     context_len: int | None = _opt(None, "tokens per training window (default: the preset's context length)")
     stride: int | None = _opt(None, "step between window starts (default: context_len, i.e. no overlap)")
     data_cache_dir: str | None = _opt(None, "where tokenized corpora are cached (default: ~/.cache/accel_gpt)")
-    num_proc: int | None = _opt(None, "tokenizer processes (default: auto, more than 1 only for large corpora)")
+    num_proc: int | None = _opt(None, "tokenizer threads (default: the available cores, at most 8)")
     # --- model
     model: str = _opt("mini", f"model preset: {', '.join(PRESETS)}")
     embedding_dim: int | None = _opt(None, "override the preset's embedding size")

@@ -12,9 +12,9 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_smoke}
 mkdir -p "$OUT"
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, accelerate, datasets, pyarrow, tiktoken; print('torch', torch.__version__, '| accelerate', accelerate.__version__, '| datasets', datasets.__version__, '| pyarrow', pyarrow.__version__)"
+python3 -c "import torch, accelerate, pyarrow, tiktoken, xxhash; print('torch', torch.__version__, '| accelerate', accelerate.__version__, '| pyarrow', pyarrow.__version__, '| xxhash', xxhash.VERSION)"
 
 python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_data.py tests/test_checkpoint.py \
   tests/test_schedule.py tests/test_config.py tests/test_tokenizer.py tests/test_train.py 2>&1 | tail -3

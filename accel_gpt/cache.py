@@ -108,16 +108,26 @@ class Item:
     corpus: str = ""
 
 
+def _bytes(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # a run renamed or removed it meanwhile
+        return 0
+
+
 def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    return sum(_bytes(p) for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def _temporaries(entry: Path) -> tuple[list[Path], list[Path]]:
     """(fresh, stale) temporary files: fresh ones belong to a run still writing, stale ones to a run that died."""
-    now = time.time()
-    temps = list(entry.glob(".*-*"))
-    fresh = [p for p in temps if now - p.stat().st_mtime < BUSY_SECONDS]
-    return fresh, [p for p in temps if p not in fresh]
+    fresh, stale = [], []
+    for temp in entry.glob(".*-*"):
+        try:
+            (fresh if time.time() - temp.stat().st_mtime < BUSY_SECONDS else stale).append(temp)
+        except OSError:  # renamed into place meanwhile
+            pass
+    return fresh, stale
 
 
 def scan(cache_dir: Path) -> list[Item]:
@@ -125,7 +135,7 @@ def scan(cache_dir: Path) -> list[Item]:
     items = []
     for path in sorted(cache_dir.iterdir()):
         if path.name == LEGACY_RAW and path.is_dir():
-            items.append(Item(path, "raw corpus copies left by an earlier accel_gpt", _size(path), path.stat().st_mtime))
+            items.append(Item(path, "obsolete: raw corpus copies", _size(path), path.stat().st_mtime))
         elif path.is_dir() and path.name.startswith("tokens-"):
             status = "busy" if _temporaries(path)[0] else check(path) or "ok"
             try:
@@ -140,7 +150,7 @@ def scan(cache_dir: Path) -> list[Item]:
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB"
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
 
 
 def list_cache(cache_dir: Path) -> None:
@@ -152,8 +162,9 @@ def list_cache(cache_dir: Path) -> None:
         for i in items
     ]
     widths = [max(len(r[c]) for r in rows) for c in range(5)]
-    for r in rows:
-        print("  " + "  ".join(f"{v:>{w}}" if c in (1, 2) else f"{v:<{w}}" for c, (v, w) in enumerate(zip(r, widths))) + "  " + r[5])
+    for r in rows:  # sizes and token counts right-aligned
+        cells = [f"{v:>{w}}" if c in (1, 2) else f"{v:<{w}}" for c, (v, w) in enumerate(zip(r, widths))]
+        print("  " + "  ".join(cells + [r[5]]))
 
 
 def prune(cache_dir: Path, unused_days: float | None, everything: bool, dry_run: bool) -> None:
@@ -174,8 +185,8 @@ def prune(cache_dir: Path, unused_days: float | None, everything: bool, dry_run:
                 shutil.rmtree(i.path, ignore_errors=True)
             continue
         for temp in _temporaries(i.path)[1]:
-            print(f"{verb} {temp} ({_mib(temp.stat().st_size)}): left by a run that stopped while writing")
-            freed += temp.stat().st_size
+            print(f"{verb} {temp} ({_mib(_bytes(temp))}): left by a run that stopped while writing")
+            freed += _bytes(temp)
             if not dry_run:
                 temp.unlink(missing_ok=True)
     print(f"{'would free' if dry_run else 'freed'} {_mib(freed)}")

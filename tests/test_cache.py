@@ -1,4 +1,4 @@
-"""The token cache: damaged entries are rebuilt with one warning, concurrent builders agree, users can list and prune."""
+"""The token cache: a damaged entry is rebuilt with one warning, concurrent builders agree, users list and prune."""
 
 import json
 import logging
@@ -45,7 +45,8 @@ def test_a_damaged_entry_is_reported_once_and_rebuilt(tmp_path, caplog, damage):
     with caplog.at_level(logging.WARNING):
         again, hit = tokenize_corpus(str(VERDICT), "gpt2", EOS, tmp_path, role="validation")
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and warnings[0].startswith("validation data: the token cache") and "is damaged" in warnings[0]
+    assert len(warnings) == 1 and "is damaged" in warnings[0]
+    assert warnings[0].startswith("validation data: the token cache")
     assert not hit and again.read(0, len(again)).tolist() == expected
     assert cache.check(again.path.parent) is None and again.path == first.path
     assert not [p for p in again.path.parent.iterdir() if p.name.startswith(".")]  # no temporaries left
@@ -125,7 +126,7 @@ def test_the_cache_cli_lists_and_prunes(tmp_path, capsys):
                                                         busy.name) if line.strip().startswith(name)}
     assert " ok " in status[good.path.parent.name] and str(VERDICT) in status[good.path.parent.name]
     assert "tokens.arrow has" in status[damaged.path.parent.name] and "busy" in status[busy.name]
-    assert "raw corpus copies" in status["hf"]
+    assert "obsolete: raw corpus copies" in status["hf"]
 
     cache.main(["--data_cache_dir", str(root), "prune", "--dry_run"])
     assert "would free" in capsys.readouterr().out and (root / "hf").exists() and stale.exists()

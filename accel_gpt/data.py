@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import glob
+import io
 import json
 import logging
 import os
@@ -174,7 +175,8 @@ def _read_text(path: Path) -> Iterator[tuple[str, bool]]:
 
 
 def _decode_blocks(path: Path) -> Iterator[str]:
-    decoder = codecs.getincrementaldecoder("utf-8")()
+    # Line ends become "\n", as in Python's text mode, through which earlier versions read .txt files.
+    decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(), translate=True)
     offset, first = 0, True
     with open(path, "rb") as f:
         while True:

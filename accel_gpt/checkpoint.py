@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from accel_gpt.errors import UserError
-from accel_gpt.model import GPTConfig, GPTModel
+from accel_gpt.model import VOCABULARY_PARAMETERS, GPTConfig, GPTModel, fit_vocabulary_rows
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +185,19 @@ def check_model_file(path: Path, model: GPTModel) -> None:
     _check_names(path, found, expected)
 
 
+def fit_vocabulary_padding(tensors: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Cut or zero-pad the rows of the vocabulary parameters (and of their optimizer moments, named
+    `<parameter>.exp_avg`) to `config`'s padding: a checkpoint saved with another `vocab_multiple`, or before
+    padding existed, loads exactly, since padding rows and their moments are zero."""
+    for name, tensor in tensors.items():
+        if tensor.dim() == 2 and any(name == p or name.startswith(p + ".") for p in VOCABULARY_PARAMETERS):
+            tensors[name] = fit_vocabulary_rows(tensor, config.padded_vocabulary_size)
+    return tensors
+
+
 def read_model_state(path: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
     """`model.safetensors` as a state dict for a model of `config` (a tied head restored from the embedding)."""
-    state = {_strip_wrappers(k): v for k, v in load_safetensors(path).items()}
+    state = fit_vocabulary_padding({_strip_wrappers(k): v for k, v in load_safetensors(path).items()}, config)
     if config.tie_weights:
         state["out_head.weight"] = state["tok_emb.weight"]
     return state
@@ -355,6 +365,7 @@ def set_aside_newer(checkpoint_dir: str | Path, step: int) -> Path | None:
 
 def check_model_config(path: Path, model: GPTModel) -> None:
     saved = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))["model"]
+    saved.pop("vocab_multiple", None)  # a layout, not the network: loading pads or cuts the rows
     requested = model.config.to_dict()
     if saved["context_len"] < requested["context_len"]:
         raise UserError(
@@ -399,7 +410,8 @@ def load_checkpoint(path: str | Path, model: GPTModel, optimizer: torch.optim.Op
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast)
     set_model_state_dict(model, read_model_state(path / MODEL_FILE, model.config) if reads else {}, options=options)
     if optimizer is not None:
-        state = _optimizer_from_files(load_safetensors(path / OPTIMIZER_FILE), meta) if reads else {}
+        tensors = fit_vocabulary_padding(load_safetensors(path / OPTIMIZER_FILE), model.config) if reads else {}
+        state = _optimizer_from_files(tensors, meta) if reads else {}
         set_optimizer_state_dict(model, optimizer, state, options=options)
         # JSON (and torch's state-dict flattening) turn tuples such as AdamW's betas into lists; "params" is the
         # only list an optimizer's param group holds.

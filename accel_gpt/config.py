@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from accel_gpt.cache import DEFAULT_DIR as DEFAULT_CACHE_DIR
 from accel_gpt.errors import UserError
 from accel_gpt.model import PRESETS, GPTConfig
 
@@ -41,7 +42,7 @@ class TrainConfig:
     )
     context_len: int | None = _opt(None, "tokens per training window (default: the preset's context length)")
     stride: int | None = _opt(None, "step between window starts (default: context_len, i.e. no overlap)")
-    data_cache_dir: str | None = _opt(None, "where tokenized corpora are cached (default: ~/.cache/accel_gpt)")
+    data_cache_dir: str | None = _opt(None, f"where tokenized corpora are cached (default: {DEFAULT_CACHE_DIR})")
     num_proc: int | None = _opt(None, "tokenizer threads (default: the available cores, at most 8)")
     # --- model
     model: str = _opt("mini", f"model preset: {', '.join(PRESETS)}")
@@ -51,6 +52,10 @@ class TrainConfig:
     dropout: float | None = _opt(None, "override the preset's dropout rate")
     qkv_bias: bool | None = _opt(None, "bias in the query/key/value projection (preset default: false)")
     tie_weights: bool | None = _opt(None, "share the token embedding with the output head (preset default: false)")
+    vocab_multiple: int = _opt(
+        64, "round the embedding and output-head rows up to a multiple of this, for faster matmuls; the padding "
+        "rows are never predicted (1: no padding)"
+    )
     init_from: str | None = _opt(
         None, "start from a local Hugging Face GPT-2 folder (config.json + model.safetensors) instead of a preset"
     )
@@ -70,6 +75,13 @@ class TrainConfig:
     max_steps: int | None = _opt(None, "optimizer steps to run, overriding num_epochs (none: num_epochs' worth)")
     seed: int = _opt(123, "seed for weights, shuffling and dropout")
     compile: bool = _opt(False, "torch.compile the model (pays off on GPUs; see benchmarks/RESULTS.md)")
+    compile_mode: str = _opt(
+        "default", "torch.compile mode: default, reduce-overhead (CUDA graphs: for small models bound by the host), "
+        "max-autotune, max-autotune-no-cudagraphs"
+    )
+    attention: str = _opt(
+        "auto", "preferred attention kernel: auto (torch's choice), cudnn, flash, efficient, math"
+    )
     activation_checkpointing: bool = _opt(False, "recompute each block's activations in backward: less memory, about a third more compute")
     loss_chunk: int | None = _opt(
         None, "tokens per chunk of the fused loss, 0 for plain cross-entropy (default: 64 on CPU, 0 on GPUs)"
@@ -82,15 +94,34 @@ class TrainConfig:
         None, "torch threads per process when training on CPU (default: this machine's cores / local processes)"
     )
     # --- evaluation and logging
-    eval_freq: int = _opt(50, "evaluate train/val loss and print a sample every N optimizer steps")
-    eval_iter: int = _opt(5, "batches per process averaged for each train/val loss estimate")
+    eval_freq: int = _opt(
+        50, "evaluate train/val loss and print a sample every N optimizer steps and at the end (0: never, e.g. for "
+        "throughput runs)"
+    )
+    eval_iter: int = _opt(
+        5, "global batches averaged for each train/val loss estimate: the first ones of each split, in corpus order, "
+        "the same windows at any number of processes"
+    )
+    log_every: int | None = _opt(
+        None, "bring losses and gradient norms to the host every N steps (still one record per step); between, the "
+        "GPU never waits for the host (default: 1 on CPU, 10 on GPUs)"
+    )
     start_context: str = _opt("Every effort moves you", "prompt for the greedy sample printed at evaluation")
     sample_tokens: int = _opt(50, "tokens generated for each sample")
     output_dir: str | None = _opt(None, "run directory: config, metrics.jsonl, samples (default: runs/<time>)")
     # --- checkpoints
     checkpoint_dir: str | None = _opt(None, "where checkpoints go (default: <output_dir>/checkpoints)")
     save_freq: int = _opt(100, "save a checkpoint every N optimizer steps (and always at the end)")
-    checkpoint: str | None = _opt(None, "resume from checkpoint index N, or 'latest'")
+    checkpoint: str | None = _opt(
+        None,
+        "resume from checkpoint step N, 'latest' (the newest that verifies), or 'auto' (latest if there is one, "
+        "else start a new run: one command for a job that is requeued)",
+    )
+    overwrite: bool = _opt(
+        False,
+        "start a new run in an output_dir/checkpoint_dir that holds one; the old run's files are moved into "
+        "overwritten-<time>/ inside it, never deleted",
+    )
     keep_last: int = _opt(3, "keep only the newest N checkpoints (0 keeps all)")
     max_nonfinite_steps: int = _opt(
         5, "stop with an error after this many optimizer steps in a row with a non-finite gradient norm (each is skipped)"
@@ -102,10 +133,14 @@ class TrainConfig:
         for name in ("embedding_dim", "num_layers", "num_heads", "dropout", "qkv_bias", "tie_weights", "context_len"):
             if getattr(self, name) is not None:
                 sizes[name] = getattr(self, name)
+        sizes["vocab_multiple"] = self.vocab_multiple
         try:
             return GPTConfig(**sizes)
         except ValueError as err:
             raise UserError(f"model config: {err}") from None
+
+    def token_cache_dir(self) -> Path:
+        return Path(self.data_cache_dir or DEFAULT_CACHE_DIR).expanduser()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -234,10 +269,10 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.model not in PRESETS:
         raise UserError(f"unknown model preset {cfg.model!r}; choose one of {', '.join(PRESETS)}")
-    positive = ["batch_size", "gradient_accumulation_steps", "num_epochs", "eval_freq", "eval_iter", "save_freq"]
-    positive += ["max_nonfinite_steps"]
+    positive = ["batch_size", "gradient_accumulation_steps", "num_epochs", "eval_iter", "save_freq"]
+    positive += ["max_nonfinite_steps", "vocab_multiple"]
     optional_positive = ("max_steps", "global_batch_size", "context_len", "stride", "cpu_threads", "embedding_dim",
-                         "num_layers", "num_heads")
+                         "num_layers", "num_heads", "log_every")
     positive += [k for k in optional_positive if getattr(cfg, k) is not None]
     for key in positive:
         if getattr(cfg, key) <= 0:
@@ -256,14 +291,22 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError("no validation data: set val_data_path or a val_fraction above 0")
     if cfg.loss_chunk is not None and cfg.loss_chunk < 0:
         raise UserError(f"loss_chunk must be >= 0, got {cfg.loss_chunk}")
-    if cfg.keep_last < 0:
-        raise UserError(f"keep_last must be >= 0, got {cfg.keep_last}")
+    choices = {"attention": ("auto", "cudnn", "flash", "efficient", "math"),
+               "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise UserError(f"{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+    for key in ("keep_last", "eval_freq"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.warmup_steps < 0:
         raise UserError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
     if cfg.min_lr > cfg.learning_rate:
         raise UserError(f"min_lr ({cfg.min_lr}) is larger than learning_rate ({cfg.learning_rate})")
-    if cfg.checkpoint is not None and cfg.checkpoint != "latest" and not cfg.checkpoint.isdigit():
-        raise UserError(f"checkpoint must be a step number or 'latest', got {cfg.checkpoint!r}")
+    if cfg.checkpoint is not None and cfg.checkpoint not in ("latest", "auto") and not cfg.checkpoint.isdigit():
+        raise UserError(f"checkpoint must be a step number, 'latest' or 'auto', got {cfg.checkpoint!r}")
+    if cfg.checkpoint is not None and cfg.overwrite:
+        raise UserError("overwrite starts a new run and checkpoint continues one: pass only one of them")
     if cfg.checkpoint is not None and cfg.output_dir is None and cfg.checkpoint_dir is None:
         raise UserError("checkpoint needs the run to resume: pass its --output_dir (or --checkpoint_dir)")
     return cfg

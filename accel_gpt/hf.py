@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from accel_gpt.checkpoint import load_safetensors
 from accel_gpt.errors import UserError
-from accel_gpt.model import GPTConfig, GPTModel
+from accel_gpt.model import GPTConfig, GPTModel, fit_vocabulary_rows
 
 # Our block's parameter names -> GPT-2's (HF stores the Linear weights transposed, as Conv1D).
 BLOCK_NAMES = {"norm1": "ln_1", "norm2": "ln_2", "att.qkv": "attn.c_attn", "att.out_proj": "attn.c_proj",
@@ -33,9 +33,10 @@ def hf_config_kwargs(cfg: GPTConfig) -> dict:
 
 
 def to_hf_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
-    """Our parameter names -> GPT2LMHeadModel's."""
+    """Our parameter names -> GPT2LMHeadModel's (without vocabulary padding rows)."""
     sd, cfg = model.state_dict(), model.config
-    out = {"transformer.wte.weight": sd["tok_emb.weight"], "transformer.wpe.weight": sd["pos_emb.weight"]}
+    rows = cfg.vocabulary_size
+    out = {"transformer.wte.weight": sd["tok_emb.weight"][:rows], "transformer.wpe.weight": sd["pos_emb.weight"]}
     for i in range(cfg.num_layers):
         for ours, theirs in BLOCK_NAMES.items():
             weight = sd[f"trf_blocks.{i}.{ours}.weight"]
@@ -44,13 +45,17 @@ def to_hf_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
             out[hf + ".weight"] = weight if theirs.startswith("ln") else weight.T.contiguous()
             out[hf + ".bias"] = bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
     out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["final_norm.weight"], sd["final_norm.bias"]
-    out["lm_head.weight"] = sd["out_head.weight"]
+    out["lm_head.weight"] = sd["out_head.weight"][:rows]
     return out
 
 
 def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
-    """GPT2LMHeadModel's parameter names -> ours (the inverse of `to_hf_state_dict`)."""
+    """GPT2LMHeadModel's parameter names -> ours (the inverse of `to_hf_state_dict`), padded as `cfg` asks."""
     hf = {k.removeprefix("transformer.") if not k.startswith("lm_head") else k: v for k, v in hf.items()}
+    rows = cfg.padded_vocabulary_size
+    hf["wte.weight"] = fit_vocabulary_rows(hf["wte.weight"], rows)
+    if "lm_head.weight" in hf:
+        hf["lm_head.weight"] = fit_vocabulary_rows(hf["lm_head.weight"], rows)
     out = {"tok_emb.weight": hf["wte.weight"], "pos_emb.weight": hf["wpe.weight"],
            "final_norm.weight": hf["ln_f.weight"], "final_norm.bias": hf["ln_f.bias"]}
     for i in range(cfg.num_layers):
@@ -81,7 +86,7 @@ def export_to_hf(model: GPTModel, out_dir: str | Path) -> Path:
     return out
 
 
-def read_hf_gpt2_config(folder: str | Path, dropout: float | None = None) -> GPTConfig:
+def read_hf_gpt2_config(folder: str | Path, dropout: float | None = None, vocab_multiple: int = 1) -> GPTConfig:
     """The GPTConfig of a local Hugging Face GPT-2 folder, refusing what is not GPT-2."""
     folder = Path(folder)
     try:
@@ -97,7 +102,7 @@ def read_hf_gpt2_config(folder: str | Path, dropout: float | None = None) -> GPT
         vocabulary_size=hf_config["vocab_size"], context_len=hf_config["n_positions"],
         embedding_dim=hf_config["n_embd"], num_heads=hf_config["n_head"], num_layers=hf_config["n_layer"],
         dropout=hf_config.get("resid_pdrop", 0.1) if dropout is None else dropout, qkv_bias=True,
-        tie_weights=hf_config.get("tie_word_embeddings", True),
+        tie_weights=hf_config.get("tie_word_embeddings", True), vocab_multiple=vocab_multiple,
     )
 
 

@@ -5,6 +5,7 @@ Numerically the same network as Hugging Face's `GPT2LMHeadModel` (tests/test_mod
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -12,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass
@@ -24,10 +26,19 @@ class GPTConfig:
     dropout: float = 0.1
     qkv_bias: bool = False
     tie_weights: bool = False
+    # Embedding and head rows are rounded up to a multiple of this: matmuls over a 50,304-wide head run faster
+    # than over 50,257 on GPUs. The extra rows stay zero and their logits are masked, so they change no result.
+    vocab_multiple: int = 1
 
     def __post_init__(self):
         if self.embedding_dim % self.num_heads:
             raise ValueError(f"embedding_dim ({self.embedding_dim}) must be divisible by num_heads ({self.num_heads})")
+        if self.vocab_multiple < 1:
+            raise ValueError(f"vocab_multiple must be >= 1, got {self.vocab_multiple}")
+
+    @property
+    def padded_vocabulary_size(self) -> int:
+        return -(-self.vocabulary_size // self.vocab_multiple) * self.vocab_multiple
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,6 +53,23 @@ PRESETS: dict[str, dict] = {
     "gpt2-large": dict(embedding_dim=1280, num_layers=36, num_heads=20, context_len=1024),
     "gpt2-xl": dict(embedding_dim=1600, num_layers=48, num_heads=25, context_len=1024),
 }
+
+
+ATTENTION_BACKENDS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH,
+}
+
+
+def attention_backends(choice: str) -> contextlib.AbstractContextManager:
+    """A context in which attention prefers the `choice` kernel (falling back to the others where it cannot run).
+
+    "auto" keeps torch's own order (FlashAttention first on GPUs): on an H200, cuDNN's kernel measured the same
+    at gpt2-small's shapes (benchmarks/RESULTS.md), so there is nothing to gain by overriding it."""
+    if choice == "auto":
+        return contextlib.nullcontext()
+    first = ATTENTION_BACKENDS[choice]
+    return sdpa_kernel([first] + [b for b in ATTENTION_BACKENDS.values() if b != first], set_priority=True)
 
 
 class MultiHeadAttention(nn.Module):
@@ -88,16 +116,28 @@ class TransformerBlock(nn.Module):
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
+# Parameters with one row per vocabulary entry: what vocabulary padding resizes.
+VOCABULARY_PARAMETERS = ("tok_emb.weight", "out_head.weight")
+
+
+def fit_vocabulary_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor` with its first dimension cut or zero-padded to `rows`: moves embedding/head weights (and their
+    optimizer moments) between padded and unpadded layouts. Padding rows are zero and stay zero in training."""
+    if tensor.shape[0] >= rows:
+        return tensor[:rows]
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of `hidden @ weight.T` against `targets`, computed `chunk` tokens at a time.
 
     The full `[tokens, vocab]` logits and their gradient are never held at once: each chunk's logits are made,
     turned into that chunk's loss and its gradients for `hidden` and `weight`, and dropped. With GPT-2's
     50,257-wide head this is most of a small model's step; the gradients are computed in the forward pass, so
-    backward only scales them."""
+    backward only scales them. Logits from row `vocabulary_size` on (a padded head) are masked out."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int, need_grad: bool):
+    def forward(ctx, hidden, weight, targets, chunk: int, need_grad: bool, vocabulary_size: int):
         tokens = hidden.shape[0]
         autocast = torch.is_autocast_enabled(hidden.device.type)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -106,35 +146,46 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, tokens, chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
             logits = (h @ weight.T).float()
+            logits[:, vocabulary_size:] = float("-inf")
             target_logits = logits.gather(1, t[:, None]).squeeze(1)
             row_max = logits.amax(dim=-1, keepdim=True)
             probs = logits.sub_(row_max).exp_()  # in place: one pass over the chunk's logits, reused for the gradient
             row_sum = probs.sum(dim=-1)
             loss += (row_max.squeeze(1) + row_sum.log() - target_logits).sum()
-            if need_grad:  # d(mean loss)/d(logits) = (softmax - onehot) / tokens
-                probs.div_(row_sum[:, None] * tokens)
-                probs[torch.arange(len(t), device=t.device), t] -= 1.0 / tokens
+            if need_grad:  # d(summed loss)/d(logits) = softmax - onehot; the mean's 1/tokens waits for backward
+                probs.div_(row_sum[:, None])
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
                 grad_logits = probs.to(weight.dtype)
                 grad_hidden[start : start + chunk] = grad_logits @ weight
-                if autocast:  # an in-place addmm would bypass autocast and run in fp32
+                # An in-place addmm into the fp32 sum would bypass autocast (and run in fp32), and fails on bf16
+                # parameters without autocast (FSDP's mixed precision): multiply in their dtype, then add.
+                if autocast or h.dtype != grad_weight.dtype:
                     grad_weight += grad_logits.T @ h
                 else:
                     grad_weight.addmm_(grad_logits.T, h)
         if need_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+            ctx.tokens, ctx.weight_dtype = tokens, weight.dtype
+            ctx.save_for_backward(grad_hidden, grad_weight)
         return loss / tokens
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
+        # Scaled by the upstream gradient (fp16's loss scale) and 1/tokens only here: fp16 gradients of the mean,
+        # formed in the forward pass, underflowed (a small probability over thousands of tokens is below 6e-8).
+        scale = grad_loss / ctx.tokens
+        return grad_hidden * scale, (grad_weight * scale).to(ctx.weight_dtype), None, None, None, None
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    """Mean cross-entropy of the logits `hidden @ weight.T` (hidden `[..., dim]`, targets `[...]`)."""
+def chunked_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 64, vocabulary_size: int | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy of the logits `hidden @ weight.T` (hidden `[..., dim]`, targets `[...]`), over the first
+    `vocabulary_size` logits (default: all)."""
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return ChunkedCrossEntropy.apply(hidden, weight, targets, chunk, need_grad)
+    vocabulary_size = weight.shape[0] if vocabulary_size is None else vocabulary_size
+    return ChunkedCrossEntropy.apply(hidden, weight, targets, chunk, need_grad, vocabulary_size)
 
 
 class GPTModel(nn.Module):
@@ -160,6 +211,11 @@ class GPTModel(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith(("att.out_proj.weight", "ff.proj.weight")):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.num_layers))
+        if cfg.padded_vocabulary_size != cfg.vocabulary_size:
+            # Padded after initialisation, with zeros: the random draws, hence the real rows, match an unpadded model.
+            for module in (self.tok_emb, self.out_head):
+                module.weight = nn.Parameter(fit_vocabulary_rows(module.weight.data, cfg.padded_vocabulary_size))
+            self.tok_emb.num_embeddings = self.out_head.out_features = cfg.padded_vocabulary_size
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
         # Training choices, not part of the saved architecture:
@@ -177,8 +233,9 @@ class GPTModel(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids `[batch, seq]` -> logits `[batch, seq, vocabulary_size]`; with `targets`, the mean
-        cross-entropy instead (on CPU computed in chunks so the full logits never exist: the fast path there)."""
+        """Token ids `[batch, seq]` -> logits `[batch, seq, vocabulary_size]` (never the padding rows); with
+        `targets`, the mean cross-entropy instead (on CPU computed in chunks so the full logits never exist: the
+        fast path there)."""
         seq = idx.shape[1]
         if seq > self.config.context_len:
             raise ValueError(f"sequence length {seq} exceeds the model's context_len {self.config.context_len}")
@@ -190,16 +247,22 @@ class GPTModel(nn.Module):
             else:
                 x = block(x)
         x = self.final_norm(x)
+        vocabulary = self.config.vocabulary_size
         if targets is None:
-            return self.out_head(x)
+            return self.out_head(x)[..., :vocabulary]
         chunk = self.loss_chunk if self.loss_chunk is not None else (64 if x.device.type == "cpu" else 0)
         if chunk == 0:
-            return F.cross_entropy(self.out_head(x).flatten(0, 1).float(), targets.flatten())
-        return chunked_cross_entropy(x, self.out_head.weight, targets, chunk)
+            logits = self.out_head(x)
+            if logits.shape[-1] > vocabulary:  # padding rows: never a prediction, and their gradient is zero
+                logits[..., vocabulary:] = float("-inf")
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return chunked_cross_entropy(x, self.out_head.weight, targets, chunk, vocabulary)
 
     def num_parameters(self, exclude_position_embeddings: bool = False) -> int:
-        """Distinct parameters (a tied output head counts once)."""
+        """Distinct parameters (a tied output head counts once), not counting vocabulary padding rows."""
         total = sum(p.numel() for p in self.parameters())  # parameters() yields shared tensors once
+        cfg = self.config
+        total -= (cfg.padded_vocabulary_size - cfg.vocabulary_size) * cfg.embedding_dim * (1 if cfg.tie_weights else 2)
         return total - self.pos_emb.weight.numel() if exclude_position_embeddings else total
 
 

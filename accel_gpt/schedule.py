@@ -15,8 +15,8 @@ def learning_rate_at(
     if step < warmup_steps:
         return initial_lr + (learning_rate - initial_lr) * step / warmup_steps
     decay_steps = total_steps - 1 - warmup_steps
-    if decay_steps <= 0:
-        return learning_rate
+    if decay_steps <= 0:  # warmup ends at the last step, which still gets min_lr
+        return min_lr
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr + (learning_rate - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

@@ -6,22 +6,22 @@ the launcher, not this code, decides between one CPU, gloo processes, GPUs and m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import (
     DistributedType,
     FullyShardedDataParallelPlugin,
-    broadcast_object_list,
     gather_object,
     parse_flag_from_env,
     set_seed,
@@ -31,7 +31,6 @@ from torch.utils.data import DataLoader
 
 from accel_gpt.checkpoint import (
     capture_rng_state,
-    find_checkpoint,
     full_state_dicts,
     list_checkpoints,
     load_checkpoint,
@@ -46,7 +45,8 @@ from accel_gpt.data import GlobalBatchSampler, TokenStream, WindowDataset, make_
 from accel_gpt.errors import UserError
 from accel_gpt.hf import load_hf_gpt2, read_hf_gpt2_config
 from accel_gpt.metrics import RunLogger, flops_per_token, peak_flops, peak_memory_mib
-from accel_gpt.model import GPTModel, generate_text
+from accel_gpt.model import GPTConfig, GPTModel, attention_backends, generate_text
+from accel_gpt.rundir import complete_already, resolve_run_dirs
 from accel_gpt.schedule import clips_gradients_at, learning_rate_at
 from accel_gpt.tokenizer import get_tokenizer
 
@@ -75,16 +75,6 @@ def batch_geometry(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     return cfg.global_batch_size // per_step, cfg.global_batch_size
 
 
-def resolve_run_dirs(cfg: TrainConfig, accelerator: Accelerator) -> tuple[Path, Path]:
-    output_dir = cfg.output_dir
-    if output_dir is None:  # one timestamp for all ranks, chosen by the main process
-        stamp = [f"runs/{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}"]
-        broadcast_object_list(stamp)
-        output_dir = stamp[0]
-    checkpoint_dir = cfg.checkpoint_dir or str(Path(output_dir) / "checkpoints")
-    return Path(output_dir), Path(checkpoint_dir)
-
-
 def build_optimizer(model: GPTModel, cfg: TrainConfig) -> torch.optim.AdamW:
     # Decay matrices only: biases and LayerNorm weights (1-D) are not regularised.
     params = [p for p in model.parameters() if p.requires_grad]
@@ -99,7 +89,8 @@ def build_optimizer(model: GPTModel, cfg: TrainConfig) -> torch.optim.AdamW:
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator: Accelerator) -> float:
-    """Mean loss over this rank's eval batches, then over all ranks."""
+    """Mean loss over the evaluation windows. Every rank reads as many micro-batches of them as the others, so
+    the mean of the ranks' means is the mean over all windows."""
     model.eval()
     total, batches = torch.zeros((), device=accelerator.device), 0
     for inputs, targets in loader:
@@ -133,6 +124,18 @@ def enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
     state.fsdp_plugin = plugin
 
 
+def keep_fsdp_loss_in_fp32(accelerator: Accelerator) -> None:
+    """FSDP2's mixed precision (param_dtype bf16/fp16) runs without autocast, and Accelerate's policy also casts
+    every sharded module's output to that dtype: for the root module that output is the loss, which the model
+    computes in fp32 but would be logged, reduced and compared rounded to bf16 (steps of 1/32 near a loss of 5).
+    Blocks still hand bf16 activations to each other; only the cast of outputs is dropped."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version == 2 and plugin.mixed_precision_policy is not None:
+        plugin.mixed_precision_policy = dataclasses.replace(plugin.mixed_precision_policy, output_dtype=None)
+
+
 def strategy_name(accelerator: Accelerator) -> str:
     """How the run is spread, for the console: one process, DDP or FSDP, with the collective backend."""
     kind, backend = accelerator.distributed_type, accelerator.state.backend
@@ -143,11 +146,58 @@ def strategy_name(accelerator: Accelerator) -> str:
     return f"DDP ({backend})" if kind.value.startswith("MULTI_") else kind.value
 
 
+def set_cpu_threads(cfg: TrainConfig) -> None:
+    # `accelerate launch` pins OMP_NUM_THREADS=1 unless told otherwise, which halves a 2-core laptop's speed.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(cfg.cpu_threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def start_accelerator(cfg: TrainConfig) -> tuple[Accelerator, int, int]:
+    """The Accelerator for this launch, with (gradient_accumulation_steps, global_batch_size) for its world size."""
+    world_size = PartialState(cpu=use_cpu()).num_processes
+    accumulation, global_batch = batch_geometry(cfg, world_size)
+    accelerator = Accelerator(
+        cpu=use_cpu(), gradient_accumulation_steps=accumulation,
+        # Batches are pinned (make_loader), so their copies to the GPU overlap the step before them.
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
+    )
+    enable_fsdp_on_cpu(accelerator)
+    keep_fsdp_loss_in_fp32(accelerator)
+    if accelerator.device.type == "cpu":
+        set_cpu_threads(cfg)
+    if accelerator.device.type == "cuda" and cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return accelerator, accumulation, global_batch
+
+
+def seed_rank(seed: int, rank: int, step: int = 0) -> None:
+    """Give this rank random streams of its own (dropout masks), derived from the run's seed, the rank and the
+    step they start at: with one shared seed every DDP rank would draw the same masks."""
+    set_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
+
+
+def model_config_for(cfg: TrainConfig, tokenizer) -> GPTConfig:
+    if not cfg.init_from:
+        return cfg.model_config(tokenizer.n_vocab)
+    model_cfg = read_hf_gpt2_config(cfg.init_from, cfg.dropout, cfg.vocab_multiple)
+    if model_cfg.vocabulary_size != tokenizer.n_vocab:
+        raise UserError(f"init_from model has {model_cfg.vocabulary_size} tokens, the {cfg.tokenizer} tokenizer {tokenizer.n_vocab}")
+    return model_cfg
+
+
+def build_model(cfg: TrainConfig, model_cfg: GPTConfig) -> GPTModel:
+    model = load_hf_gpt2(cfg.init_from, model_cfg) if cfg.init_from else GPTModel(model_cfg)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    model.loss_chunk = cfg.loss_chunk
+    return model
+
+
 def load_token_streams(cfg: TrainConfig, accelerator: Accelerator, eot_id: int) -> tuple[TokenStream, TokenStream]:
+    cache_dir = cfg.token_cache_dir()
     with accelerator.local_main_process_first():  # one rank per machine tokenizes; the others hit its cache
-        train = tokenize_corpus(cfg.train_data_path, cfg.tokenizer, eot_id, cfg.data_cache_dir, cfg.num_proc)[0]
+        train = tokenize_corpus(cfg.train_data_path, cfg.tokenizer, eot_id, cache_dir, cfg.num_proc)[0]
         if cfg.val_data_path is not None:
-            val = tokenize_corpus(cfg.val_data_path, cfg.tokenizer, eot_id, cfg.data_cache_dir, cfg.num_proc,
+            val = tokenize_corpus(cfg.val_data_path, cfg.tokenizer, eot_id, cache_dir, cfg.num_proc,
                                   role="validation")[0]
             return train, val
     split = int(len(train) * (1.0 - cfg.val_fraction))
@@ -162,7 +212,7 @@ class RunData:
     loaders: tuple[DataLoader, DataLoader, DataLoader]  # train, train-eval, val (unprepared)
 
 
-def build_data(cfg: TrainConfig, streams, context_len: int, stride: int, global_batch: int, world_size: int) -> RunData:
+def build_data(cfg: TrainConfig, streams, context_len: int, stride: int, global_batch: int) -> RunData:
     train_set, val_set = (WindowDataset(s, context_len, stride) for s in streams)
     train_sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, global_batch, seed=cfg.seed)
     if train_sampler.steps_per_epoch == 0:
@@ -170,29 +220,32 @@ def build_data(cfg: TrainConfig, streams, context_len: int, stride: int, global_
             f"training data has {len(train_set)} windows of {context_len + 1} tokens; one optimizer step needs "
             f"{global_batch} (lower batch_size/context_len or add text)"
         )
-    # Evaluation reads the first eval_iter batches per rank in corpus order: the same windows every time.
-    eval_batch = cfg.batch_size * world_size
+    # Evaluation reads the first eval_iter global batches in corpus order: the same windows every time and at any
+    # world size (Accelerate deals their micro-batches out to ranks like the training ones).
     train_eval, val_eval = (
-        GlobalBatchSampler(len(ds), cfg.batch_size, eval_batch, shuffle=False, max_steps_per_epoch=cfg.eval_iter)
+        GlobalBatchSampler(len(ds), cfg.batch_size, global_batch, shuffle=False, max_steps_per_epoch=cfg.eval_iter)
         for ds in (train_set, val_set)
     )
     if val_eval.steps_per_epoch == 0:
         raise UserError(
-            f"validation data has {len(val_set)} windows of {context_len + 1} tokens; an evaluation batch needs "
-            f"{eval_batch} (raise val_fraction, add validation text or lower batch_size)"
+            f"validation data has {len(val_set)} windows of {context_len + 1} tokens; an evaluation needs one "
+            f"global batch of {global_batch} (raise val_fraction, add validation text or lower batch_size)"
         )
     loaders = (make_loader(train_set, train_sampler), make_loader(train_set, train_eval), make_loader(val_set, val_eval))
     return RunData(train_set, val_set, train_sampler, loaders)
 
 
-def optimizer_step(model, optimizer, batches, accelerator: Accelerator, accumulation: int, max_norm: float):
+def optimizer_step(model, optimizer, batches, accelerator: Accelerator, accumulation: int, max_norm: float,
+                   cuda_graphs: bool = False):
     """Forward/backward over `accumulation` micro-batches, then one update unless the gradient norm is not finite.
 
-    Returns (this rank's mean loss, gradient norm). The norm is taken after the all-reduce, so every rank makes
-    the same skip decision."""
+    Returns (this rank's mean loss, gradient norm) as device tensors: nothing here waits for the device. The
+    norm is taken after the all-reduce, so every rank makes the same skip decision."""
     loss_sum = torch.zeros((), device=accelerator.device)
     for _ in range(accumulation):
         inputs, targets = next(batches)
+        if cuda_graphs:  # a new iteration: the graphs may reuse the memory of the last one's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         with accelerator.accumulate(model):  # gradient all-reduce only on the last micro-batch
             loss = model(inputs, targets)
             accelerator.backward(loss)
@@ -204,17 +257,67 @@ def optimizer_step(model, optimizer, batches, accelerator: Accelerator, accumula
             optimizer.step()  # a no-op until the last micro-batch
             optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.detach()
-    return loss_sum / accumulation, grad_norm
+    return loss_sum / accumulation, grad_norm.detach().float()
+
+
+class StepWindow:
+    """Steps whose loss and gradient norm are still on the device.
+
+    Reading a value on the host makes the host wait for the GPU, which then idles while the next step is
+    launched. So the values wait here and one transfer every `log_every` steps brings them all, exact, one record
+    per step; the same collective says whether any rank was asked to stop. Step times are the window's mean."""
+
+    def __init__(self, accelerator: Accelerator, tokens_per_step: int, step_flops: float, device_peak: float | None):
+        self.accelerator, self.tokens_per_step = accelerator, tokens_per_step
+        self.step_flops, self.device_peak = step_flops, device_peak
+        self.records: list[dict] = []
+        self.losses: list[torch.Tensor] = []
+        self.norms: list[torch.Tensor] = []
+        self.restart_clock()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def restart_clock(self) -> None:
+        """Start timing from now: evaluation, samples and saves between windows are not step time."""
+        self.started = time.perf_counter()
+
+    def add(self, record: dict, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.records.append(record)
+        self.losses.append(loss)
+        self.norms.append(grad_norm)
+
+    def flush(self, stop_requested: bool) -> tuple[list[dict], bool]:
+        """The window's finished records, and whether any rank asked to stop."""
+        accelerator, world_size, steps = self.accelerator, self.accelerator.num_processes, len(self.records)
+        losses = torch.stack(self.losses)
+        stop = torch.full((1,), float(stop_requested), device=losses.device)
+        summed = accelerator.reduce(torch.cat([losses, stop]), reduction="sum")
+        # The norm is taken after the gradient all-reduce, the same on every rank: no need to reduce it.
+        values = torch.cat([summed, torch.stack(self.norms)]).tolist()  # the window's one host sync
+        seconds = (time.perf_counter() - self.started) / steps
+        memory = peak_memory_mib(accelerator.device)
+        records, loss_sums, stops, norms = self.records, values[:steps], values[steps], values[steps + 1 :]
+        for record, loss_sum, norm in zip(records, loss_sums, norms):
+            record |= {
+                "loss": loss_sum / world_size, "grad_norm": norm, "tokens_per_sec": self.tokens_per_step / seconds,
+                "step_time": seconds, "peak_memory_mib": memory,
+            }
+            if self.device_peak:
+                record["mfu"] = self.step_flops / seconds / (self.device_peak * world_size)
+        self.records, self.losses, self.norms = [], [], []
+        return records, stops > 0
 
 
 class StopSignal:
-    """Turns SIGTERM/SIGINT (what schedulers send before pre-emption) into a stop at the next step boundary.
+    """Turns SIGTERM/SIGINT (what schedulers send before pre-emption) and SIGUSR1 (what Slurm's --signal=USR1@N
+    sends ahead of a time limit) into a stop at the next step boundary, with a checkpoint.
 
     A second SIGINT aborts at once, for a person at a terminal who means it."""
 
     def __init__(self):
         self.received: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             try:
                 signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. some notebook runners): no graceful stop there
@@ -226,29 +329,69 @@ class StopSignal:
         self.received = signal.Signals(signum).name
 
 
-def set_cpu_threads(cfg: TrainConfig) -> None:
-    # `accelerate launch` pins OMP_NUM_THREADS=1 unless told otherwise, which halves a 2-core laptop's speed.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(cfg.cpu_threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+def count_nonfinite(records: list[dict], state: TrainerState, in_a_row: int, cfg: TrainConfig, checkpoint_dir: Path,
+                    logger: RunLogger) -> int:
+    """Mark skipped (non-finite) steps and count them; stop with an error after `max_nonfinite_steps` in a row.
+    Returns the count of such steps in a row at the end of `records`."""
+    for i, record in enumerate(records):
+        if math.isfinite(record["grad_norm"]):
+            in_a_row = 0
+            continue
+        state.skipped_steps += 1
+        in_a_row += 1
+        record["skipped"] = True
+        if in_a_row >= cfg.max_nonfinite_steps:
+            for done in records[: i + 1]:
+                logger.log_step(done)
+            good = list_checkpoints(checkpoint_dir)
+            raise UserError(
+                f"stopping: {in_a_row} steps in a row had a non-finite gradient norm (last at step "
+                f"{record['step']}); the last good checkpoint is {good[-1][1] if good else 'none'}. "
+                "Lower learning_rate or check the data."
+            )
+    return in_a_row
+
+
+def resume(cfg: TrainConfig, accelerator: Accelerator, path: Path, model: GPTModel, optimizer, data_identity: dict,
+           total_steps: int) -> tuple[TrainerState, dict | None, str]:
+    """Load checkpoint `path` into the model and optimizer on every rank: returns where the run is, this rank's
+    RNG state to restore just before the first step (None if it cannot map one to one) and a note for the console
+    (for a run with nothing left to train, the line that says so)."""
+    world_size, rank = accelerator.num_processes, accelerator.process_index
+    saved = load_checkpoint(path, model, optimizer.optimizer)
+    if accelerator.scaler is not None and "grad_scaler" in saved:  # fp16: keep the loss scale it had found
+        accelerator.scaler.load_state_dict(saved["grad_scaler"])
+    changed = [f"{k} {saved[k]} -> {v}" for k, v in data_identity.items() if k in saved and saved[k] != v]
+    if changed:
+        raise UserError(
+            f"cannot resume from {path}: the data order would change ({', '.join(changed)}); "
+            "resume with the settings it was saved with"
+        )
+    state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})
+    if state.global_step >= total_steps:
+        return state, None, complete_already(state.global_step, total_steps, path)  # raises if beyond the end
+    note, rng_state = f" | resumed at step {state.global_step} from {path}", None
+    if saved.get("total_steps", total_steps) != total_steps:
+        note += f" (run length {saved['total_steps']} -> {total_steps} steps: the LR decay is re-stretched)"
+    if saved["world_size"] == world_size:
+        rng_state = load_rng_states(path)[rank]
+    else:  # ranks do not map one to one: the data order carries over exactly, dropout masks cannot
+        note += f" (saved by {saved['world_size']} processes: dropout RNG reseeded)"
+        seed_rank(cfg.seed, rank, state.global_step)
+    if accelerator.is_main_process and (moved := set_aside_newer(path.parent, state.global_step)):
+        note += f" (later checkpoints of the abandoned run moved to {moved})"
+    return state, rng_state, note
 
 
 def train(cfg: TrainConfig) -> dict:
     """Train as `cfg` says; returns the run directory and the last step's record. Runs on every rank."""
-    world_size = PartialState(cpu=use_cpu()).num_processes
-    accumulation, global_batch = batch_geometry(cfg, world_size)
-    accelerator = Accelerator(cpu=use_cpu(), gradient_accumulation_steps=accumulation)
-    enable_fsdp_on_cpu(accelerator)
-    if accelerator.device.type == "cpu":
-        set_cpu_threads(cfg)
-    set_seed(cfg.seed)
-    output_dir, checkpoint_dir = resolve_run_dirs(cfg, accelerator)
+    accelerator, accumulation, global_batch = start_accelerator(cfg)
+    world_size, rank = accelerator.num_processes, accelerator.process_index
+    set_seed(cfg.seed)  # the same initial weights on every rank
+    run = resolve_run_dirs(cfg, accelerator)  # before any work: unusable or occupied directories stop here
+    output_dir, checkpoint_dir = run.output_dir, run.checkpoint_dir
     tokenizer = get_tokenizer(cfg.tokenizer)
-    if cfg.init_from:
-        model_cfg = read_hf_gpt2_config(cfg.init_from, cfg.dropout)
-        if model_cfg.vocabulary_size != tokenizer.n_vocab:
-            raise UserError(f"init_from model has {model_cfg.vocabulary_size} tokens, the {cfg.tokenizer} tokenizer {tokenizer.n_vocab}")
-    else:
-        model_cfg = cfg.model_config(tokenizer.n_vocab)
+    model_cfg = model_config_for(cfg, tokenizer)
     context_len = cfg.context_len or model_cfg.context_len  # training window; at most the position table
     if context_len > model_cfg.context_len:
         raise UserError(f"context_len {context_len} exceeds the position table of {cfg.init_from} ({model_cfg.context_len})")
@@ -256,18 +399,16 @@ def train(cfg: TrainConfig) -> dict:
     if not 0 <= eot_id < tokenizer.n_vocab:
         raise UserError(f"special_token_id {eot_id} is outside the {cfg.tokenizer} vocabulary (0..{tokenizer.n_vocab - 1})")
     stride = cfg.stride or context_len
-    data = build_data(cfg, load_token_streams(cfg, accelerator, eot_id), context_len, stride, global_batch, world_size)
+    data = build_data(cfg, load_token_streams(cfg, accelerator, eot_id), context_len, stride, global_batch)
 
-    if accelerator.device.type == "cuda" and cfg.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    model = load_hf_gpt2(cfg.init_from, model_cfg) if cfg.init_from else GPTModel(model_cfg)
-    model.activation_checkpointing = cfg.activation_checkpointing
-    model.loss_chunk = cfg.loss_chunk
+    model = build_model(cfg, model_cfg)
+    seed_rank(cfg.seed, rank)  # after the weights: from here on each rank draws its own dropout masks
     optimizer = build_optimizer(model, cfg)
     step_flops = flops_per_token(model, context_len) * global_batch * context_len
     device_peak = cfg.peak_flops or peak_flops(accelerator.device, accelerator.mixed_precision)
+    attention = attention_backends(cfg.attention)
     if cfg.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     model, optimizer, train_loader, train_eval_loader, val_loader = accelerator.prepare(model, optimizer, *data.loaders)
 
     def raw_model() -> GPTModel:  # without DDP and torch.compile wrappers: plain parameter names
@@ -285,30 +426,14 @@ def train(cfg: TrainConfig) -> dict:
         "train_windows": len(data.train_set),
     }
     state, rng_state, resume_note = TrainerState(), None, ""
-    if cfg.checkpoint is not None:
-        found = [find_checkpoint(checkpoint_dir, cfg.checkpoint) if accelerator.is_main_process else None]
-        broadcast_object_list(found)  # only the main rank reads and hashes the files to pick one
-        path = found[0]
-        saved = load_checkpoint(path, raw_model(), optimizer.optimizer)
-        if accelerator.scaler is not None and "grad_scaler" in saved:  # fp16: keep the loss scale it had found
-            accelerator.scaler.load_state_dict(saved["grad_scaler"])
-        changed = [f"{k} {saved[k]} -> {v}" for k, v in data_identity.items() if k in saved and saved[k] != v]
-        if changed:
-            raise UserError(
-                f"cannot resume from {path}: the data order would change ({', '.join(changed)}); "
-                "resume with the settings it was saved with"
-            )
-        state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})
-        resume_note = f" | resumed at step {state.global_step} from {path}"
-        if saved.get("total_steps", total_steps) != total_steps:
-            resume_note += f" (run length {saved['total_steps']} -> {total_steps} steps: the LR decay is re-stretched)"
-        if saved["world_size"] == world_size:
-            rng_state = load_rng_states(path)[accelerator.process_index]
-        else:  # ranks do not map one to one: the data order carries over exactly, dropout masks cannot
-            resume_note += f" (saved by {saved['world_size']} processes: dropout RNG reseeded)"
-            set_seed(cfg.seed + state.global_step)
-        if accelerator.is_main_process and (moved := set_aside_newer(checkpoint_dir, state.global_step)):
-            resume_note += f" (later checkpoints of the abandoned run moved to {moved})"
+    if run.resume_from is not None:
+        state, rng_state, resume_note = resume(cfg, accelerator, run.resume_from, raw_model(), optimizer,
+                                               data_identity, total_steps)
+        if state.global_step == total_steps:  # a finished job requeued with --checkpoint auto: nothing to train
+            if accelerator.is_main_process:
+                print(resume_note, flush=True)
+            accelerator.end_training()
+            return {"output_dir": str(output_dir), "checkpoint_dir": str(checkpoint_dir), "world_size": world_size}
 
     logger = RunLogger(output_dir, accelerator.is_main_process, total_steps, state.global_step)
     if accelerator.is_main_process:
@@ -345,79 +470,67 @@ def train(cfg: TrainConfig) -> dict:
             logger.info(f"saved {path}" + (f" (pruned {', '.join(p.name for p in pruned)})" if pruned else ""))
         accelerator.wait_for_everyone()
 
-    record: dict = {}
-    nonfinite_in_a_row = stops = 0
-    stop = StopSignal()
+    def evaluate_and_sample(record: dict) -> None:
+        record["train_loss"] = evaluate(model, train_eval_loader, accelerator)
+        record["val_loss"] = evaluate(model, val_loader, accelerator)
+        # Under FSDP every rank decodes: each forward pass gathers shards from all of them.
+        if accelerator.is_main_process or accelerator.distributed_type == DistributedType.FSDP:
+            logger.log_sample(state.global_step, generate_text(raw_model(), cfg.start_context, cfg.sample_tokens, tokenizer))
+
     tokens_per_step = global_batch * context_len
+    cuda_graphs = cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")
+    log_every = cfg.log_every or (1 if accelerator.device.type == "cpu" else 10)
+    window = StepWindow(accelerator, tokens_per_step, step_flops, device_peak)
+    record: dict = {}
+    nonfinite_in_a_row, stopping = 0, False
+    stop = StopSignal()
     model.train()
     if rng_state is not None:  # last, so nothing between here and the first step draws from the restored streams
         restore_rng_state(rng_state)
-    while state.global_step < total_steps:
-        data.train_sampler.set_position(state.epoch, state.step_in_epoch)
-        batches = iter(train_loader)
-        epoch_done = False
-        while state.global_step < total_steps and not epoch_done:
-            started = time.perf_counter()
-            lr = learning_rate_at(
-                state.global_step, total_steps=total_steps, warmup_steps=cfg.warmup_steps,
-                initial_lr=cfg.initial_lr, learning_rate=cfg.learning_rate, min_lr=cfg.min_lr,
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            max_norm = cfg.max_norm if clips_gradients_at(state.global_step, cfg.warmup_steps) else math.inf
-            loss, grad_norm = optimizer_step(model, optimizer, batches, accelerator, accumulation, max_norm)
-            # One collective carries the loss and whether any rank was asked to stop.
-            stop_flag = torch.tensor(float(stop.received is not None), device=accelerator.device)
-            loss_sum, stops = accelerator.reduce(torch.stack([loss, stop_flag]), reduction="sum").tolist()
-            grad_norm = grad_norm.item()  # after the update was queued: the step's one host sync is above
-            state.global_step += 1
-            state.step_in_epoch += 1
-            state.tokens_seen += tokens_per_step
-            seconds = time.perf_counter() - started
-            record = {
-                "step": state.global_step, "epoch": state.epoch, "tokens_seen": state.tokens_seen, "lr": lr,
-                "loss": loss_sum / world_size, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_step / seconds,
-                "step_time": seconds, "peak_memory_mib": peak_memory_mib(accelerator.device),
-            }
-            if device_peak:
-                record["mfu"] = step_flops / seconds / (device_peak * world_size)
-            if not math.isfinite(grad_norm):
-                state.skipped_steps += 1
-                nonfinite_in_a_row += 1
-                record["skipped"] = True
-                if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                    logger.log_step(record, total_steps)
-                    good = list_checkpoints(checkpoint_dir)
-                    raise UserError(
-                        f"stopping: {nonfinite_in_a_row} steps in a row had a non-finite gradient norm (last at step "
-                        f"{state.global_step}); the last good checkpoint is "
-                        f"{good[-1][1] if good else 'none'}. Lower learning_rate or check the data."
-                    )
-            else:
-                nonfinite_in_a_row = 0
-            if state.global_step % cfg.eval_freq == 0 or state.global_step == total_steps:
-                record["train_loss"] = evaluate(model, train_eval_loader, accelerator)
-                record["val_loss"] = evaluate(model, val_loader, accelerator)
-                # Under FSDP every rank decodes: each forward pass gathers shards from all of them.
-                if accelerator.is_main_process or accelerator.distributed_type == DistributedType.FSDP:
-                    sample = generate_text(raw_model(), cfg.start_context, cfg.sample_tokens, tokenizer)
-                    logger.log_sample(state.global_step, sample)
-            logger.log_step(record, total_steps)
-            epoch_done = state.step_in_epoch == steps_per_epoch
-            if epoch_done:  # checkpoints record the next step's position: the start of the next epoch
-                state.epoch += 1
-                state.step_in_epoch = 0
-            if stops or state.global_step % cfg.save_freq == 0 or state.global_step == total_steps:
-                save()
-            if stops:
-                logger.info(
-                    f"received {stop.received or 'a stop signal on another rank'}: stopped after step "
-                    f"{state.global_step} with a checkpoint. Resume with the same command plus "
-                    f"--output_dir {output_dir} --checkpoint latest"
+    with attention:
+        while state.global_step < total_steps and not stopping:
+            data.train_sampler.set_position(state.epoch, state.step_in_epoch)
+            batches = iter(train_loader)
+            epoch_done = False
+            while state.global_step < total_steps and not epoch_done and not stopping:
+                lr = learning_rate_at(
+                    state.global_step, total_steps=total_steps, warmup_steps=cfg.warmup_steps,
+                    initial_lr=cfg.initial_lr, learning_rate=cfg.learning_rate, min_lr=cfg.min_lr,
                 )
-                break
-        if stops:
-            break
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                max_norm = cfg.max_norm if clips_gradients_at(state.global_step, cfg.warmup_steps) else math.inf
+                loss, grad_norm = optimizer_step(model, optimizer, batches, accelerator, accumulation, max_norm, cuda_graphs)
+                state.global_step += 1
+                state.step_in_epoch += 1
+                state.tokens_seen += tokens_per_step
+                window.add({"step": state.global_step, "epoch": state.epoch, "tokens_seen": state.tokens_seen,
+                            "lr": lr}, loss, grad_norm)
+                epoch_done = state.step_in_epoch == steps_per_epoch
+                if epoch_done:  # checkpoints record the next step's position: the start of the next epoch
+                    state.epoch += 1
+                    state.step_in_epoch = 0
+                last = state.global_step == total_steps
+                eval_due = cfg.eval_freq > 0 and (state.global_step % cfg.eval_freq == 0 or last)
+                save_due = state.global_step % cfg.save_freq == 0 or last
+                if len(window) < log_every and not (eval_due or save_due):
+                    continue
+                records, stopping = window.flush(stop.received is not None)
+                nonfinite_in_a_row = count_nonfinite(records, state, nonfinite_in_a_row, cfg, checkpoint_dir, logger)
+                record = records[-1]
+                if eval_due:
+                    evaluate_and_sample(record)
+                for done in records:
+                    logger.log_step(done)
+                if stopping or save_due:
+                    save()
+                if stopping:
+                    logger.info(
+                        f"received {stop.received or 'a stop signal on another rank'}: stopped after step "
+                        f"{state.global_step} with a checkpoint. Resume with the same command plus "
+                        f"--output_dir {output_dir} --checkpoint latest"
+                    )
+                window.restart_clock()
     logger.close()
     accelerator.end_training()
     return {"output_dir": str(output_dir), "checkpoint_dir": str(checkpoint_dir), "world_size": world_size} | record

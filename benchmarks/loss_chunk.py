@@ -3,8 +3,9 @@
     python benchmarks/loss_chunk.py [--model mini] [--batch-size 8] [--chunks 32 64 128 256] [--bf16]
 
 Same model, weights and batch; one training step (forward, backward, fused AdamW) per variant per round, the
-order rotating every round. Prints median step time and speed relative to the plain loss. Used to pick the
-default chunk (64 tokens on CPU, plain on GPU) in `accel_gpt/model.py`.
+order rotating every round; each variant is the model's own training path (`model(x, targets)` with
+`loss_chunk` set, 0 = plain). Prints median step time and speed relative to the plain loss. Used to pick the
+default chunk per device and model width in `accel_gpt/model.py`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from accel_gpt.config import TrainConfig
-from accel_gpt.model import GPTModel, chunked_cross_entropy
+from accel_gpt.model import GPTModel
 from accel_gpt.train import build_optimizer
 
 
@@ -38,24 +38,18 @@ def main() -> None:
     x = torch.randint(0, 50257, (args.batch_size, ctx), device=device)
     y = torch.randint(0, 50257, (args.batch_size, ctx), device=device)
 
-    def hidden():
-        positions = torch.arange(ctx, device=device)
-        return model.final_norm(model.trf_blocks(model.tok_emb(x) + model.pos_emb(positions)))
-
     def make_step(chunk):
         def step():
+            model.loss_chunk = chunk
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                if chunk is None:
-                    loss = F.cross_entropy(model.out_head(hidden()).flatten(0, 1).float(), y.flatten())
-                else:
-                    loss = chunked_cross_entropy(hidden(), model.out_head.weight, y, chunk=chunk)
+                loss = model(x, y)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss.item()
         return step
 
-    variants = {"plain": make_step(None)} | {f"chunk {c}": make_step(c) for c in args.chunks}
+    variants = {"plain": make_step(0)} | {f"chunk {c}": make_step(c) for c in args.chunks}
     for step in variants.values():
         step()
     times = {name: [] for name in variants}

@@ -196,3 +196,26 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
         assert find_checkpoint(disk, "latest").name == "checkpoint_000001"
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+@pytest.mark.parametrize("saved_multiple, loaded_multiple", [(1, 64), (64, 1)])
+def test_a_checkpoint_loads_exactly_across_vocabulary_paddings(tmp_path, saved_multiple, loaded_multiple):
+    """Checkpoints from before padding existed (or with another vocab_multiple) resume with the same weights and
+    AdamW moments: padding rows and their moments are zero."""
+    torch.manual_seed(0)
+    model = GPTModel(**SIZES, vocab_multiple=saved_multiple)
+    opt = build_optimizer(model, TrainConfig())
+    model(torch.randint(0, 500, (2, 16)), torch.randint(0, 500, (2, 16))).backward()
+    opt.step()
+    path = save_checkpoint(tmp_path, 1, model.config, full_state_dicts(model, opt), {"global_step": 1}, {})
+    other = GPTModel(**SIZES, vocab_multiple=loaded_multiple)
+    other_opt = build_optimizer(other, TrainConfig())
+    load_checkpoint(path, other, other_opt)
+    assert other.tok_emb.weight.shape[0] == (512 if loaded_multiple == 64 else 500)
+    torch.testing.assert_close(other.tok_emb.weight[:500], model.tok_emb.weight[:500], rtol=0, atol=0)
+    assert not other.tok_emb.weight[500:].any()
+    moments = other_opt.state[other.tok_emb.weight]["exp_avg"]
+    torch.testing.assert_close(moments[:500], opt.state[model.tok_emb.weight]["exp_avg"][:500], rtol=0, atol=0)
+    assert moments.shape == other.tok_emb.weight.shape
+    x = torch.randint(0, 500, (1, 16))
+    torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)

@@ -31,9 +31,16 @@ def test_bundled_xiyouji_config_resolves_by_name():
         (["--qkv_bias", "maybe"], "qkv_bias expects true or false"),
         (["--min_lr", "1", "--learning_rate", "0.1"], "min_lr (1.0) is larger than learning_rate"),
         (["--model", "gpt5"], "unknown model preset 'gpt5'"),
-        (["--checkpoint", "last"], "checkpoint must be a step number or 'latest'"),
+        (["--checkpoint", "last"], "checkpoint must be a step number, 'latest' or 'auto'"),
         (["--checkpoint", "latest"], "checkpoint needs the run to resume: pass its --output_dir"),
+        (["--checkpoint", "auto"], "checkpoint needs the run to resume: pass its --output_dir"),
+        (["--checkpoint", "auto", "--output_dir", "r", "--overwrite", "true"], "overwrite starts a new run and"),
         (["--config", "/no/such.yaml"], "config file not found"),
+        (["--attention", "fast"], "attention must be one of auto, cudnn, flash, efficient, math, got 'fast'"),
+        (["--compile_mode", "turbo"], "compile_mode must be one of default, reduce-overhead"),
+        (["--log_every", "0"], "log_every must be positive, got 0"),
+        (["--vocab_multiple", "0"], "vocab_multiple must be positive, got 0"),
+        (["--eval_freq", "-1"], "eval_freq must be >= 0, got -1"),
     ],
 )
 def test_bad_values_are_one_clear_error(argv, message):

@@ -25,7 +25,7 @@ def start(args, num_processes, env_extra=None):
     else:
         config = REPO / "accelerate_configs" / "cpu_2proc_gloo.yaml"
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "accel_gpt.train", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env_extra or {}))
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
                             start_new_session=True)
 
@@ -80,6 +80,7 @@ def test_sigint_without_a_launcher_also_stops_cleanly(tmp_path):
 
 
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_losses(tmp_path):
+    """One command with `--checkpoint auto`, run again unchanged after each kill, as a requeued job is."""
     seed = random.randrange(10**6)
     rng = random.Random(seed)
     args = common_args(tmp_path / "ref", tmp_path / "cache") + [
@@ -89,16 +90,15 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_losses(tm
     reference = read_metrics(tmp_path / "ref")
 
     out = tmp_path / "killed"
-    run_args = [a if a != str(tmp_path / "ref") else str(out) for a in args]
+    command = [a if a != str(tmp_path / "ref") else str(out) for a in args] + ["--checkpoint", "auto"]
     ckpts = out / "checkpoints"
 
     def in_save():  # a writer's hidden temporary directory exists
         return ckpts.is_dir() and any(".tmp-" in p.name for p in ckpts.iterdir())
 
     kills = [("during a save", in_save), ("after a random step", None), ("during a save", in_save)]
-    for what, condition in kills:
-        resume = ["--checkpoint", "latest"] if list_checkpoints(ckpts) else []
-        proc = start(run_args + resume, num_processes=2)
+    for attempt, (what, condition) in enumerate(kills):
+        proc = start(command, num_processes=2)
         if condition is None:
             target = steps_logged(out) + rng.randint(3, 5)  # at least one save completes first
             condition = lambda target=target: steps_logged(out) >= target
@@ -107,14 +107,33 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_losses(tm
             kill_all(proc)
         stdout, stderr = proc.communicate()
         assert caught, f"(seed {seed}) never reached the moment to kill: {what}\n{stdout[-1500:]}\n{stderr[-3000:]}"
+        if attempt == 0:
+            assert f"--checkpoint auto: no checkpoint in {ckpts}; starting a new run" in stdout
     assert list_checkpoints(ckpts), f"(seed {seed}) no checkpoint survived to resume from"
-    result = launch(run_args + ["--checkpoint", "latest"], num_processes=2)
+    result = launch(command, num_processes=2)
     assert "resumed at step" in result.stdout
     final = read_metrics(out)
     assert sorted(final) == sorted(reference)
     for step in reference:
         assert final[step]["loss"] == pytest.approx(reference[step]["loss"], abs=1e-6), (seed, step)
     assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]  # killed writers' temporaries cleaned up
+
+
+def test_sigusr1_ahead_of_a_time_limit_saves_and_stops_every_rank(tmp_path):
+    """Slurm's `--signal=USR1@N` signals every process of the job step, the launcher as well as the workers. Told
+    to handle USR1 (PET_SIGNALS_TO_HANDLE, as the README's job script sets), the launcher forwards it and waits
+    instead of dying at once; every rank stops at the same step boundary, with a checkpoint."""
+    out = tmp_path / "run"
+    args = common_args(out, tmp_path / "cache") + ["--batch_size", "2", "--max_steps", "500", "--save_freq", "1000"]
+    proc = start(args, num_processes=2, env_extra={"PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"})
+    assert wait_for(lambda: steps_logged(out) >= 3, proc)
+    for pid in [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]:
+        os.kill(pid, signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=120)
+    stopped_at = max(read_metrics(out))
+    assert f"received SIGUSR1: stopped after step {stopped_at} with a checkpoint" in stdout, stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [stopped_at]
+    assert steps_logged(out) == stopped_at  # no rank went on past the stop
 
 
 def test_non_finite_steps_are_skipped_then_stop_with_a_clear_error(tmp_path):

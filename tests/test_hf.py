@@ -59,8 +59,10 @@ def test_pretraining_starts_from_a_local_hf_gpt2(tmp_path):
     assert "windows of 32 tokens" in result.stdout  # a window shorter than the 64-position table
     # Step 1 ran at lr 0: the checkpoint holds exactly the Hugging Face weights.
     ours = load_file(str(out / "checkpoints" / "checkpoint_000001" / "model.safetensors"))
+    # init_from pads the vocabulary to the default multiple of 64 with zero rows, which stay zero.
+    assert ours["tok_emb.weight"].shape == (50304, 32) and not ours["tok_emb.weight"][50257:].any()
     model = GPTModel(vocabulary_size=50257, context_len=64, embedding_dim=32, num_heads=2, num_layers=2,
-                     dropout=0.0, qkv_bias=True, tie_weights=True)
+                     dropout=0.0, qkv_bias=True, tie_weights=True, vocab_multiple=64)
     model.load_state_dict(ours | {"out_head.weight": ours["tok_emb.weight"]})
     expected = hf.state_dict()
     for name, tensor in to_hf_state_dict(model).items():
@@ -69,5 +71,7 @@ def test_pretraining_starts_from_a_local_hf_gpt2(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(idx), hf(idx).logits, atol=1e-4, rtol=0)
     assert_one_line_error(run_cli(*args, "--embedding_dim", "64"), "init_from takes the model's shape", "embedding_dim")
-    assert_one_line_error(run_cli(*args[2:], "--init_from", tmp_path / "nowhere"), "no readable config.json")
-    assert_one_line_error(run_cli(*args, "--context_len", "128"), "context_len 128 exceeds the position table")
+    # In a new run directory: `out` now holds a run, which a new run would be refused before reaching these checks.
+    fresh = ["--output_dir", tmp_path / "fresh"]
+    assert_one_line_error(run_cli(*args[2:], *fresh, "--init_from", tmp_path / "nowhere"), "no readable config.json")
+    assert_one_line_error(run_cli(*args, *fresh, "--context_len", "128"), "context_len 128 exceeds the position table")

@@ -1,6 +1,7 @@
 """End-to-end: the real trainer through `accelerate launch`, on 1 CPU process and on 2 gloo processes."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,9 @@ def test_two_gloo_processes_train_and_write_a_plain_checkpoint(two_process_run):
     weights = load_file(str(ckpt / "model.safetensors"))  # safetensors alone, no accel_gpt, no pickle
     assert "tok_emb.weight" in weights and not any(k.startswith(("module.", "_orig_mod.")) for k in weights)
     assert (out / "samples.jsonl").read_text().strip()
+    # Each rank has its own random stream (dropout masks): with one shared seed they would be equal.
+    rng = load_file(str(ckpt / "rng.safetensors"))
+    assert not torch.equal(rng["rank0.torch"], rng["rank1.torch"])
     assert (out / "config.yaml").exists()
 
 
@@ -95,6 +99,10 @@ def test_gradient_accumulation_derived_from_global_batch_matches(two_process_run
     accumulated, two = read_metrics(out), two_process_run["metrics"]
     for step in range(1, 11):
         assert accumulated[step]["loss"] == pytest.approx(two[step]["loss"], abs=1e-5), step
+    # Evaluation reads the same windows at any world size: the first eval_iter global batches.
+    for step in (5, 10):
+        for key in ("train_loss", "val_loss"):
+            assert accumulated[step][key] == pytest.approx(two[step][key], abs=1e-5), (step, key)
 
 
 def test_python_m_with_a_separate_validation_path(tmp_path):
@@ -174,3 +182,22 @@ def test_fsdp_on_two_cpu_processes_matches_ddp_and_writes_one_consolidated_check
     for run in (read_metrics(out), read_metrics(one)):
         for step in range(6, 11):
             assert run[step]["loss"] == pytest.approx(ddp[step]["loss"], abs=1e-5), step
+
+
+@pytest.mark.parametrize("loss_chunk", ["64", "0"])
+def test_fsdp_with_bf16_trains_both_loss_paths_and_logs_fp32_losses(two_process_run, loss_chunk):
+    """FSDP2's bf16 mixed precision casts parameters, without autocast: the chunked loss (64) once crashed on
+    them, and Accelerate's policy rounded the loss the model returns in fp32 to bf16 (plain loss, 0)."""
+    out = two_process_run["root"] / f"run_fsdp_bf16_chunk{loss_chunk}"
+    # Steps 1-3 depend only on the warmup, not on the run's length: comparable with the 10-step fp32 run.
+    args = common_args(out, two_process_run["cache"]) + ["--batch_size", "2", "--max_steps", "3",
+                                                         "--loss_chunk", loss_chunk]
+    result = launch(args, 2, config="cpu_2proc_fsdp.yaml", launcher_args=("--mixed_precision", "bf16"))
+    assert "world_size 2 | FSDP (gloo) | device cpu:0 | mixed_precision bf16 |" in result.stdout
+    bf16, fp32 = read_metrics(out), two_process_run["metrics"]
+    losses = [bf16[step]["loss"] for step in (1, 2, 3)]
+    assert losses == pytest.approx([fp32[step]["loss"] for step in (1, 2, 3)], abs=0.01)
+    assert math.isfinite(bf16[3]["val_loss"])
+    # A bf16 number has 8 significant bits and the mean of two ranks' one more: had the loss been rounded to
+    # bf16, every logged loss would fit in 9 bits. An fp32 loss does so by chance once in 2**15.
+    assert all(math.frexp(loss)[0] * 2**9 % 1 for loss in losses), losses

@@ -132,6 +132,25 @@ def test_chunked_loss_and_gradients_equal_the_plain_ones(tie, chunk):
         torch.testing.assert_close(model(idx, targets), plain, atol=1e-5, rtol=0)
 
 
+def test_chunked_loss_gradients_survive_fp16_parameters_and_a_loss_scale():
+    """fp16 parameters (FSDP's mixed precision) and GradScaler's loss scale: the gradient of a mean over 8,192
+    tokens, a small probability over 8,192, lies below fp16's smallest number; scaled first, it does not."""
+    import torch.nn.functional as F
+
+    from accel_gpt.model import chunked_cross_entropy
+
+    torch.manual_seed(0)
+    tokens, dim, vocab = 8192, 8, 8000
+    hidden, weight, targets = torch.randn(tokens, dim), torch.randn(vocab, dim) * 0.02, torch.randint(0, vocab, (tokens,))
+    h32, w32 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    F.cross_entropy(h32 @ w32.T, targets).backward()
+    h16, w16 = hidden.half().requires_grad_(), weight.half().requires_grad_()
+    (chunked_cross_entropy(h16, w16, targets, chunk=2048) * 2.0**16).backward()
+    assert h16.grad.dtype == w16.grad.dtype == torch.float16
+    for got, want in ((h16.grad, h32.grad), (w16.grad, w32.grad)):
+        assert ((got.float() / 2.0**16 - want).norm() / want.norm()).item() < 2e-3  # 2e-2 when formed unscaled
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     model = small(dropout=0.0)
     idx, targets = torch.randint(0, 1000, (2, 16)), torch.randint(0, 1000, (2, 16))
@@ -142,3 +161,30 @@ def test_activation_checkpointing_gives_the_same_gradients():
     model(idx, targets).backward()
     for got, want in zip((p.grad for p in model.parameters()), expected):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_padded_vocabulary_changes_no_result_and_is_never_predicted(tie, chunk):
+    plain, padded = small(tie_weights=tie), small(tie_weights=tie, vocab_multiple=64)
+    assert padded.tok_emb.weight.shape == (1024, 48) and padded.out_head.weight.shape == (1024, 48)
+    assert padded.num_parameters() == plain.num_parameters()  # padding rows are not parameters of the network
+    torch.testing.assert_close(padded.tok_emb.weight[:1000], plain.tok_emb.weight, rtol=0, atol=0)
+    x, y = torch.randint(0, 1000, (2, 32)), torch.randint(0, 1000, (2, 32))
+    assert padded(x).shape == (2, 32, 1000)  # the padding rows' logits never leave the model
+    torch.testing.assert_close(padded(x), plain(x))
+    plain.loss_chunk = padded.loss_chunk = chunk
+    loss_plain, loss_padded = plain(x, y), padded(x, y)
+    torch.testing.assert_close(loss_padded, loss_plain)
+    loss_plain.backward()
+    loss_padded.backward()
+    torch.testing.assert_close(padded.out_head.weight.grad[:1000], plain.out_head.weight.grad)
+    assert not padded.out_head.weight.grad[1000:].any()  # zero rows get zero gradients: they stay zero
+
+
+def test_sampling_never_draws_a_padding_id():
+    model = small(vocab_multiple=64).eval()
+    with torch.no_grad():
+        model.out_head.weight[1000:] = 100.0  # padding rows that would win every draw if they were not masked
+    out = generate(model, torch.tensor([[1, 2, 3]]), 20, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert int(out.max()) < 1000

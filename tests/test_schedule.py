@@ -25,3 +25,11 @@ def test_clipping_only_after_warmup():
     assert not clips_gradients_at(9, 10)
     assert clips_gradients_at(10, 10)
     assert clips_gradients_at(0, 0)
+
+
+@pytest.mark.parametrize("total, warmup", [(10, 9), (2, 1), (1, 0), (5, 0)])
+def test_last_step_runs_at_min_lr_whatever_the_warmup(total, warmup):
+    kw = dict(KW, total_steps=total, warmup_steps=warmup)
+    assert learning_rate_at(total - 1, **kw) == pytest.approx(1e-4)
+    if warmup:
+        assert learning_rate_at(warmup - 1, **kw) < 1e-3  # still warming up the step before

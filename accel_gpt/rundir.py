@@ -1,0 +1,170 @@
+"""Run directories: where a run writes, whether it may write there, and whether it starts anew or continues.
+
+Decided before any data is tokenized or a model built, by the processes that write, and agreed by every rank: a
+new run never lands on an old one's files, and a directory that cannot be written is one line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
+
+from accel_gpt.checkpoint import CHECKPOINT_RE, find_checkpoint, list_checkpoints, restore_swapped_out
+from accel_gpt.config import TrainConfig
+from accel_gpt.errors import UserError
+
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml")  # what a run writes into output_dir
+T = TypeVar("T")
+
+
+@dataclass
+class RunDirs:
+    output_dir: Path
+    checkpoint_dir: Path
+    resume_from: Path | None  # the verified checkpoint to continue from; None starts a new run
+
+
+def unwritable(path: Path, option: str) -> str | None:
+    """Why `path` cannot be used as a directory to write in, or None if it can (or can be created).
+
+    Probes with a real file rather than permission bits, which root ignores; creates nothing that stays."""
+    existing = path
+    try:
+        while not existing.exists():  # the nearest existing ancestor is where the directory would be created
+            existing = existing.parent
+        if not existing.is_dir():
+            where = "" if existing == path else f" cannot be created: {existing}"
+            return f"{option} {path}{where} is a file, not a directory"
+        fd, probe = tempfile.mkstemp(prefix=".accel_gpt-write-check-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        verb = "written" if existing == path else f"created in {existing}"
+        return f"{option} {path} cannot be {verb}: {err.strerror or err}"
+    return None
+
+
+def checkpoint_entries(checkpoint_dir: Path) -> list[Path]:
+    """A run's checkpoints in `checkpoint_dir`, with the hidden copies of interrupted saves and set-aside branches."""
+    if not checkpoint_dir.is_dir():
+        return []
+    return [p for p in sorted(checkpoint_dir.iterdir())
+            if CHECKPOINT_RE.match(p.name) or p.name.startswith((".checkpoint_", "abandoned-after-"))]
+
+
+def previous_run(output_dir: Path, checkpoint_dir: Path) -> list[Path]:
+    """What an earlier run left that a new one would overwrite or mix with: logged steps and checkpoints."""
+    metrics = output_dir / "metrics.jsonl"
+    logged = [metrics] if metrics.is_file() and metrics.stat().st_size else []
+    return logged + checkpoint_entries(checkpoint_dir)
+
+
+def set_aside_run(output_dir: Path, checkpoint_dir: Path) -> list[Path]:
+    """Move an earlier run's files into `<output_dir>/overwritten-<time>/`, deleting nothing; returns where.
+
+    Checkpoints kept under output_dir keep their relative place there, so the folder is itself a run directory
+    (`analysis.load_run` reads it); checkpoints kept elsewhere go into an `overwritten-<time>/` of their own.
+    Renames within a directory: cheap at any size, and they work where output_dir is a mount point."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    name, suffix = f"overwritten-{stamp}", 1
+    while (output_dir / name).exists() or (checkpoint_dir / name).exists():  # two overwrites within a second
+        suffix += 1
+        name = f"overwritten-{stamp}-{suffix}"
+    dest = output_dir / name
+    out, ckpt = output_dir.resolve(), checkpoint_dir.resolve()
+    ckpt_dest = dest / ckpt.relative_to(out) if ckpt.is_relative_to(out) else checkpoint_dir / name
+    moves = [(output_dir / f, dest / f) for f in RUN_FILES if (output_dir / f).exists()]
+    moves += [(entry, ckpt_dest / entry.name) for entry in checkpoint_entries(checkpoint_dir)]
+    try:
+        for source, target in moves:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+    except OSError as err:
+        raise UserError(f"could not move the earlier run in {output_dir} aside: {err.strerror or err}") from None
+    return [d for d in (dest, ckpt_dest) if d.exists() and (d == dest or not d.is_relative_to(dest))]
+
+
+def choose_start(cfg: TrainConfig, output_dir: Path, checkpoint_dir: Path) -> tuple[Path | None, str]:
+    """(the checkpoint to resume from, or None for a new run; what to tell the user, or ""). On the main process
+    only: it reads and hashes checkpoints, and may move files."""
+    if cfg.checkpoint == "auto":
+        restore_swapped_out(checkpoint_dir)
+        if list_checkpoints(checkpoint_dir):  # the header then says where it resumed
+            return find_checkpoint(checkpoint_dir, "latest"), ""
+        # A job killed before its first save left steps but no checkpoint: the same command starts it again.
+        return None, f"accel_gpt: --checkpoint auto: no checkpoint in {checkpoint_dir}; starting a new run"
+    if cfg.checkpoint is not None:
+        return find_checkpoint(checkpoint_dir, cfg.checkpoint), ""
+    found = previous_run(output_dir, checkpoint_dir)
+    if not found:
+        return None, ""
+    if cfg.overwrite:
+        moved_to = " and ".join(str(d) for d in set_aside_run(output_dir, checkpoint_dir))
+        return None, f"accel_gpt: --overwrite true: moved the earlier run in {output_dir} to {moved_to} (nothing deleted)"
+    inside = checkpoint_dir.resolve().is_relative_to(output_dir.resolve())
+    places = dict.fromkeys(output_dir if inside or p.parent == output_dir else checkpoint_dir for p in found)
+    shown = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+    raise UserError(
+        f"{' and '.join(map(str, places))} already {'hold' if len(places) > 1 else 'holds'} a run ({shown}); to "
+        "continue it pass --checkpoint auto|latest|N, to keep it choose another --output_dir, to start over pass "
+        "--overwrite true (moves it aside, deletes nothing)"
+    )
+
+
+def agree(accelerator: Accelerator, work: Callable[[], T]) -> list[T]:
+    """Run `work` on every rank and return every rank's result on every rank; if it raised UserError anywhere,
+    raise the first such error everywhere, so no rank goes on to a collective that the others never reach."""
+    try:
+        outcome = (None, work())
+    except UserError as err:
+        outcome = (str(err), None)
+    outcomes = gather_object([outcome])
+    if errors := [error for error, _ in outcomes if error]:
+        raise UserError(errors[0])
+    return [result for _, result in outcomes]
+
+
+def resolve_run_dirs(cfg: TrainConfig, accelerator: Accelerator) -> RunDirs:
+    """Pick the run's directories, check they can be written, and decide between a new run and a resume."""
+    output_dir = cfg.output_dir
+    if output_dir is None:  # one timestamp for all ranks, chosen by the main process
+        stamp = [f"runs/{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}"]
+        broadcast_object_list(stamp)
+        output_dir = stamp[0]
+    output_dir = Path(output_dir)
+    checkpoint_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else output_dir / "checkpoints"
+
+    def check() -> None:  # the main process writes the run; one process per machine writes the token cache
+        to_check = {"output_dir": output_dir, "checkpoint_dir": checkpoint_dir} if accelerator.is_main_process else {}
+        if accelerator.is_local_main_process:
+            to_check["data_cache_dir"] = cfg.token_cache_dir()
+        for option, path in to_check.items():
+            if problem := unwritable(path, option):
+                raise UserError(problem)
+
+    agree(accelerator, check)
+    # Only once every directory is known to be usable may the main process move an earlier run aside.
+    resume_from, note = agree(
+        accelerator, lambda: choose_start(cfg, output_dir, checkpoint_dir) if accelerator.is_main_process else None
+    )[0]
+    if note and accelerator.is_main_process:  # at once: files may have moved even if the run fails later
+        print(note, flush=True)
+    return RunDirs(output_dir, checkpoint_dir, resume_from)
+
+
+def complete_already(step: int, total_steps: int, checkpoint: Path) -> str:
+    """The line for a resume that has nothing left to train (a finished job requeued with `--checkpoint auto`);
+    a checkpoint beyond the run's end is an error instead: max_steps was probably lowered by mistake."""
+    if step > total_steps:
+        raise UserError(
+            f"{checkpoint} is at step {step}, beyond this run's {total_steps} steps: raise max_steps (or "
+            "num_epochs) to continue it"
+        )
+    return f"accel_gpt: run already complete: {checkpoint} is at step {step} of {total_steps}; nothing left to train"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from accel_gpt.cache import DEFAULT_DIR as DEFAULT_CACHE_DIR
 from accel_gpt.errors import UserError
 from accel_gpt.model import PRESETS, GPTConfig
 
@@ -41,8 +42,8 @@ class TrainConfig:
     )
     context_len: int | None = _opt(None, "tokens per training window (default: the preset's context length)")
     stride: int | None = _opt(None, "step between window starts (default: context_len, i.e. no overlap)")
-    data_cache_dir: str | None = _opt(None, "where tokenized corpora are cached (default: ~/.cache/accel_gpt)")
-    num_proc: int | None = _opt(None, "tokenizer processes (default: auto, more than 1 only for large corpora)")
+    data_cache_dir: str | None = _opt(None, f"where tokenized corpora are cached (default: {DEFAULT_CACHE_DIR})")
+    num_proc: int | None = _opt(None, "tokenizer threads (default: the available cores, at most 8)")
     # --- model
     model: str = _opt("mini", f"model preset: {', '.join(PRESETS)}")
     embedding_dim: int | None = _opt(None, "override the preset's embedding size")
@@ -139,7 +140,7 @@ class TrainConfig:
             raise UserError(f"model config: {err}") from None
 
     def token_cache_dir(self) -> Path:
-        return Path(self.data_cache_dir or "~/.cache/accel_gpt").expanduser()
+        return Path(self.data_cache_dir or DEFAULT_CACHE_DIR).expanduser()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,50 +1,70 @@
 """Text -> token stream on disk (Arrow, cached) -> (input, target) windows -> world-size-independent batches.
 
-Corpora are read with `datasets`, tokenized once by a batched `map`, and kept as a memory-mapped Arrow file, so
-RAM does not grow with the corpus. `GlobalBatchSampler` fixes which windows form each optimizer step; Accelerate's
-`prepare` is the single place that deals those batches out to ranks.
+Corpora are read piece by piece and tokenized by a pool of threads into an Arrow token file in the content-keyed
+cache (`accel_gpt/cache.py`), which training memory-maps: RAM grows with neither the corpus nor its largest file.
+`GlobalBatchSampler` fixes which windows form each optimizer step; Accelerate's `prepare` is the single place that
+deals those batches out to ranks.
 """
 
 from __future__ import annotations
 
 import codecs
 import glob
-import hashlib
+import io
 import json
+import logging
 import os
-import uuid
+import re
+import sys
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
+from accel_gpt import cache
 from accel_gpt.errors import UserError
 from accel_gpt.tokenizer import get_tokenizer
+
+log = logging.getLogger(__name__)
 
 BUNDLED_CORPORA = {"the-verdict": "the-verdict.txt", "tinyshakespeare": "tinyshakespeare.txt", "xiyouji": "xiyouji.txt"}
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 CHUNK_TOKENS = 1 << 20  # tokens per Arrow record batch: bounds memory while writing and reading
-CACHE_VERSION = 1  # bump when the on-disk token format changes
+PIECE_CHARS = 1 << 20  # most characters tokenized at once: a longer document is cut into pieces of this size
+PARQUET_ROWS = 256  # rows decoded at once; a parquet file's memory is bounded by this and its row-group size
 
 
 # ----------------------------------------------------------------------------------------------- corpus files
 def resolve_files(spec: str) -> list[Path]:
-    """A file, a directory (searched recursively), a glob, or a bundled corpus name -> sorted data files."""
+    """A file, a directory (searched recursively), a glob, or a bundled corpus name -> sorted data files.
+
+    Searching a directory or glob skips hidden names (starting with '.'): notebook checkpoints, editor backups and
+    macOS `._` sidecars are copies or binary, not text to train on."""
+    if not spec.strip():
+        raise UserError("the data path is empty (an unset shell variable?)")
     if spec in BUNDLED_CORPORA and not Path(spec).exists():
         return [Path(str(resources.files("accel_gpt") / "assets" / BUNDLED_CORPORA[spec]))]
     path = Path(spec).expanduser()
     if path.is_file():
         candidates = [path]
     elif path.is_dir():
-        candidates = [p for p in path.rglob("*") if p.is_file()]
+        candidates = _search(path)
     else:
-        candidates = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
-        if not candidates:
+        matches = [Path(p) for p in glob.glob(str(path), recursive=True)]  # wildcards never match hidden names
+        if not matches:
             raise UserError(f"data path not found: {spec}")
+        candidates = [p for p in matches if p.is_file()]
+        if not candidates:
+            raise UserError(f"{spec} matches only directories ({matches[0]}, ...): pass a directory, or a pattern "
+                            "that matches files")
     files = sorted(p for p in candidates if p.suffix.lower() in FORMATS)
     if not files:
         raise UserError(f"no .txt, .jsonl or .parquet files in {spec}")
@@ -53,13 +73,15 @@ def resolve_files(spec: str) -> list[Path]:
     return files
 
 
-def corpus_fingerprint(files: list[Path], tokenizer: str, special_token_id: int) -> str:
-    """Changes when any file's path, size or mtime changes, or when the tokenization settings do."""
-    parts = [CACHE_VERSION, tokenizer, special_token_id]
-    for f in files:
-        st = f.stat()
-        parts.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
+def _search(root: Path) -> list[Path]:
+    def unreadable(err: OSError):  # os.walk would skip the folder and train on the rest
+        raise UserError(f"cannot read directory {err.filename}: {err.strerror}")
+
+    found = []
+    for folder, subfolders, names in os.walk(root, onerror=unreadable, followlinks=True):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        found += [Path(folder, n) for n in names if not n.startswith(".")]
+    return [p for p in found if p.is_file()]
 
 
 # ----------------------------------------------------------------------------------------------- token stream
@@ -94,135 +116,274 @@ class TokenStream:
         return out
 
 
-def check_utf8(path: Path) -> None:
-    """Raise UserError naming the first byte offset at which `path` stops being valid UTF-8."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
+# ----------------------------------------------------------------------------------------------- reading documents
+# A piece may end just before a whitespace character that precedes a non-space one: GPT-2's split pattern starts a
+# new pre-token there whatever follows, so the pieces' tokens are exactly the whole text's. Line starts are tried
+# first. The class is Unicode's White_Space, what the tokenizer's \s matches (Python's \s also takes \x1c-\x1f).
+_LINE_START = re.compile(r"\n(?=\S)")
+_WORD_START = re.compile(r"[\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000](?=\S)")
+
+
+def _cut(text: str, start: int, end: int) -> int:
+    """Where to end the piece that starts at `start` and may reach `end`: the last line start (else word start)
+    before `end`, searched from the end in growing windows; `end` itself when there is none, the one place where
+    a token or two can differ from tokenizing the text whole."""
+    for pattern in (_LINE_START, _WORD_START):
+        span = 4096
+        while True:
+            lo = max(start + 1, end - span)
+            found = None
+            for found in pattern.finditer(text, lo, end + 1):  # end + 1: the lookahead may see text[end]
+                pass
+            if found:
+                return found.start()
+            if lo == start + 1:
+                break
+            span *= 16
+    return end
+
+
+def _pieces(blocks: Iterable[str]) -> Iterator[tuple[str, bool]]:
+    """One document, given as consecutive blocks of text, as (piece, ends_document) pairs of at most PIECE_CHARS
+    characters each; an empty document yields nothing (it gets no end-of-text)."""
+    text = ""
+    for block in blocks:
+        text += block
+        start = 0
+        while len(text) - start > PIECE_CHARS:
+            end = _cut(text, start, start + PIECE_CHARS)
+            yield text[start:end], False
+            start = end
+        text = text[start:]
+    if text:
+        yield text, True
+
+
+def _not_utf8(path: Path, reason: str, offset: int) -> UserError:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        hint = "it starts with a UTF-16 byte-order mark: convert it, e.g. iconv -f UTF-16 -t UTF-8"
+    else:
+        hint = "convert it, e.g. iconv -f GB18030 -t UTF-8"
+    return UserError(f"{path} is not valid UTF-8: {reason} at byte offset {offset} ({hint})")
+
+
+def _read_text(path: Path) -> Iterator[tuple[str, bool]]:
+    """A .txt file is one document, decoded and cut as it is read, so memory does not grow with the file."""
+    return _pieces(_decode_blocks(path))
+
+
+def _decode_blocks(path: Path) -> Iterator[str]:
+    # Line ends become "\n", as in Python's text mode, through which earlier versions read .txt files.
+    decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(), translate=True)
+    offset, first = 0, True
     with open(path, "rb") as f:
         while True:
-            chunk = f.read(1 << 20)
-            pending = len(decoder.getstate()[0])  # bytes of a character split across chunks
+            block = f.read(PIECE_CHARS)
+            held = len(decoder.getstate()[0])  # bytes of a character split across blocks
             try:
-                decoder.decode(chunk, final=not chunk)
+                text = decoder.decode(block, final=not block)
             except UnicodeDecodeError as err:
-                raise UserError(
-                    f"{path} is not valid UTF-8: {err.reason} at byte offset {offset - pending + err.start} "
-                    "(convert it, e.g. iconv -f GB18030 -t UTF-8)"
-                ) from None
-            if not chunk:
+                raise _not_utf8(path, err.reason, offset - held + err.start) from None
+            if first and text:
+                text, first = text.removeprefix("\ufeff"), False  # a UTF-8 byte-order mark is not text
+            offset += len(block)
+            yield text
+            if not block:
                 return
-            offset += len(chunk)
 
 
-def _encode_batch(batch: pa.Table, tokenizer: str, special_token_id: int) -> pa.Table:
-    """Each non-empty document's tokens plus the end-of-text id, as one Arrow list per document."""
-    texts = batch.column("text").to_pylist()
-    encoded = [ids for ids in get_tokenizer(tokenizer).encode_ordinary_batch(texts, num_threads=1) if ids]
-    # Built through numpy, which converts each document's list in C: handing Arrow (or datasets) millions of
-    # Python ints to convert one by one costs almost as much as tokenizing them.
-    # 64-bit offsets: a batch of large documents (one per text file) can exceed 2**31 tokens.
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum([len(ids) + 1 for ids in encoded], out=offsets[1:])
-    values = np.empty(offsets[-1], dtype=np.uint32)
-    for ids, end in zip(encoded, offsets[1:]):
-        values[end - 1 - len(ids) : end - 1] = ids
-        values[end - 1] = special_token_id
-    return pa.table({"ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))})
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 
 
-def _load_documents(files: list[Path], cache_dir: Path):
-    from datasets import load_dataset  # heavy import, only needed on a cache miss
+def _read_json_lines(path: Path) -> Iterator[tuple[str, bool]]:
+    """One document per line: the 'text' field of a JSON object. Blank lines are skipped."""
+    offset = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, err.reason, offset + err.start) from None
+            offset += len(raw)
+            line = line.rstrip("\r\n")
+            if number == 1:
+                line = line.removeprefix("\ufeff")
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:  # messages read "Expecting value" or "Unterminated string starting at"
+                where = f"{'' if err.msg.endswith(' at') else ' at'} column {err.colno}"
+                raise UserError(f"{path} line {number} is not valid JSON: {err.msg}{where}") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path} line {number} is a JSON {_JSON_TYPES.get(type(row), 'null')}, not an object "
+                                "with a 'text' field (one JSON object per line)")
+            text = row.get("text")
+            if not isinstance(text, str):
+                held = "no 'text' value (missing or null)" if text is None else \
+                    f"a 'text' {_JSON_TYPES[type(text)]}, not a string"
+                raise UserError(f"{path} line {number} has {held}")
+            yield from _pieces([text])
 
-    fmt = FORMATS[files[0].suffix.lower()]
-    kwargs = {"sample_by": "document"} if fmt == "text" else {}
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, bool]]:
+    """One document per row of the 'text' column, decoded PARQUET_ROWS rows at a time."""
+    parquet = pq.ParquetFile(path)
+    schema = parquet.schema_arrow
+    if "text" not in schema.names:
+        raise UserError(f"{path} has no 'text' column (columns: {', '.join(schema.names)})")
+    kind = schema.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise UserError(f"the 'text' column of {path} holds {kind}, not strings")
+    row = 0
+    for batch in parquet.iter_batches(batch_size=PARQUET_ROWS, columns=["text"]):
+        column = batch.column(0)
+        if column.null_count:
+            first = row + column.is_null().to_pylist().index(True)
+            raise UserError(f"{path}: {column.null_count} rows from row index {first} have no 'text' value (null)")
+        try:
+            texts = column.to_pylist()
+        except UnicodeDecodeError as err:  # parquet writers do not all check that strings are UTF-8
+            bad = next(i for i in range(len(column)) if not _decodes(column[i]))
+            raise UserError(f"{path} row index {row + bad}: 'text' is not valid UTF-8 ({err.reason})") from None
+        for text in texts:
+            yield from _pieces([text])
+        row += len(column)
+
+
+def _decodes(value: pa.Scalar) -> bool:
     try:
-        ds = load_dataset(
-            fmt, data_files=[str(f) for f in files], split="train", cache_dir=str(cache_dir / "hf"), **kwargs
-        )
-    except Exception as err:  # datasets wraps decode and parse errors; name the cause in one line
-        cause = err.__cause__ or err
-        raise UserError(f"could not read {files[0].parent}: {type(cause).__name__}: {cause}") from None
-    if "text" not in ds.column_names:
-        raise UserError(f"{files[0]} has no 'text' field (columns: {', '.join(ds.column_names)})")
-    text = ds.data.column("text")
-    if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
-        raise UserError(f"the 'text' field in {files[0].parent} holds {text.type}, not strings")
-    if text.null_count:
-        raise UserError(f"{text.null_count} documents in {files[0].parent} have no 'text' value (missing or null)")
-    return ds
+        value.as_py()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
-def _write_stream(ds, out_file: Path, dtype: pa.DataType) -> int:
-    """Flatten the per-document token lists into fixed-size record batches; memory is one chunk at most."""
-    schema = pa.schema([("tokens", dtype)])
-    pending: list[pa.Array] = []
-    pending_len = total = 0
+READERS = {"text": _read_text, "json": _read_json_lines, "parquet": _read_parquet}
+
+
+def _batches(files: list[Path], fmt: str, progress: tqdm) -> Iterator[list[tuple[str, bool]]]:
+    """Pieces of every document in corpus order, grouped into batches of about PIECE_CHARS characters."""
+    batch, size = [], 0
+    for path in files:
+        try:
+            for piece in READERS[fmt](path):
+                batch.append(piece)
+                size += len(piece[0])
+                if size >= PIECE_CHARS:
+                    progress.update(size)
+                    yield batch
+                    batch, size = [], 0
+        except OSError as err:
+            raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+        except pa.ArrowException as err:
+            raise UserError(f"could not read {path}: {err}") from None
+    if batch:
+        yield batch
+
+
+# ----------------------------------------------------------------------------------------------- tokenizing
+def _encode(encoding, text: str) -> np.ndarray:
+    try:
+        return encoding.encode_to_numpy(text, disallowed_special=())  # no special tokens: ordinary encoding
+    except UnicodeEncodeError:  # lone surrogates (JSON escapes): replaced, as tiktoken's encode_ordinary does
+        return encoding.encode_to_numpy(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"),
+                                        disallowed_special=())
+
+
+def _encode_batch(encoding, batch: list[tuple[str, bool]], eot: np.ndarray, dtype) -> np.ndarray:
+    """A batch's tokens, with the end-of-text id after each piece that ends a document."""
+    parts = []
+    for text, ends_document in batch:
+        parts.append(_encode(encoding, text))
+        if ends_document:
+            parts.append(eot)
+    return np.concatenate(parts).astype(dtype)
+
+
+def _token_arrays(batches, encoding, eot_id: int, dtype, threads: int) -> Iterator[np.ndarray]:
+    """Tokens of each batch in order, encoded by `threads` threads (tiktoken releases the GIL) with at most two
+    batches per thread in flight, so memory is bounded whatever the corpus size."""
+    eot = np.array([eot_id], dtype=np.uint32)
+    with ThreadPoolExecutor(threads) as pool:
+        pending = deque()
+        for batch in batches:
+            pending.append(pool.submit(_encode_batch, encoding, batch, eot, dtype))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _write_tokens(arrays: Iterator[np.ndarray], out_file: Path, dtype) -> int:
+    """Write the token arrays as Arrow record batches of CHUNK_TOKENS tokens; memory is one chunk."""
+    schema = pa.schema([("tokens", pa.from_numpy_dtype(dtype))])
+    chunk, filled, total = np.empty(CHUNK_TOKENS, dtype=dtype), 0, 0
     with pa.OSFile(str(out_file), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-
-        def flush(final: bool):
-            nonlocal pending, pending_len
-            merged = pa.concat_arrays(pending) if pending else pa.array([], dtype)
-            while len(merged) >= CHUNK_TOKENS or (final and len(merged)):
-                writer.write_batch(pa.record_batch([merged.slice(0, CHUNK_TOKENS)], schema=schema))
-                merged = merged.slice(CHUNK_TOKENS)
-            pending, pending_len = [merged], len(merged)
-
-        for table in ds.with_format("arrow").iter(batch_size=1000):
-            values = pc.list_flatten(table.column("ids")).combine_chunks().cast(dtype)
-            pending.append(values)
-            pending_len += len(values)
-            total += len(values)
-            if pending_len >= CHUNK_TOKENS:
-                flush(final=False)
-        flush(final=True)
+        for tokens in arrays:
+            total += len(tokens)
+            while len(tokens):
+                n = min(len(tokens), CHUNK_TOKENS - filled)
+                chunk[filled : filled + n] = tokens[:n]
+                filled, tokens = filled + n, tokens[n:]
+                if filled == CHUNK_TOKENS:
+                    writer.write_batch(pa.record_batch([pa.array(chunk)], schema=schema))
+                    filled = 0
+        if filled:
+            writer.write_batch(pa.record_batch([pa.array(chunk[:filled])], schema=schema))
     return total
 
 
 def tokenize_corpus(
-    spec: str, tokenizer: str, special_token_id: int, cache_dir: str | Path, num_proc: int | None = None
+    spec: str,
+    tokenizer: str,
+    special_token_id: int,
+    cache_dir: str | Path | None = None,
+    num_proc: int | None = None,
+    role: str = "train",
 ) -> tuple[TokenStream, bool]:
-    """Tokenize the corpus at `spec` into a cached Arrow token file. Returns (stream, whether the cache was hit)."""
-    files = resolve_files(spec)
-    cache_dir = Path(cache_dir).expanduser()
-    out_dir = cache_dir / f"tokens-{corpus_fingerprint(files, tokenizer, special_token_id)}"
-    tokens_file = out_dir / "tokens.arrow"
-    if tokens_file.exists():
-        return TokenStream(tokens_file), True
-
-    if FORMATS[files[0].suffix.lower()] != "parquet":  # parquet stores strings already validated
-        for f in files:
-            check_utf8(f)
-    vocab = get_tokenizer(tokenizer).n_vocab  # loaded before the map, so forked workers inherit it ready-made
-    ds = _load_documents(files, cache_dir)
-    if num_proc is None:  # worker start-up only pays off on big corpora
-        num_proc = min(os.cpu_count() or 1, 8) if sum(f.stat().st_size for f in files) > 64 * 2**20 else 1
-    num_proc = max(1, min(num_proc, len(ds)))
-    ds = ds.with_format("arrow").map(
-        _encode_batch,
-        fn_kwargs={"tokenizer": tokenizer, "special_token_id": special_token_id},
-        batched=True,
-        batch_size=64,
-        num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=ds.column_names,
-        desc=f"tokenizing {spec}",
-    )
-    dtype = pa.uint16() if vocab <= 2**16 else pa.uint32()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Write under a unique name and rename: concurrent builders (several nodes) and crashes never leave a torn file.
-    tmp = out_dir / f".tokens-{uuid.uuid4().hex}.arrow"
+    """Tokenize the corpus at `spec` into the cache (default ~/.cache/accel_gpt) unless its tokens are there and
+    check out. Returns (stream, whether the cache was hit). Errors name `role` ("train", "validation") and the file."""
     try:
-        num_tokens = _write_stream(ds, tmp, dtype)
+        return _tokenize(spec, tokenizer, special_token_id, cache_dir, num_proc, role)
+    except UserError as err:
+        raise UserError(f"{role} data: {err}") from None
+
+
+def _tokenize(spec, tokenizer, special_token_id, cache_dir, num_proc, role) -> tuple[TokenStream, bool]:
+    files = resolve_files(spec)
+    fmt = FORMATS[files[0].suffix.lower()]
+    encoding = get_tokenizer(tokenizer)
+    settings = {"format": fmt, "tokenizer": tokenizer, "special_token_id": special_token_id}
+    entry = cache.entry_for(cache_dir, files, settings)
+    problem = cache.check(entry)
+    if problem is None:
+        cache.mark_used(entry)
+        return TokenStream(entry / cache.TOKENS), True
+    if problem != "missing":
+        log.warning("%s data: the token cache %s is damaged (%s); rebuilding it", role, entry, problem)
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = num_proc or min(8, cores)
+    dtype = np.uint16 if encoding.n_vocab <= 2**16 else np.uint32
+    tmp = cache.temp_tokens(entry)
+    # On a terminal only, and cleared when done: for bad input the error is the only line.
+    progress = tqdm(unit="char", unit_scale=True, desc=f"tokenizing {role} data", leave=False,
+                    disable=not sys.stderr.isatty())
+    try:
+        with progress:
+            arrays = _token_arrays(_batches(files, fmt, progress), encoding, special_token_id, dtype, threads)
+            num_tokens = _write_tokens(arrays, tmp, dtype)
         if num_tokens == 0:
             raise UserError(f"data path {spec} contains no text")
+        meta = {**settings, "files": [str(f) for f in files], "num_tokens": num_tokens}
+        cache.install(entry, tmp, meta)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    finally:
-        ds.cleanup_cache_files()
-    meta = {"files": [str(f) for f in files], "tokenizer": tokenizer, "num_tokens": num_tokens, "num_documents": len(ds)}
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, tokens_file)
-    return TokenStream(tokens_file), False
+    return TokenStream(entry / cache.TOKENS), False
 
 
 # ----------------------------------------------------------------------------------------------- windows

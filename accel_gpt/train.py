@@ -196,8 +196,9 @@ def load_token_streams(cfg: TrainConfig, accelerator: Accelerator, eot_id: int) 
     cache_dir = cfg.token_cache_dir()
     with accelerator.local_main_process_first():  # one rank per machine tokenizes; the others hit its cache
         train = tokenize_corpus(cfg.train_data_path, cfg.tokenizer, eot_id, cache_dir, cfg.num_proc)[0]
-        if cfg.val_data_path:
-            val = tokenize_corpus(cfg.val_data_path, cfg.tokenizer, eot_id, cache_dir, cfg.num_proc)[0]
+        if cfg.val_data_path is not None:
+            val = tokenize_corpus(cfg.val_data_path, cfg.tokenizer, eot_id, cache_dir, cfg.num_proc,
+                                  role="validation")[0]
             return train, val
     split = int(len(train) * (1.0 - cfg.val_fraction))
     return train.view(0, split), train.view(split, len(train))

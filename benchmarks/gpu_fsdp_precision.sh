@@ -8,26 +8,9 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_fsdp_precision}
 mkdir -p "$OUT"
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, accelerate; print('torch', torch.__version__, '| accelerate', accelerate.__version__)"
-
-# Without `datasets` (not on every GPU image) write the token cache the trainer would, from the same tokenizer.
-python3 -c "import datasets" 2>/dev/null || python3 - "$OUT/cache" <<'PY'
-import sys
-from pathlib import Path
-import numpy as np, pyarrow as pa
-from accel_gpt.data import corpus_fingerprint, resolve_files
-from accel_gpt.tokenizer import get_tokenizer
-files = resolve_files("tinyshakespeare")
-ids = get_tokenizer("gpt2").encode_ordinary(files[0].read_text(encoding="utf-8")) + [50256]
-folder = Path(sys.argv[1]) / f"tokens-{corpus_fingerprint(files, 'gpt2', 50256)}"
-folder.mkdir(parents=True, exist_ok=True)
-schema = pa.schema([("tokens", pa.uint16())])
-with pa.OSFile(str(folder / "tokens.arrow"), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-    writer.write_batch(pa.record_batch([pa.array(np.asarray(ids, dtype=np.uint16))], schema=schema))
-print(f"no datasets here: wrote {len(ids):,} tokens to {folder}")
-PY
 
 cat > "$OUT/output_cast_kept.py" <<'PY'
 import accel_gpt.train as t

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one call of under 8 minutes on one H100 or H200, from the repo root:
 #   bash benchmarks/gpu_smoke.sh [PHASE ...]      (results and logs under ${OUT:-/tmp/gpu_smoke})
-# Python packages the GPU image lacks (datasets, dill, multiprocess; optionally liger-kernel and
-# cut-cross-entropy for the loss-kernel comparison) are installed from wheels in .whl/ when that folder exists.
+# Python packages the GPU image lacks (xxhash where absent; optionally liger-kernel and cut-cross-entropy for the
+# loss-kernel comparison) are installed from wheels in .whl/ when that folder exists.
 # 1. the unit tests that need no process launch, on the GPU machine's torch;
 # 2. benchmarks/gpu_step.py: attention and loss kernels, the minimal loop vs the trainer for gpt2-small
 #    (compiled and eager) and mini, with tokens/s, ms/step, MFU and peak memory (PHASEs select its phases);
@@ -12,13 +12,13 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_smoke}
 mkdir -p "$OUT"
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, accelerate, datasets, pyarrow, tiktoken; print('torch', torch.__version__, '| accelerate', accelerate.__version__, '| datasets', datasets.__version__, '| pyarrow', pyarrow.__version__)"
+python3 -c "import torch, accelerate, pyarrow, tiktoken, xxhash; print('torch', torch.__version__, '| accelerate', accelerate.__version__, '| pyarrow', pyarrow.__version__, '| xxhash', xxhash.VERSION)"
 
 python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_data.py tests/test_checkpoint.py \
   tests/test_schedule.py tests/test_config.py tests/test_tokenizer.py tests/test_metrics.py 2>&1 | tail -3

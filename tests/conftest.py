@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-# Tests never touch the network: datasets and transformers must work from local files only.
+# Tests never touch the network: transformers must work from local files only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 VERDICT = Path(str(resources.files("accel_gpt") / "assets" / "the-verdict.txt"))

@@ -1,5 +1,11 @@
+import codecs
+import difflib
 import json
 import os
+import random
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -8,6 +14,7 @@ import pytest
 import torch
 from accelerate.data_loader import prepare_data_loader
 
+from accel_gpt import data
 from accel_gpt.data import (
     CHUNK_TOKENS,
     GlobalBatchSampler,
@@ -19,6 +26,7 @@ from accel_gpt.data import (
 )
 from accel_gpt.errors import UserError
 from accel_gpt.tokenizer import get_tokenizer
+from conftest import REPO
 
 DOCS = ["The first document.", "Second one, a little longer than the first.", "第三个文件：西游记。"]
 EOS = 50256
@@ -61,6 +69,131 @@ def test_missing_or_empty_paths_are_clear_errors(tmp_path, cache_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no .txt, .jsonl or .parquet files"):
         resolve_files(str(tmp_path / "empty"))
+    with pytest.raises(UserError, match=r"empty\*? matches only directories .*empty.*pattern that matches files"):
+        resolve_files(str(tmp_path / "empty*"))
+    with pytest.raises(UserError, match="the data path is empty"):
+        resolve_files("")  # an unset $DATA must not mean "every file under the working directory"
+
+
+def test_hidden_files_and_folders_are_skipped(tmp_path):
+    root = write_corpus(tmp_path / "h", "txt")
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / ".ipynb_checkpoints" / "doc0-checkpoint.txt").write_text(DOCS[0])  # a duplicate
+    (root / "._doc0.txt").write_bytes(b"\x00\x05\x16\x07\x00\x02\xff\xfe")  # a macOS sidecar, not UTF-8
+    expected = [root / f"doc{i}.txt" for i in range(3)]
+    assert resolve_files(str(root)) == expected
+    assert resolve_files(str(root / "**" / "*.txt")) == expected
+    assert resolve_files(str(root / "._doc0.txt")) == [root / "._doc0.txt"]  # named explicitly, it is read
+
+
+def test_byte_order_marks(tmp_path, cache_dir):
+    (tmp_path / "bom").mkdir()
+    (tmp_path / "bom" / "a.txt").write_bytes(codecs.BOM_UTF8 + DOCS[2].encode())
+    (tmp_path / "bom.jsonl").write_bytes(codecs.BOM_UTF8 + json.dumps({"text": DOCS[2]}).encode() + b"\n")
+    for spec in (tmp_path / "bom", tmp_path / "bom.jsonl"):
+        stream, _ = tokenize_corpus(str(spec), "gpt2", EOS, cache_dir)
+        assert stream.read(0, len(stream)).tolist() == expected_stream(DOCS[2:])  # the mark is not text
+    (tmp_path / "utf16.txt").write_text(DOCS[0], encoding="utf-16")
+    with pytest.raises(UserError, match="utf16.txt is not valid UTF-8: .* UTF-16 byte-order mark: .*iconv -f UTF-16"):
+        tokenize_corpus(str(tmp_path / "utf16.txt"), "gpt2", EOS, cache_dir)
+
+
+def write_parquet_shards(root, *columns):
+    root.mkdir()
+    for i, column in enumerate(columns):
+        pq.write_table(pa.table({"text": pa.array(column, pa.string())}), root / f"shard{i}.parquet")
+    return root
+
+
+def test_errors_name_the_role_the_file_and_the_line(tmp_path, cache_dir):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(999)) + "[1, 2]\n")
+    with pytest.raises(UserError, match=r"^validation data: .*rows.jsonl line 1000 is a JSON array, not an object"):
+        tokenize_corpus(str(rows), "gpt2", EOS, cache_dir, role="validation")
+    rows.write_text('{"text": "fine"}\n\n{"text": "cut off\n')
+    with pytest.raises(UserError, match=r"^train data: .*rows.jsonl line 3 is not valid JSON: Unterminated string"):
+        tokenize_corpus(str(rows), "gpt2", EOS, cache_dir)
+    rows.write_text('{"text": "fine"}\n{"text": 7}\n')
+    with pytest.raises(UserError, match=r"rows.jsonl line 2 has a 'text' number, not a string"):
+        tokenize_corpus(str(rows), "gpt2", EOS, cache_dir)
+    shards = write_parquet_shards(tmp_path / "shards", ["a"], ["b", None, None])
+    with pytest.raises(UserError, match=r"shard1.parquet: 2 rows from row index 1 have no 'text' value"):
+        tokenize_corpus(str(shards), "gpt2", EOS, cache_dir)
+
+
+def test_empty_parquet_shards_add_nothing(tmp_path, cache_dir):
+    shards = write_parquet_shards(tmp_path / "shards", [], DOCS)
+    stream, _ = tokenize_corpus(str(shards), "gpt2", EOS, cache_dir)
+    assert stream.read(0, len(stream)).tolist() == expected_stream(DOCS)
+    with pytest.raises(UserError, match=r"^train data: data path .*shard0.parquet contains no text"):
+        tokenize_corpus(str(shards / "shard0.parquet"), "gpt2", EOS, cache_dir)
+
+
+def random_text(seed: int, words: list[str], separators: list[str], n: int = 2000) -> str:
+    rng = random.Random(seed)
+    return "".join(rng.choice(words) + rng.choice(separators) for _ in range(n))
+
+
+WORDS = ["the", "Cat", "a", "123", "don't", "!!", "é", "漢字", "'s", "x\u3000y"]
+LARGE_TEXTS = {
+    "LF lines and paragraphs": random_text(0, WORDS, [" ", " ", "\n", "\n\n", "  \n", ". ", "\n    "]),
+    "CRLF and CR lines": random_text(1, WORDS, [" ", "\r\n", "\r\n\r\n", "\t", "\r"]),
+    "Chinese, ideographic-space indents": random_text(2, ["悟空道：", "你好。", "，", "“好！”"], ["", "", "\n　　"]),
+}
+
+
+@pytest.mark.parametrize("kind", LARGE_TEXTS)
+def test_a_large_file_is_tokenized_in_pieces_with_the_tokens_of_the_whole(tmp_path, cache_dir, monkeypatch, kind):
+    monkeypatch.setattr(data, "PIECE_CHARS", 300)  # ~40 pieces, read in 300-byte blocks that split characters
+    text = LARGE_TEXTS[kind]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "big.txt").write_text(text, encoding="utf-8", newline="")
+    (tmp_path / "c" / "small.txt").write_text(DOCS[0], encoding="utf-8")
+    stream, _ = tokenize_corpus(str(tmp_path / "c"), "gpt2", EOS, cache_dir)
+    enc = get_tokenizer("gpt2")
+    as_read = text.replace("\r\n", "\n").replace("\r", "\n")  # line ends as in Python's text mode
+    assert stream.read(0, len(stream)).tolist() == enc.encode_ordinary(as_read) + [EOS] + expected_stream(DOCS[:1])
+
+
+def test_text_without_whitespace_differs_only_at_the_cuts(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setattr(data, "PIECE_CHARS", 300)
+    text = random_text(3, ["漢字", "abc", "!!", "123", "é"], [""], n=3000)  # nowhere to cut between pre-tokens
+    (tmp_path / "blob.txt").write_text(text, encoding="utf-8")
+    stream, _ = tokenize_corpus(str(tmp_path / "blob.txt"), "gpt2", EOS, cache_dir)
+    enc = get_tokenizer("gpt2")
+    got, whole = stream.read(0, len(stream)).tolist(), enc.encode_ordinary(text) + [EOS]
+    assert enc.decode(got[:-1]) == text and got[-1] == EOS and got.count(EOS) == 1
+    cuts = len(text) // 300
+    opcodes = difflib.SequenceMatcher(a=whole, b=got, autojunk=False).get_opcodes()
+    differing = sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in opcodes if tag != "equal")
+    assert 0 < differing <= 2 * cuts, (differing, cuts)  # README states the measured figure
+
+
+def test_tokenizing_a_large_file_keeps_memory_bounded(tmp_path):
+    """Peak RSS growth while tokenizing one 16 MB file, in a fresh process: the whole file read at once would
+    cost its text and ~5M tokens (as Python ints ~180 MB); pieces cost a few MiB each."""
+    text = (REPO / "accel_gpt" / "assets" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    big = tmp_path / "big.txt"
+    with open(big, "w", encoding="utf-8") as f:
+        for i in range(15):
+            f.write(f"Part {i}.\n{text}")
+    child = f"""
+import json
+from accel_gpt.data import tokenize_corpus
+def status(key):
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key + ':')) // 1024
+tokenize_corpus('the-verdict', 'gpt2', {EOS}, {str(tmp_path / 'cache')!r})  # warm: imports, tokenizer, threads
+base = status('VmRSS')
+open('/proc/self/clear_refs', 'w').write('5')  # restart the peak (VmHWM) from here
+stream, _ = tokenize_corpus({str(big)!r}, 'gpt2', {EOS}, {str(tmp_path / 'cache')!r})
+print(json.dumps({{'tokens': len(stream), 'growth_mib': status('VmHWM') - base}}))
+"""
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(result.stdout)
+    assert measured["tokens"] > 5_000_000
+    assert measured["growth_mib"] < 64, measured
 
 
 def test_second_run_hits_the_cache_and_a_changed_file_misses(tmp_path, cache_dir):
@@ -72,6 +205,20 @@ def test_second_run_hits_the_cache_and_a_changed_file_misses(tmp_path, cache_dir
     os.utime(root / "doc0.txt", ns=(1, 1))
     third, hit3 = tokenize_corpus(str(root), "gpt2", EOS, cache_dir)
     assert not hit3 and third.read(0, len(third)).tolist() == expected_stream(["Edited."] + DOCS[1:])
+
+
+def test_cache_is_keyed_on_content_not_size_or_time(tmp_path, cache_dir):
+    root = write_corpus(tmp_path / "c", "txt")
+    tokenize_corpus(str(root), "gpt2", EOS, cache_dir)
+    doc = root / "doc1.txt"
+    stat = doc.stat()
+    doc.write_text(DOCS[1].replace("longer", "LONGER"), encoding="utf-8")  # same size; then the time is put back,
+    os.utime(doc, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as cp -p, rsync -t and tar do
+    stream, hit = tokenize_corpus(str(root), "gpt2", EOS, cache_dir)
+    assert not hit and stream.read(0, len(stream)).tolist() == expected_stream([DOCS[0], doc.read_text(), DOCS[2]])
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(root, moved)  # same contents under new paths and times: nothing to tokenize again
+    assert tokenize_corpus(str(moved), "gpt2", EOS, cache_dir)[1]
 
 
 def arange_stream(tmp_path, n: int) -> TokenStream:

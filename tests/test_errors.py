@@ -1,10 +1,13 @@
 """Bad input gets one clear line on stderr and a non-zero exit, never a traceback or a damaged checkpoint."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from accel_gpt.checkpoint import list_checkpoints
@@ -12,9 +15,24 @@ from conftest import REPO, VERDICT
 from test_launch import common_args
 
 
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "accel_gpt.train", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+def run_cli(*args, timeout=300, prefix=()):
+    return subprocess.run([*prefix, sys.executable, "-m", "accel_gpt.train", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+
+
+def without_read_override(probe) -> list[str]:
+    """A command prefix under which file permissions apply: root ignores them, so drop the capabilities that let it
+    (setpriv from util-linux). `probe` is a file with mode 000 that must then be unreadable."""
+    if os.geteuid() != 0:
+        return []
+    prefix = ["setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-dac_override,-dac_read_search"]
+    try:
+        denied = subprocess.run([*prefix, "cat", str(probe)], capture_output=True, timeout=30).returncode != 0
+    except FileNotFoundError:
+        denied = False
+    if not denied:
+        pytest.skip("running as root and cannot drop CAP_DAC_OVERRIDE (no setpriv): permissions would not apply")
+    return prefix
 
 
 def assert_one_line_error(result, *fragments):
@@ -24,6 +42,12 @@ def assert_one_line_error(result, *fragments):
     assert len(errors) == 1, result.stderr[-3000:]
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
+
+
+def assert_only_line_error(result, *fragments):
+    """Bad input data: the error line is all there is on stderr (no progress bars or library log lines first)."""
+    assert_one_line_error(result, *fragments)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +61,48 @@ def trained_run(tmp_path_factory):
 
 
 def test_missing_and_empty_data_paths(tmp_path):
-    assert_one_line_error(run_cli("--train_data_path", tmp_path / "nope.txt"), "data path not found", "nope.txt")
+    assert_only_line_error(run_cli("--train_data_path", tmp_path / "nope.txt"), "data path not found", "nope.txt")
     (tmp_path / "empty").mkdir()
-    assert_one_line_error(run_cli("--train_data_path", tmp_path / "empty"), "no .txt, .jsonl or .parquet files")
+    assert_only_line_error(run_cli("--train_data_path", tmp_path / "empty"), "no .txt, .jsonl or .parquet files")
     (tmp_path / "blank").mkdir()
     (tmp_path / "blank" / "a.txt").write_text("")
-    assert_one_line_error(
+    assert_only_line_error(
         run_cli("--train_data_path", tmp_path / "blank", "--data_cache_dir", tmp_path / "c"), "contains no text"
     )
+
+
+def test_empty_data_paths_are_refused_not_searched_from_the_working_directory(tmp_path):
+    assert_only_line_error(run_cli("--train_data_path", ""), "train data: the data path is empty")
+    assert_only_line_error(run_cli("--train_data_path", VERDICT, "--val_data_path", "", "--data_cache_dir",
+                                  tmp_path / "c"), "validation data: the data path is empty")
+
+
+def test_unreadable_files_and_folders_are_one_line(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.txt").write_text("Readable text. " * 50)
+    (corpus / "sub" / "b.txt").write_text("Text in a folder that cannot be listed. " * 50)
+    (corpus / "locked.jsonl").write_text('{"text": "unreadable"}\n')
+    (corpus / "locked.jsonl").chmod(0)
+    prefix = without_read_override(corpus / "locked.jsonl")
+    result = run_cli("--train_data_path", corpus / "locked.jsonl", "--data_cache_dir", tmp_path / "c", prefix=prefix)
+    assert_only_line_error(result, "train data: cannot read", "locked.jsonl: Permission denied")
+    (corpus / "locked.jsonl").unlink()
+    (corpus / "sub").chmod(0)
+    try:  # a folder that cannot be listed must stop the run, not leave half the corpus out
+        result = run_cli("--train_data_path", corpus, "--data_cache_dir", tmp_path / "c", prefix=prefix)
+    finally:
+        (corpus / "sub").chmod(0o755)
+    assert_only_line_error(result, "train data: cannot read directory", "corpus/sub: Permission denied")
+
+
+def test_parquet_strings_that_are_not_utf8(tmp_path):
+    # Arrow trusts the writer; this one wrote the bytes of "ok" and then two that are not UTF-8.
+    offsets, values = pa.py_buffer(bytes([0, 0, 0, 0, 2, 0, 0, 0, 6, 0, 0, 0])), pa.py_buffer(b"ok" + b"ab\xff\xfe")
+    texts = pa.Array.from_buffers(pa.string(), 2, [None, offsets, values])
+    pq.write_table(pa.table({"text": texts}), tmp_path / "bad.parquet")
+    result = run_cli("--train_data_path", tmp_path / "bad.parquet", "--data_cache_dir", tmp_path / "c")
+    assert_only_line_error(result, "train data:", "bad.parquet row index 1: 'text' is not valid UTF-8")
 
 
 def test_invalid_utf8_names_the_file_and_byte_offset(tmp_path):
@@ -52,14 +110,14 @@ def test_invalid_utf8_names_the_file_and_byte_offset(tmp_path):
     bad.write_bytes("Ein schönes Haus".encode("utf-8") + " und ein schönes Boot".encode("latin-1"))
     result = run_cli("--train_data_path", bad, "--data_cache_dir", tmp_path / "c")
     offset = len("Ein schönes Haus".encode("utf-8")) + len(" und ein sch")  # the latin-1 'ö'
-    assert_one_line_error(result, "latin1.txt is not valid UTF-8", f"byte offset {offset}")
+    assert_only_line_error(result, "latin1.txt is not valid UTF-8", f"byte offset {offset}")
 
 
 def test_jsonl_rows_without_text(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
     result = run_cli("--train_data_path", tmp_path / "d", "--data_cache_dir", tmp_path / "c")
-    assert_one_line_error(result, "1 documents in", "have no 'text' value")
+    assert_only_line_error(result, "train data:", "a.jsonl line 2 has no 'text' value")
 
 
 def test_corpus_too_short_for_one_step_and_val_without_batches(tmp_path):

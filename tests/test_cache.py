@@ -1,0 +1,142 @@
+"""The token cache: a damaged entry is rebuilt with one warning, concurrent builders agree, users list and prune."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from accel_gpt import cache
+from accel_gpt.data import tokenize_corpus
+from accel_gpt.tokenizer import get_tokenizer
+from conftest import REPO, VERDICT
+from test_errors import run_cli
+from test_launch import common_args, read_metrics
+
+EOS = 50256
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def random_bytes(path):
+    path.write_bytes(os.urandom(path.stat().st_size))
+
+
+def flip_one_byte(path):  # same size, still a readable Arrow file: only the hash sees it
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def garbage_meta(path):
+    (path.parent / cache.META).write_text("{not json")
+
+
+@pytest.mark.parametrize("damage", [truncate, random_bytes, flip_one_byte, garbage_meta])
+def test_a_damaged_entry_is_reported_once_and_rebuilt(tmp_path, caplog, damage):
+    first, _ = tokenize_corpus(str(VERDICT), "gpt2", EOS, tmp_path)
+    expected = first.read(0, len(first)).tolist()
+    damage(first.path)
+    with caplog.at_level(logging.WARNING):
+        again, hit = tokenize_corpus(str(VERDICT), "gpt2", EOS, tmp_path, role="validation")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "is damaged" in warnings[0]
+    assert warnings[0].startswith("validation data: the token cache")
+    assert not hit and again.read(0, len(again)).tolist() == expected
+    assert cache.check(again.path.parent) is None and again.path == first.path
+    assert not [p for p in again.path.parent.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_concurrent_builders_both_finish_with_the_same_valid_cache(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = (REPO / "accel_gpt" / "assets" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    for i in range(6):  # ~2M tokens: both are tokenizing at the same time
+        (corpus / f"part{i}.txt").write_text(f"Part {i}.\n{text}", encoding="utf-8")
+    child = f"""
+import json, os, sys, time
+from accel_gpt.data import tokenize_corpus
+open(sys.argv[1] + '.ready', 'w').close()
+while not os.path.exists({str(tmp_path / 'go')!r}):
+    time.sleep(0.01)
+stream, hit = tokenize_corpus({str(corpus)!r}, 'gpt2', {EOS}, {str(tmp_path / 'cache')!r})
+print(json.dumps({{'hit': hit, 'tokens': len(stream), 'head': stream.read(0, 50).tolist()}}))
+"""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, "-c", child, str(tmp_path / f"p{i}")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    deadline = time.time() + 120
+    while not all((tmp_path / f"p{i}.ready").exists() for i in range(2)) and time.time() < deadline:
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    results = [json.loads(out) for out, _ in outputs]
+    assert results[0] == results[1] and not results[0]["hit"]  # both built it, and got the same tokens
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert cache.check(entry) is None and sorted(p.name for p in entry.iterdir()) == [cache.META, cache.TOKENS]
+
+
+def test_a_damaged_cache_does_not_stop_a_run_and_changes_no_loss(tmp_path):
+    """Issue 10's acceptance: corrupt the cache, run the CLI: one warning, a rebuilt cache, the same losses."""
+    args = ["--max_steps", "4", "--eval_freq", "2", "--save_freq", "100"]
+    fresh = run_cli(*common_args(tmp_path / "fresh", tmp_path / "cache"), *args)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    (entry,) = (tmp_path / "cache").iterdir()
+    random_bytes(entry / cache.TOKENS)
+    healed = run_cli(*common_args(tmp_path / "healed", tmp_path / "cache"), *args)
+    assert healed.returncode == 0 and "Traceback" not in healed.stderr, healed.stderr[-3000:]
+    mentions = [line for line in healed.stderr.splitlines() if "token cache" in line]
+    assert len(mentions) == 1 and "is damaged" in mentions[0] and "rebuilding it" in mentions[0], healed.stderr
+    assert cache.check(entry) is None
+    fresh_losses, healed_losses = (
+        [(r["loss"], r.get("val_loss")) for _, r in sorted(read_metrics(tmp_path / run).items())]
+        for run in ("fresh", "healed")
+    )
+    assert len(fresh_losses) == 4 and fresh_losses[1][1] is not None and healed_losses == fresh_losses
+
+
+def test_the_cache_cli_lists_and_prunes(tmp_path, capsys):
+    root = tmp_path / "cache"
+    good, _ = tokenize_corpus(str(VERDICT), "gpt2", EOS, root)
+    other = tmp_path / "other.txt"
+    other.write_text("Another corpus, soon damaged.", encoding="utf-8")
+    damaged, _ = tokenize_corpus(str(other), "gpt2", EOS, root)
+    truncate(damaged.path)
+    busy = root / "tokens-0123456789abcdef01234567"  # a run is tokenizing into it right now
+    busy.mkdir()
+    (busy / ".tokens-feed.arrow").write_bytes(b"x" * 100)
+    stale = good.path.parent / ".tokens-dead.arrow"  # left by a run killed while writing
+    stale.write_bytes(b"x" * 1000)
+    os.utime(stale, (time.time() - 2 * cache.BUSY_SECONDS,) * 2)
+    (root / "hf" / "json").mkdir(parents=True)
+    (root / "hf" / "json" / "raw.arrow").write_bytes(b"x" * 5000)
+
+    listing = subprocess.run([sys.executable, "-m", "accel_gpt.cache", "--data_cache_dir", str(root), "list"],
+                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert lines[0].startswith(f"{root}: 4 entries")
+    status = {name: line for line in lines for name in ("hf", good.path.parent.name, damaged.path.parent.name,
+                                                        busy.name) if line.strip().startswith(name)}
+    assert " ok " in status[good.path.parent.name] and str(VERDICT) in status[good.path.parent.name]
+    assert "tokens.arrow has" in status[damaged.path.parent.name] and "busy" in status[busy.name]
+    assert "obsolete: raw corpus copies" in status["hf"]
+
+    cache.main(["--data_cache_dir", str(root), "prune", "--dry_run"])
+    assert "would free" in capsys.readouterr().out and (root / "hf").exists() and stale.exists()
+    cache.main(["--data_cache_dir", str(root), "prune"])
+    out = capsys.readouterr().out
+    assert not (root / "hf").exists() and not damaged.path.parent.exists() and not stale.exists()
+    assert busy.exists() and "kept" in out and cache.check(good.path.parent) is None
+    cache.main(["--data_cache_dir", str(root), "prune", "--unused_days", "2"])
+    assert good.path.parent.exists()  # used just now
+    os.utime(good.path.parent, (time.time() - 3 * 86400,) * 2)
+    cache.main(["--data_cache_dir", str(root), "prune", "--unused_days", "2"])
+    assert not good.path.parent.exists() and "unused for 2 days" in capsys.readouterr().out
+    assert tokenize_corpus(str(VERDICT), "gpt2", EOS, root)[1] is False  # pruned: built again on next use

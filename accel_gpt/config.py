@@ -230,14 +230,16 @@ def load_yaml(name: str) -> dict:
     return data
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + message
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one UserError line instead of usage + message."""
+
+    def error(self, message):
         raise UserError(f"command line: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     # Defaults are SUPPRESSed so that only flags the user typed override the YAML file; --help still shows them.
-    parser = _Parser(
+    parser = CommandLineParser(
         prog="accelerate launch -m accel_gpt.train",
         description="Pretrain a GPT-2 model. Values come from the defaults, then --config FILE, then the flags below.",
         allow_abbrev=False,

@@ -248,8 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file of key: value pairs, or a bundled config name (e.g. xiyouji)")
     for name, f in _FIELDS.items():
         metavar = {bool: "true|false"}.get(_TYPES[name], _TYPES[name].__name__.upper())
-        default = "none" if f.default is None else f.default
-        parser.add_argument(f"--{name}", metavar=metavar, help=f"{f.metadata['help']} (default: {default})")
+        text = f.metadata["help"]
+        if "default" not in text:  # a help text that explains its default already says it better than "none"
+            text += f" (default: {'none' if f.default is None else f.default})"
+        parser.add_argument(f"--{name}", metavar=metavar, help=text)
     return parser
 
 

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -61,6 +62,9 @@ def test_help_lists_every_option_with_default():
     for name in TrainConfig.__dataclass_fields__:
         assert f"--{name}" in text
     assert "(default: 0.001)" in text and "(default: mini)" in text
+    # A help text that explains its own default is not followed by a second "(default: none)".
+    assert not re.search(r"default[^()]*\) \(default", text), re.findall(r"\([^()]*default[^()]*\) \(default: [^)]*\)", text)
+    assert "(default: the tokenizer's, 50256 for gpt2) --" in text and "(default: none)" in text
 
 
 def test_cli_error_is_one_line_without_traceback():

@@ -108,6 +108,13 @@ class TrainConfig:
     start_context: str = _opt("Every effort moves you", "prompt for the greedy sample printed at evaluation")
     sample_tokens: int = _opt(50, "tokens generated for each sample")
     output_dir: str | None = _opt(None, "run directory: config, metrics.jsonl, samples (default: runs/<time>)")
+    report_to: str = _opt(
+        "none",
+        "experiment trackers that get every metrics.jsonl record, through Accelerate: none, all (every installed "
+        "one), or a comma-separated list of tensorboard, wandb, mlflow, trackio, aim, comet_ml, clearml, dvclive, swanlab",
+    )
+    project_name: str = _opt("accel_gpt", "tracker project name (TensorBoard: <output_dir>/trackers/<project_name>)")
+    run_name: str | None = _opt(None, "tracker run name (default: the run directory's name)")
     # --- checkpoints
     checkpoint_dir: str | None = _opt(None, "where checkpoints go (default: <output_dir>/checkpoints)")
     save_freq: int = _opt(100, "save a checkpoint every N optimizer steps (and always at the end)")

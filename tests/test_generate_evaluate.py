@@ -119,23 +119,26 @@ def evaluate(run, capsys, *args) -> dict:
 
 def test_evaluate_prints_the_notebook_perplexity(run, tmp_path, capsys):
     model = analysis.load_model(run["dir"])
-    result = cli("evaluate", "--checkpoint", run["dir"], "--data", VERDICT, "--data_cache_dir", run["cache"])
-    assert result.returncode == 0, result.stderr[-2000:]
-    scored = json.loads(result.stdout)  # one JSON line; non-overlapping windows by default
-    assert scored["stride"] == scored["context_len"] == 64 and scored["tokens"] == 5145  # 5,145 tokens + end-of-text
-    expected = analysis.perplexity(model, VERDICT, stride=64, data_cache_dir=run["cache"])
-    assert scored["perplexity"] == pytest.approx(expected, rel=1e-6)
-    assert scored["perplexity"] == pytest.approx(math.exp(scored["loss"]), rel=1e-12)
-    assert evaluate(run, capsys, "--data", "the-verdict")["loss"] == pytest.approx(scored["loss"], rel=1e-6)
     (tmp_path / "corpus").mkdir()
     part = tmp_path / "corpus" / "part.txt"
     part.write_text(VERDICT.read_text()[:3000])
+    result = cli("evaluate", "--checkpoint", run["dir"], "--data", part, "--data_cache_dir", run["cache"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    scored = json.loads(result.stdout)  # one JSON line; non-overlapping windows by default
+    assert scored["stride"] == scored["context_len"] == 64
+    expected = analysis.perplexity(model, part, stride=64, data_cache_dir=run["cache"])
+    assert scored["perplexity"] == pytest.approx(expected, rel=1e-6)
+    assert scored["perplexity"] == pytest.approx(math.exp(scored["loss"]), rel=1e-12)
     strided = evaluate(run, capsys, "--data", part, "--stride", 16, "--batch_size", 3)
     assert strided["perplexity"] == pytest.approx(
         analysis.perplexity(model, str(part), stride=16, batch_size=1, data_cache_dir=run["cache"]), rel=1e-6)
-    assert strided["loss"] != pytest.approx(evaluate(run, capsys, "--data", part)["loss"], rel=1e-4)  # more context
+    assert strided["tokens"] == scored["tokens"] and strided["loss"] != pytest.approx(scored["loss"], rel=1e-4)
     for spec in (tmp_path / "corpus", tmp_path / "corpus" / "*.txt"):  # the other data path forms
         assert evaluate(run, capsys, "--data", spec, "--stride", 16)["loss"] == pytest.approx(strided["loss"], rel=1e-6)
+    bundled = evaluate(run, capsys, "--data", "the-verdict")
+    assert bundled["tokens"] == 5145  # 5,145 tokens and the end-of-text after the document: 5,145 targets
+    assert bundled["perplexity"] == pytest.approx(analysis.perplexity(model, VERDICT, stride=64,
+                                                                      data_cache_dir=run["cache"]), rel=1e-6)
 
 
 @pytest.mark.parametrize("stride", [65, 256, 0, -3])

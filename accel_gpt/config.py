@@ -109,6 +109,13 @@ class TrainConfig:
     start_context: str = _opt("Every effort moves you", "prompt for the greedy sample printed at evaluation")
     sample_tokens: int = _opt(50, "tokens generated for each sample")
     output_dir: str | None = _opt(None, "run directory: config, metrics.jsonl, samples (default: runs/<time>)")
+    report_to: str = _opt(
+        "none",
+        "experiment trackers that get every metrics.jsonl record, through Accelerate: none, all (every installed "
+        "one), or a comma-separated list of tensorboard, wandb, mlflow, trackio, aim, comet_ml, clearml, dvclive, swanlab",
+    )
+    project_name: str = _opt("accel_gpt", "tracker project name (TensorBoard: <output_dir>/trackers/<project_name>)")
+    run_name: str | None = _opt(None, "tracker run name (default: the run directory's name)")
     # --- checkpoints
     checkpoint_dir: str | None = _opt(None, "where checkpoints go (default: <output_dir>/checkpoints)")
     save_freq: int = _opt(100, "save a checkpoint every N optimizer steps (and always at the end)")
@@ -231,14 +238,16 @@ def load_yaml(name: str) -> dict:
     return data
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + message
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one UserError line instead of usage + message."""
+
+    def error(self, message):
         raise UserError(f"command line: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     # Defaults are SUPPRESSed so that only flags the user typed override the YAML file; --help still shows them.
-    parser = _Parser(
+    parser = CommandLineParser(
         prog="accelerate launch -m accel_gpt.train",
         description="Pretrain a GPT-2 model. Values come from the defaults, then --config FILE, then the flags below.",
         allow_abbrev=False,
@@ -247,8 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file of key: value pairs, or a bundled config name (e.g. xiyouji)")
     for name, f in _FIELDS.items():
         metavar = {bool: "true|false"}.get(_TYPES[name], _TYPES[name].__name__.upper())
-        default = "none" if f.default is None else f.default
-        parser.add_argument(f"--{name}", metavar=metavar, help=f"{f.metadata['help']} (default: {default})")
+        text = f.metadata["help"]
+        if "default" not in text:  # a help text that explains its default already says it better than "none"
+            text += f" (default: {'none' if f.default is None else f.default})"
+        parser.add_argument(f"--{name}", metavar=metavar, help=text)
     return parser
 
 

@@ -8,10 +8,9 @@ The folder loads with `transformers.GPT2LMHeadModel.from_pretrained(HF_DIR)` and
 from __future__ import annotations
 
 import argparse
-import sys
 
 from accel_gpt.analysis import load_model
-from accel_gpt.errors import UserError
+from accel_gpt.errors import run_command
 from accel_gpt.hf import export_to_hf
 
 
@@ -21,13 +20,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step", type=int, help="with a run directory: the checkpoint at this step")
     parser.add_argument("--out", required=True, help="output folder for config.json + model.safetensors")
     args = parser.parse_args(argv)
-    try:
-        out = export_to_hf(load_model(args.checkpoint, step=args.step), args.out)
-    except UserError as err:
-        print(f"accel_gpt: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    out = export_to_hf(load_model(args.checkpoint, step=args.step), args.out)
     print(f"wrote {out}/config.json and {out}/model.safetensors (GPT2LMHeadModel)")
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -1,19 +1,25 @@
-"""What a run reports: `metrics.jsonl` (one JSON object per optimizer step), `samples.jsonl`, the console,
-and the model-FLOPs utilisation (MFU) arithmetic behind the throughput figures.
+"""What a run reports: `config.yaml`, `metrics.jsonl` (one JSON object per optimizer step), `samples.jsonl`, the
+console, experiment trackers (through Accelerate), and the model-FLOPs utilisation (MFU) arithmetic.
 
 Only the main process writes; every other rank gets a logger that does nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
+from accel_gpt.errors import UserError
 from accel_gpt.model import GPTModel
 
 # Dense peak FLOP/s per GPU from the vendors' data sheets: (bf16/fp16 tensor cores, fp32 matmuls with TF32).
@@ -79,12 +85,69 @@ def peak_flops(device: torch.device, mixed_precision: str) -> float | None:
     return None
 
 
+def resolve_trackers(report_to: str) -> list[str]:
+    """`report_to` (none, all, or a comma-separated list) -> the Accelerate trackers to log with. Unknown or
+    uninstalled trackers are a UserError here: Accelerate itself would skip an uninstalled one silently."""
+    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    installed = [tracker.value for tracker in get_available_trackers()]
+    if names in ([], ["none"]):
+        return []
+    if names == ["all"]:
+        return installed
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise UserError(
+                f"unknown tracker {name!r} in report_to; choose none, all, or from {', '.join(LOGGER_TYPE_TO_CLASS)}"
+            )
+        if name not in installed:
+            raise UserError(f"tracker {name!r} is not installed here (pip install {name.replace('_', '-')})")
+    return list(dict.fromkeys(names))
+
+
+def tracking_options(report_to: str) -> dict:
+    """Keyword arguments for `Accelerator(...)`: the trackers of `report_to` (nothing when it is none).
+
+    Accelerate wants a logging directory up front for trackers that write files, but the run directory is
+    decided after the Accelerator exists (rundir uses its collectives): RunLogger points it at
+    `<run_dir>/trackers` before `init_trackers` (TensorBoard's event files: `<run_dir>/trackers/<project_name>/`)."""
+    trackers = resolve_trackers(report_to)
+    if not trackers:
+        return {}
+    return {"log_with": trackers, "project_config": ProjectConfiguration(logging_dir="trackers")}
+
+
+def tracker_run_options(run_dir: Path, run_name: str, resumed_at: int) -> dict:
+    """Per-tracker `init_kwargs`: the run's name, and for a resumed run the same tracker run where the tracker
+    can continue one. TensorBoard writes into the same directory and hides the events of steps after the
+    checkpoint (purge_step), which the resumed run logs again; W&B reopens the run whose id is derived from the
+    run directory (steps it has already logged are ignored)."""
+    run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    options = {
+        "wandb": {"name": run_name, "id": run_id, "resume": "allow", "dir": str(run_dir)},
+        "mlflow": {"run_name": run_name},
+    }
+    if resumed_at:
+        options["tensorboard"] = {"purge_step": resumed_at + 1}
+    return options
+
+
 class RunLogger:
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, initial_step: int = 0):
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, initial_step: int = 0,
+                 config: dict | None = None, accelerator: Accelerator | None = None):
+        """`config`, the resolved configuration, goes to config.yaml and to the trackers as hyper-parameters;
+        `accelerator` carries the trackers chosen by `tracking_options` (none: metrics.jsonl only)."""
         self.enabled, self.total_steps = enabled, total_steps
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        if config is not None:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+        self._accelerator = accelerator if accelerator is not None and accelerator.log_with else None
+        if self._accelerator is not None:
+            config = config or {}
+            self._accelerator.project_configuration.logging_dir = str(run_dir / "trackers")
+            options = tracker_run_options(run_dir, config.get("run_name") or run_dir.name, initial_step)
+            self._accelerator.init_trackers(config.get("project_name", "accel_gpt"), config, options)
         # Appending keeps a resumed run's history in one file; readers keep the latest record of each step.
         self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self._samples = open(run_dir / "samples.jsonl", "a", encoding="utf-8")
@@ -101,6 +164,8 @@ class RunLogger:
             return
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
+        if self._accelerator is not None:  # the same record, under the same step number
+            self._accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         line = (
             f"step {record['step']:>6}/{self.total_steps} | epoch {record['epoch']} | loss {record['loss']:.4f} | "
             f"lr {record['lr']:.2e} | {record['tokens_per_sec']:,.0f} tok/s"

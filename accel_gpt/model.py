@@ -1,12 +1,14 @@
 """GPT-2 from scratch: token + position embeddings, pre-LayerNorm blocks with causal attention and a GELU MLP.
 
-Numerically the same network as Hugging Face's `GPT2LMHeadModel` (tests/test_model.py proves it), plus decoding.
+Numerically the same network as Hugging Face's `GPT2LMHeadModel` (tests/test_model.py proves it), plus decoding
+with a key/value cache and greedy, top-k and nucleus (top-p) sampling.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -81,12 +83,15 @@ class MultiHeadAttention(nn.Module):
         self.qkv = nn.Linear(cfg.embedding_dim, 3 * cfg.embedding_dim, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(cfg.embedding_dim, cfg.embedding_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         batch, seq, dim = x.shape
         q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        # is_causal lets SDPA pick flash/memory-efficient kernels and avoids materialising a mask.
+        if cache is not None:  # decoding: attend to every cached position as well
+            k, v = cache.append(k, v)
+        # is_causal lets SDPA pick flash/memory-efficient kernels and avoids materialising a mask. A single new
+        # token may see every cached position, so it needs no mask (LayerCache.append rules out the other cases).
         out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=seq > 1, dropout_p=self.dropout if self.training else 0.0
         )
         return self.out_proj(out.transpose(1, 2).reshape(batch, seq, dim))
 
@@ -111,8 +116,8 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop_shortcut = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
@@ -126,6 +131,48 @@ def fit_vocabulary_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     if tensor.shape[0] >= rows:
         return tensor[:rows]
     return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
+
+
+class LayerCache:
+    """One layer's keys and values `[batch, heads, positions, head_dim]` for the positions decoded so far,
+    preallocated to `capacity` positions so each new token is written in place instead of re-concatenated."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.length = capacity, 0
+        self.keys = self.values = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' keys and values; return those of every position so far."""
+        new = k.shape[2]
+        if self.length and new > 1:  # SDPA's causal mask is top-left aligned: wrong for a block after a prefix
+            raise ValueError("after the prefill a cache grows one position at a time")
+        if self.length + new > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions; clear it before the window slides")
+        if self.keys is None or self.keys.shape[0] != k.shape[0]:
+            shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
+            self.keys = k.new_empty(shape)
+            self.values = v.new_empty(shape)
+        end = self.length + new
+        self.keys[:, :, self.length : end] = k
+        self.values[:, :, self.length : end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class KVCache:
+    """Every layer's keys and values, so decoding runs one new position per token instead of the whole text."""
+
+    def __init__(self, num_layers: int, capacity: int):
+        self.layers = [LayerCache(capacity) for _ in range(num_layers)]
+
+    @property
+    def length(self) -> int:
+        """Positions cached: the position index of the next token."""
+        return self.layers[0].length
+
+    def clear(self) -> None:
+        for layer in self.layers:
+            layer.length = 0
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -232,20 +279,30 @@ class GPTModel(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
         """Token ids `[batch, seq]` -> logits `[batch, seq, vocabulary_size]` (never the padding rows); with
         `targets`, the mean cross-entropy instead (on CPU computed in chunks so the full logits never exist: the
-        fast path there)."""
+        fast path there).
+
+        With a `cache` (decoding), `idx` continues the cached positions, its keys and values are added to the
+        cache, and only the last position's logits `[batch, 1, vocabulary_size]` are returned."""
         seq = idx.shape[1]
-        if seq > self.config.context_len:
-            raise ValueError(f"sequence length {seq} exceeds the model's context_len {self.config.context_len}")
-        positions = torch.arange(seq, device=idx.device)
+        start = 0 if cache is None else cache.length
+        if start + seq > self.config.context_len:
+            raise ValueError(f"sequence length {start + seq} exceeds the model's context_len {self.config.context_len}")
+        positions = torch.arange(start, start + seq, device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))
-        for block in self.trf_blocks:
-            if self.activation_checkpointing and self.training:  # recompute activations in backward: less memory
+        for i, block in enumerate(self.trf_blocks):
+            if cache is not None:
+                x = block(x, cache.layers[i])
+            elif self.activation_checkpointing and self.training:  # recompute activations in backward: less memory
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
+        if cache is not None:  # decoding needs the next token's logits only: skip the head for the prompt
+            x = x[:, -1:]
         x = self.final_norm(x)
         vocabulary = self.config.vocabulary_size
         if targets is None:
@@ -266,8 +323,34 @@ class GPTModel(nn.Module):
         return total - self.pos_emb.weight.numel() if exclude_position_embeddings else total
 
 
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids `[batch, 1]` from the last position's logits `[batch, vocab]`: argmax when temperature is 0
+    or top_k is 1; else a draw from softmax(logits / temperature), cut to the top_k tokens and then to the
+    smallest set whose probability reaches top_p (nucleus sampling), in the order Hugging Face applies them."""
+    if temperature <= 0.0 or top_k == 1:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the more likely ones already reach top_p; the most likely token always stays.
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
 @torch.no_grad()
-def generate(
+def stream_tokens(
     model: GPTModel,
     idx: torch.Tensor,
     max_new_tokens: int,
@@ -276,23 +359,39 @@ def generate(
     top_k: int | None = None,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Extend `idx` `[batch, seq]` by up to `max_new_tokens`; greedy when temperature is 0 or top_k is 1."""
+    top_p: float | None = None,
+    use_cache: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Yield each token id `[batch, 1]` that follows `idx` `[batch, seq]` as soon as it is chosen, up to
+    `max_new_tokens` or until every row picks `eos_id`; sampling as in `sample_next` (greedy by default).
+
+    The prompt is run once and each new token then costs one position, its keys and values cached per layer
+    (`use_cache=False` re-runs the whole window for every token: the same tokens, much slower). Once the text
+    is longer than `context_size`, each token re-runs the last `context_size` tokens, as without a cache."""
     context_size = context_size or model.config.context_len
+    cache = KVCache(model.config.num_layers, context_size) if use_cache else None
+    pending = idx  # tokens whose keys and values are not cached yet
     for _ in range(max_new_tokens):
-        logits = model(idx[:, -context_size:])[:, -1, :]
-        if temperature <= 0.0 or top_k == 1:
-            next_id = logits.argmax(dim=-1, keepdim=True)
+        if cache is None or cache.length + pending.shape[1] > context_size:
+            # No cache, or the text outgrew the window: positions are learned absolute embeddings, so once the
+            # window slides every cached key and value is stale. Recompute from the last context_size tokens.
+            if cache is not None:
+                cache.clear()
+            logits = model(idx[:, -context_size:], cache=cache)
         else:
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits / temperature, dim=-1)
-            next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+            logits = model(pending, cache=cache)
+        next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
         if eos_id is not None and bool((next_id == eos_id).all()):
-            break
+            return
+        yield next_id
         idx = torch.cat([idx, next_id], dim=1)
-    return idx
+        pending = next_id
+
+
+def generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, *args, **kwargs) -> torch.Tensor:
+    """`idx` `[batch, seq]` extended by up to `max_new_tokens` tokens; the options are `stream_tokens`'
+    (context_size, temperature, top_k, eos_id, generator, top_p, use_cache): greedy by default."""
+    return torch.cat([idx, *stream_tokens(model, idx, max_new_tokens, *args, **kwargs)], dim=1)
 
 
 def generate_text(
@@ -303,6 +402,7 @@ def generate_text(
     context_size: int | None = None,
     top_k: int | None = 1,
     temperature: float = 0.0,
+    top_p: float | None = None,
 ) -> str:
     """Decode `start_context` plus its continuation as text (greedy by default), in eval mode."""
     was_training = model.training
@@ -310,6 +410,6 @@ def generate_text(
     device = next(model.parameters()).device
     ids = tokenizer.encode(start_context, allowed_special={"<|endoftext|>"})
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    out = generate(model, idx, max_new_tokens, context_size, temperature=temperature, top_k=top_k)
+    out = generate(model, idx, max_new_tokens, context_size, temperature=temperature, top_k=top_k, top_p=top_p)
     model.train(was_training)
     return tokenizer.decode(out[0].tolist())

@@ -1,10 +1,12 @@
 """Tokenizers as `tiktoken.Encoding` objects; GPT-2's is built offline from ranks shipped with the package.
 
 Nothing here touches the network for "gpt2", so training and tests run on machines without internet.
+`TextStream` turns tokens into text one at a time, for printing generated text as it is produced.
 """
 
 from __future__ import annotations
 
+import codecs
 from functools import lru_cache
 from importlib import resources
 
@@ -38,3 +40,23 @@ def get_tokenizer(name: str = "gpt2") -> tiktoken.Encoding:
         mergeable_ranks=ranks,
         special_tokens={END_OF_TEXT: END_OF_TEXT_ID},
     )
+
+
+class TextStream:
+    """Decodes token ids one at a time into text, emitting only complete characters.
+
+    Byte-level BPE can split one UTF-8 character over several tokens (most Chinese characters take 2-3 bytes):
+    the bytes of an unfinished character wait for the tokens that complete it. Bytes that can never form a
+    character become U+FFFD, as `Encoding.decode` does, so the pieces join to the same text."""
+
+    def __init__(self, tokenizer: tiktoken.Encoding):
+        self.tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """The text that this token completes (often '' mid-character)."""
+        return self._decoder.decode(self.tokenizer.decode_single_token_bytes(token_id))
+
+    def flush(self) -> str:
+        """Whatever is left at the end: an unfinished character's bytes, as U+FFFD."""
+        return self._decoder.decode(b"", final=True)

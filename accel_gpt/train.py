@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import (
     DistributedType,
@@ -44,7 +43,7 @@ from accel_gpt.config import TrainConfig, parse_config
 from accel_gpt.data import GlobalBatchSampler, TokenStream, WindowDataset, make_loader, tokenize_corpus
 from accel_gpt.errors import UserError
 from accel_gpt.hf import load_hf_gpt2, read_hf_gpt2_config
-from accel_gpt.metrics import RunLogger, flops_per_token, peak_flops, peak_memory_mib
+from accel_gpt.metrics import RunLogger, flops_per_token, peak_flops, peak_memory_mib, tracking_options
 from accel_gpt.model import GPTConfig, GPTModel, attention_backends, generate_text
 from accel_gpt.rundir import complete_already, resolve_run_dirs
 from accel_gpt.schedule import clips_gradients_at, learning_rate_at
@@ -160,6 +159,7 @@ def start_accelerator(cfg: TrainConfig) -> tuple[Accelerator, int, int]:
         cpu=use_cpu(), gradient_accumulation_steps=accumulation,
         # Batches are pinned (make_loader), so their copies to the GPU overlap the step before them.
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
+        **tracking_options(cfg.report_to),
     )
     enable_fsdp_on_cpu(accelerator)
     keep_fsdp_loss_in_fp32(accelerator)
@@ -436,13 +436,10 @@ def train(cfg: TrainConfig) -> dict:
             accelerator.end_training()
             return {"output_dir": str(output_dir), "checkpoint_dir": str(checkpoint_dir), "world_size": world_size}
 
-    logger = RunLogger(output_dir, accelerator.is_main_process, total_steps, state.global_step)
-    if accelerator.is_main_process:
-        resolved = cfg.to_dict() | data_identity | {
-            "output_dir": str(output_dir), "checkpoint_dir": str(checkpoint_dir),
-            "gradient_accumulation_steps": accumulation,
-        }
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+    resolved = cfg.to_dict() | data_identity | {
+        "output_dir": str(output_dir), "checkpoint_dir": str(checkpoint_dir), "gradient_accumulation_steps": accumulation,
+    }
+    logger = RunLogger(output_dir, accelerator.is_main_process, total_steps, state.global_step, resolved, accelerator)
     # Under FSDP each process holds a shard: say how much, so the memory saving is visible.
     held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in raw_model().parameters())
     params = raw_model().num_parameters()

@@ -54,8 +54,9 @@ print(analysis.generate(model, "Every effort moves you", max_new_tokens=30))
 print(analysis.generate(model, "Every effort moves you", max_new_tokens=30, temperature=0.8, top_k=40, seed=1))
 
 # %%
-val_text = Path(analysis.__file__).parent / "assets" / "the-verdict.txt"
-print(f"perplexity on The Verdict: {analysis.perplexity(model, val_text):.1f}")
+# A data path (bundled name, file, directory or glob) is tokenized as training does, in the run's data cache.
+ppl = analysis.perplexity(model, "the-verdict", data_cache_dir=run.config.get("data_cache_dir"))
+print(f"perplexity on The Verdict: {ppl:.1f}")
 
 # %% [markdown]
 # ## Comparing runs

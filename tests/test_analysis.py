@@ -81,7 +81,7 @@ def test_generate_greedy_and_seeded_sampling(run_dir):
     assert a == b and a.startswith("Every effort")
 
 
-def test_perplexity_scores_every_token_once(run_dir):
+def test_perplexity_scores_every_token_once(run_dir, tmp_path):
     model = analysis.load_model(run_dir)
     ids = torch.tensor(get_tokenizer("gpt2").encode_ordinary(VERDICT.read_text()[:2000]))
     short = ids[:50]
@@ -98,7 +98,7 @@ def test_perplexity_scores_every_token_once(run_dir):
     assert len(losses) == len(ids) - 1
     got = analysis.perplexity(model, get_tokenizer("gpt2").decode(ids.tolist()), stride=16)
     assert got == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
-    assert analysis.perplexity(model, str(VERDICT)) > 1.0  # a file path works too
+    assert analysis.perplexity(model, str(VERDICT), data_cache_dir=tmp_path) > 1.0  # a file path works too
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:

@@ -1,10 +1,13 @@
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from accel_gpt.config import TrainConfig, parse_config
 from accel_gpt.errors import UserError
+from accel_gpt.model import GPTModel
 
 
 def test_defaults_then_yaml_then_command_line(tmp_path):
@@ -61,6 +64,9 @@ def test_help_lists_every_option_with_default():
     for name in TrainConfig.__dataclass_fields__:
         assert f"--{name}" in text
     assert "(default: 0.001)" in text and "(default: mini)" in text
+    # A help text that explains its own default is not followed by a second "(default: none)".
+    assert not re.search(r"default[^()]*\) \(default", text), re.findall(r"\([^()]*default[^()]*\) \(default: [^)]*\)", text)
+    assert "(default: the tokenizer's, 50256 for gpt2) --" in text and "(default: none)" in text
 
 
 def test_cli_error_is_one_line_without_traceback():
@@ -78,3 +84,14 @@ def test_yaml_numbers_are_read_as_written(tmp_path):
     )
     cfg = parse_config(["--config", str(tmp_path / "run.yaml")])
     assert (cfg.checkpoint, cfg.save_freq, cfg.max_steps, cfg.start_context, cfg.seed) == ("200", 10, 1000, "1:30", 16)
+
+
+def test_bundled_article_config_is_the_articles_run():
+    cfg = parse_config(["--config", "article_gpt2_small", "--max_steps", "2"])
+    assert (cfg.model, cfg.context_len, cfg.stride, cfg.batch_size, cfg.train_data_path) == ("gpt2-small", 1024, 1024, 2, "xiyouji")
+    assert (cfg.learning_rate, cfg.initial_lr, cfg.warmup_steps, cfg.min_lr) == (6e-4, 3e-5, 10, 1e-6)
+    assert (cfg.weight_decay, cfg.max_norm, cfg.global_batch_size, cfg.gradient_accumulation_steps) == (0.1, 1.0, None, 1)
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in cfg.start_context)
+    with torch.device("meta"):
+        model = GPTModel(cfg.model_config(50257))
+    assert model.num_parameters() == 163_009_536 and model.config.context_len == 1024

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from accel_gpt.hf import to_hf_model
-from accel_gpt.model import PRESETS, GPTConfig, GPTModel, generate, generate_text
+from accel_gpt.model import PRESETS, GPTConfig, GPTModel, KVCache, generate, generate_text, sample_next
 from accel_gpt.tokenizer import get_tokenizer
 
 
@@ -82,6 +82,52 @@ def test_sampled_generation_respects_top_k():
     for _ in range(10):
         out = generate(model, idx, 1, top_k=3, temperature=1.5, generator=gen)
         assert out[0, -1].item() in allowed
+
+
+def test_cached_decoding_gives_the_full_recompute_logits():
+    model = small(qkv_bias=True).eval()
+    idx = torch.randint(0, 1000, (2, 20))
+    cache = KVCache(model.config.num_layers, 32)
+    with torch.no_grad():
+        steps = [model(idx[:, :12], cache=cache)] + [model(idx[:, i : i + 1], cache=cache) for i in range(12, 20)]
+        full = model(idx)
+    assert cache.length == 20 and all(step.shape == (2, 1, 1000) for step in steps)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 11:], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="one position at a time"):  # a block after a prefix would be masked wrong
+        model(idx[:, :2], cache=cache)
+
+
+@pytest.mark.parametrize("prompt_len, new_tokens", [(5, 40), (30, 10), (32, 4), (45, 6)])
+def test_cached_greedy_generation_equals_full_recompute(prompt_len, new_tokens):
+    """Short prompts, prompts that reach the 32-token window while generating, fill it, or are longer than it."""
+    model = small(num_layers=3).eval()
+    torch.manual_seed(prompt_len)
+    idx = torch.randint(0, 1000, (2, prompt_len))
+    cached = generate(model, idx, new_tokens)
+    assert cached.shape == (2, prompt_len + new_tokens)
+    assert torch.equal(cached, generate(model, idx, new_tokens, use_cache=False))
+    shorter_window = generate(model, idx, new_tokens, context_size=16)
+    assert torch.equal(shorter_window, generate(model, idx, new_tokens, context_size=16, use_cache=False))
+
+
+def test_seeded_sampling_is_the_same_with_and_without_the_cache():
+    model = small().eval()
+    idx = torch.randint(0, 1000, (1, 6))
+    runs = [generate(model, idx, 30, temperature=1.0, top_k=50, top_p=0.9, use_cache=use_cache,
+                     generator=torch.Generator().manual_seed(7)) for use_cache in (True, False)]
+    assert torch.equal(*runs)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.05, 0.3, 0.15]]))
+    gen = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, 1.0, top_p=0.75, generator=gen).item() for _ in range(300)}
+    assert draws == {0, 2}  # 0.5 + 0.3 reaches 0.75; 0.15 and 0.05 are cut
+    draws = {sample_next(logits, 1.0, top_p=0.85, generator=gen).item() for _ in range(300)}
+    assert draws == {0, 2, 3}
+    assert {sample_next(logits, 1.0, top_p=0.1, generator=gen).item() for _ in range(50)} == {0}  # top token stays
+    draws = {sample_next(logits, 1.0, top_k=3, top_p=0.95, generator=gen).item() for _ in range(300)}
+    assert draws == {0, 2, 3}  # top_k first, then top_p over the renormalised rest
 
 
 def test_generate_text_returns_prompt_plus_continuation():

@@ -1,5 +1,6 @@
 """examples/analysis.py runs headless as a notebook on two real tiny runs and writes its figures."""
 
+import os
 import subprocess
 import sys
 
@@ -24,6 +25,8 @@ def test_example_notebook_executes_and_writes_pngs(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCEL_GPT_RUN", str(runs[0]))
     monkeypatch.setenv("ACCEL_GPT_COMPARE", str(runs[1]))
     monkeypatch.setenv("ACCEL_GPT_FIGURES", str(tmp_path / "figures"))
+    # The kernel runs in tmp_path: without this it would import whichever accel_gpt is installed, not this checkout.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     notebook = jupytext.read(REPO / "examples" / "analysis.py")
     client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})

@@ -1,0 +1,93 @@
+"""Sample text from a checkpoint, printed as it is generated:
+
+    python -m accel_gpt.generate --checkpoint RUN_OR_CHECKPOINT_DIR [--prompt TEXT] [--max_new_tokens N] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from accel_gpt.analysis import open_checkpoint, resolve_device
+from accel_gpt.config import CommandLineParser
+from accel_gpt.errors import UserError, run_command
+from accel_gpt.model import stream_tokens
+from accel_gpt.tokenizer import TextStream, get_tokenizer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = CommandLineParser(prog="python -m accel_gpt.generate", description=__doc__.splitlines()[0],
+                               allow_abbrev=False)
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint directory, or a run directory (its newest checkpoint that verifies)")
+    parser.add_argument("--step", type=int, help="with a run directory: the checkpoint at this step")
+    parser.add_argument("--prompt", help="text to continue (default: read from stdin; empty: start a new document)")
+    parser.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per sample (default: 200)")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="softmax temperature; 0 is greedy (default: 0.8)")
+    parser.add_argument("--top_k", type=int, default=200, help="sample from the k most likely tokens (default: 200)")
+    parser.add_argument("--top_p", type=float, help="sample from the smallest set of tokens holding this much "
+                        "probability, after top_k (nucleus sampling; default: off)")
+    parser.add_argument("--seed", type=int, help="seed for reproducible samples (default: a fresh one each run)")
+    parser.add_argument("--num_samples", type=int, default=1, help="samples to print, one after another (default: 1)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+    return parser
+
+
+def check_options(args: argparse.Namespace) -> None:
+    if args.max_new_tokens <= 0 or args.num_samples <= 0:
+        raise UserError("max_new_tokens and num_samples must be positive")
+    if args.temperature < 0:
+        raise UserError(f"temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k <= 0:
+        raise UserError(f"top_k must be positive, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {args.top_p}")
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if sys.stdin.isatty():
+        print("reading the prompt from stdin (end it with Ctrl-D)", file=sys.stderr)
+    prompt = sys.stdin.read()
+    return prompt[:-1] if prompt.endswith("\n") else prompt  # the newline `echo` adds is not part of the prompt
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    check_options(args)
+    device = resolve_device(args.device)
+    checkpoint = open_checkpoint(args.checkpoint, args.step, device)
+    tokenizer = get_tokenizer(checkpoint.train_config.get("tokenizer", "gpt2"))
+    eot = checkpoint.train_config.get("special_token_id")
+    eot = tokenizer.eot_token if eot is None else eot
+    prompt = read_prompt(args)
+    # An empty prompt starts a fresh document, as GPT-2's unconditional samples do.
+    ids = tokenizer.encode(prompt, allowed_special="all") or [eot]
+    idx = torch.tensor([ids], device=device)
+    generator = torch.Generator(device=device)
+    if args.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(args.seed)
+    out = sys.stdout
+    for sample in range(args.num_samples):
+        if sample:
+            out.write("---\n")
+        out.write(prompt)
+        text = TextStream(tokenizer)
+        # Generation stops early at the end-of-text token: the model has finished a document.
+        for next_id in stream_tokens(model=checkpoint.model, idx=idx, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eot,
+                                     generator=generator):
+            out.write(text.push(next_id.item()))
+            out.flush()
+        out.write(text.flush() + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    run_command(main)

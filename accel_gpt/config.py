@@ -31,8 +31,8 @@ class TrainConfig:
     # --- data
     train_data_path: str = _opt(
         "tinyshakespeare",
-        "training text: a .txt/.jsonl/.parquet file, a directory, a glob, or a bundled corpus name "
-        "(the-verdict, tinyshakespeare, xiyouji)",
+        "training text: a .txt/.jsonl/.parquet file, a folder written by datasets' save_to_disk (a DatasetDict's "
+        "split: FOLDER/train), a directory, a glob, or a bundled corpus name (the-verdict, tinyshakespeare, xiyouji)",
     )
     val_data_path: str | None = _opt(None, "validation text (same forms); if unset, val_fraction of the training text")
     val_fraction: float = _opt(0.1, "share of the training tokens held out for validation when val_data_path is unset")

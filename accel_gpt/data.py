@@ -1,7 +1,9 @@
 """Text -> token stream on disk (Arrow, cached) -> (input, target) windows -> world-size-independent batches.
 
-Corpora are read piece by piece and tokenized by a pool of threads into an Arrow token file in the content-keyed
-cache (`accel_gpt/cache.py`), which training memory-maps: RAM grows with neither the corpus nor its largest file.
+Corpora (.txt, .jsonl, .parquet files, or a folder written by Hugging Face `datasets`' `save_to_disk`, read
+memory-mapped through `datasets`) are read piece by piece and tokenized by a pool of threads into an Arrow token file
+in the content-keyed cache (`accel_gpt/cache.py`), which training memory-maps: RAM grows with neither the corpus nor
+its largest file.
 `GlobalBatchSampler` fixes which windows form each optimizer step; Accelerate's `prepare` is the single place that
 deals those batches out to ranks.
 """
@@ -39,12 +41,15 @@ BUNDLED_CORPORA = {"the-verdict": "the-verdict.txt", "tinyshakespeare": "tinysha
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 CHUNK_TOKENS = 1 << 20  # tokens per Arrow record batch: bounds memory while writing and reading
 PIECE_CHARS = 1 << 20  # most characters tokenized at once: a longer document is cut into pieces of this size
-PARQUET_ROWS = 256  # rows decoded at once; a parquet file's memory is bounded by this and its row-group size
+TABLE_ROWS = 256  # rows decoded at once from a parquet file or saved dataset (parquet: and its row-group size)
+DATASET_FILES = ("dataset_info.json", "state.json")  # what Dataset.save_to_disk writes beside its .arrow shards
+DATASET_DICT_FILE = "dataset_dict.json"  # what DatasetDict.save_to_disk writes beside one Dataset folder per split
 
 
 # ----------------------------------------------------------------------------------------------- corpus files
 def resolve_files(spec: str) -> list[Path]:
-    """A file, a directory (searched recursively), a glob, or a bundled corpus name -> sorted data files.
+    """A file, a saved Hugging Face Dataset folder, a directory (searched recursively), a glob, or a bundled corpus
+    name -> sorted data files (for a Dataset, its folder alone).
 
     Searching a directory or glob skips hidden names (starting with '.'): notebook checkpoints, editor backups and
     macOS `._` sidecars are copies or binary, not text to train on."""
@@ -55,6 +60,8 @@ def resolve_files(spec: str) -> list[Path]:
     path = Path(spec).expanduser()
     if path.is_file():
         candidates = [path]
+    elif _is_saved_dataset(path):  # its .json and .arrow files are the dataset's own, not corpus files to search
+        return [path]
     elif path.is_dir():
         candidates = _search(path)
     else:
@@ -73,12 +80,24 @@ def resolve_files(spec: str) -> list[Path]:
     return files
 
 
+def _is_saved_dataset(path: Path) -> bool:
+    """Whether `path` is a folder written by `Dataset.save_to_disk`. A `DatasetDict.save_to_disk` folder is refused:
+    which split to read is the user's choice (a default would validate on training text), so the error names them."""
+    if (path / DATASET_DICT_FILE).is_file():
+        splits = sorted(p.name for p in path.iterdir() if _is_saved_dataset(p))
+        raise UserError(f"{path} is a saved DatasetDict (splits: {', '.join(splits) or 'none'}): pass one split's "
+                        f"folder, e.g. {path / (splits[0] if splits else 'train')}")
+    return all((path / name).is_file() for name in DATASET_FILES)
+
+
 def _search(root: Path) -> list[Path]:
     def unreadable(err: OSError):  # os.walk would skip the folder and train on the rest
         raise UserError(f"cannot read directory {err.filename}: {err.strerror}")
 
     found = []
     for folder, subfolders, names in os.walk(root, onerror=unreadable, followlinks=True):
+        if _is_saved_dataset(Path(folder)):  # else its state.json would be read as JSON lines
+            raise UserError(f"{folder} is a saved Hugging Face dataset inside {root}: pass it as a data path of its own")
         subfolders[:] = [d for d in subfolders if not d.startswith(".")]
         found += [Path(folder, n) for n in names if not n.startswith(".")]
     return [p for p in found if p.is_file()]
@@ -229,23 +248,45 @@ def _read_json_lines(path: Path) -> Iterator[tuple[str, bool]]:
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, bool]]:
-    """One document per row of the 'text' column, decoded PARQUET_ROWS rows at a time."""
+    """One document per row of the 'text' column, decoded TABLE_ROWS rows at a time."""
     parquet = pq.ParquetFile(path)
-    schema = parquet.schema_arrow
+    _check_text_column(path, parquet.schema_arrow)
+    batches = parquet.iter_batches(batch_size=TABLE_ROWS, columns=["text"])
+    return _text_rows(path, (batch.column(0) for batch in batches))
+
+
+def _read_dataset(folder: Path) -> Iterator[tuple[str, bool]]:
+    """One document per row of a saved Dataset's 'text' column, TABLE_ROWS rows at a time from its memory-mapped
+    shards (`datasets` copies nothing into RAM)."""
+    import datasets  # here only: importing it takes seconds, which a run on text files should not pay
+
+    try:
+        dataset = datasets.load_from_disk(str(folder), keep_in_memory=False)
+    except (KeyError, ValueError) as err:  # a state.json or dataset_info.json that save_to_disk did not write
+        raise UserError(f"{folder} is not a readable saved dataset ({type(err).__name__}: {err})") from None
+    _check_text_column(folder, dataset.data.schema)
+    batches = dataset.select_columns(["text"]).with_format("arrow").iter(batch_size=TABLE_ROWS)
+    return _text_rows(folder, (batch.column(0) for batch in batches))
+
+
+def _check_text_column(path: Path, schema: pa.Schema) -> None:
     if "text" not in schema.names:
         raise UserError(f"{path} has no 'text' column (columns: {', '.join(schema.names)})")
     kind = schema.field("text").type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise UserError(f"the 'text' column of {path} holds {kind}, not strings")
+
+
+def _text_rows(path: Path, columns: Iterable[pa.Array | pa.ChunkedArray]) -> Iterator[tuple[str, bool]]:
+    """Each string of consecutive slices of a 'text' column as one document."""
     row = 0
-    for batch in parquet.iter_batches(batch_size=PARQUET_ROWS, columns=["text"]):
-        column = batch.column(0)
+    for column in columns:
         if column.null_count:
             first = row + column.is_null().to_pylist().index(True)
             raise UserError(f"{path}: {column.null_count} rows from row index {first} have no 'text' value (null)")
         try:
             texts = column.to_pylist()
-        except UnicodeDecodeError as err:  # parquet writers do not all check that strings are UTF-8
+        except UnicodeDecodeError as err:  # Arrow writers do not all check that strings are UTF-8
             bad = next(i for i in range(len(column)) if not _decodes(column[i]))
             raise UserError(f"{path} row index {row + bad}: 'text' is not valid UTF-8 ({err.reason})") from None
         for text in texts:
@@ -261,7 +302,24 @@ def _decodes(value: pa.Scalar) -> bool:
     return True
 
 
-READERS = {"text": _read_text, "json": _read_json_lines, "parquet": _read_parquet}
+READERS = {"text": _read_text, "json": _read_json_lines, "parquet": _read_parquet, "dataset": _read_dataset}
+
+
+def _format(files: list[Path]) -> str:
+    return "dataset" if files[0].is_dir() else FORMATS[files[0].suffix.lower()]
+
+
+def _dataset_shards(folder: Path) -> list[Path]:
+    """The .arrow shards that `datasets.load_from_disk` maps, in its order (state.json's `_data_files`): their bytes
+    are the rows, since save_to_disk writes selections and shuffles out in full. Read here, without `datasets`, so
+    a cache hit does not pay for importing it."""
+    state = folder / "state.json"
+    try:
+        return [folder / shard["filename"] for shard in json.loads(state.read_text(encoding="utf-8"))["_data_files"]]
+    except OSError as err:
+        raise UserError(f"cannot read {state}: {err.strerror or err}") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{state} does not list the dataset's shards ({type(err).__name__}: {err})") from None
 
 
 def _batches(files: list[Path], fmt: str, progress: tqdm) -> Iterator[list[tuple[str, bool]]]:
@@ -354,10 +412,10 @@ def tokenize_corpus(
 
 def _tokenize(spec, tokenizer, special_token_id, cache_dir, num_proc, role) -> tuple[TokenStream, bool]:
     files = resolve_files(spec)
-    fmt = FORMATS[files[0].suffix.lower()]
+    fmt = _format(files)
     encoding = get_tokenizer(tokenizer)
     settings = {"format": fmt, "tokenizer": tokenizer, "special_token_id": special_token_id}
-    entry = cache.entry_for(cache_dir, files, settings)
+    entry = cache.entry_for(cache_dir, _dataset_shards(files[0]) if fmt == "dataset" else files, settings)
     problem = cache.check(entry)
     if problem is None:
         cache.mark_used(entry)

@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="a checkpoint directory, or a run directory (its newest checkpoint that verifies)")
     parser.add_argument("--step", type=int, help="with a run directory: the checkpoint at this step")
     parser.add_argument("--data", required=True, help="text to score, in any form training takes: a .txt/.jsonl/"
-                        ".parquet file, a directory, a glob, or a bundled corpus name")
+                        ".parquet file, a folder written by datasets' save_to_disk, a directory, a glob, or a "
+                        "bundled corpus name")
     parser.add_argument("--stride", type=int, help="tokens between window starts, 1..context_len; each token is "
                         "scored once, so a shorter stride gives each more context (default: context_len, "
                         "non-overlapping windows)")

@@ -142,7 +142,7 @@ def bench_losses(out: Path, compiled: bool) -> None:
 
 # ----------------------------------------------------------------------------------------------- loops
 def minimal_loop(out: Path, name: str, preset: dict, compiled: bool, vocab_multiple: int, attention: str,
-                 loss_chunk: int = 0, steps: int = 30) -> None:
+                 loss_chunk: int = 0, steps: int = 30, compile_mode: str | None = None) -> None:
     """Forward, loss, backward, fused AdamW on one fixed batch: nothing a trainer adds."""
     torch.cuda.empty_cache()  # the last variant's model is gone: give its memory back before measuring the peak
     torch.manual_seed(0)
@@ -153,7 +153,7 @@ def minimal_loop(out: Path, name: str, preset: dict, compiled: bool, vocab_multi
     ctx = cfg.context_len or model.config.context_len
     x, y = (torch.randint(0, 50257, (cfg.batch_size, ctx), device="cuda") for _ in range(2))
     tokens = cfg.batch_size * ctx
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model, mode=compile_mode) if compiled else model
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -172,7 +172,7 @@ def minimal_loop(out: Path, name: str, preset: dict, compiled: bool, vocab_multi
         ms = cuda_time(step, steps, 2)
     flops = flops_per_token(model, ctx) * tokens
     record(out, phase="loop", variant=name, model=cfg.model, compiled=compiled, vocab_multiple=vocab_multiple,
-           attention=attention, ms=round(ms, 2), tokens_per_sec=round(tokens / ms * 1000),
+           attention=attention, compile_mode=compile_mode, ms=round(ms, 2), tokens_per_sec=round(tokens / ms * 1000),
            mfu=round(flops / (ms / 1000) / peak_flops(torch.device("cuda"), "bf16"), 4),
            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), warmup_s=round(warm, 1))
 
@@ -245,12 +245,6 @@ def main() -> None:
         ("small-eager", 45, lambda: (
             minimal_loop(out, "A eager", SMALL, False, 64, "auto"),
             trainer(out, "B eager", SMALL, False, 40))),
-        ("mini", 100, lambda: (
-            minimal_loop(out, "mini loop eager", MINI, False, 64, "auto", steps=100),
-            trainer(out, "mini as before (log_every 1, no padding)", MINI, False, 200, log_every=1, vocab_multiple=1),
-            trainer(out, "mini eager", MINI, False, 200),
-            trainer(out, "mini compiled", MINI, True, 200),
-            trainer(out, "mini compiled reduce-overhead", MINI, True, 200, compile_mode="reduce-overhead"))),
         ("small-compiled", 200, lambda: (
             minimal_loop(out, "R reference (50257, plain, torch attention)", SMALL, True, 1, "flash"),
             minimal_loop(out, "A compiled", SMALL, True, 64, "auto"),
@@ -259,6 +253,19 @@ def main() -> None:
             without_compile_caches(),
             minimal_loop(out, "A compiled, cuDNN attention", SMALL, True, 64, "cudnn"),
             trainer(out, "B compiled, cuDNN attention", SMALL, True, 60, attention="cudnn"))),
+        ("small-autotune", 600,  # compiling in this mode took 343 s on an H200 lambda: (
+            without_compile_caches(),
+            minimal_loop(out, "R reference (50257, plain, torch attention)", SMALL, True, 1, "flash"),
+            minimal_loop(out, "A compiled, max-autotune-no-cudagraphs", SMALL, True, 64, "auto",
+                         compile_mode="max-autotune-no-cudagraphs"),
+            trainer(out, "B compiled, max-autotune-no-cudagraphs", SMALL, True, 60,
+                    compile_mode="max-autotune-no-cudagraphs"))),
+        ("mini", 100, lambda: (
+            minimal_loop(out, "mini loop eager", MINI, False, 64, "auto", steps=100),
+            trainer(out, "mini as before (log_every 1, no padding)", MINI, False, 200, log_every=1, vocab_multiple=1),
+            trainer(out, "mini eager", MINI, False, 200),
+            trainer(out, "mini compiled", MINI, True, 200),
+            trainer(out, "mini compiled reduce-overhead", MINI, True, 200, compile_mode="reduce-overhead"))),
         ("profile-mini", 40, lambda: profile_trainer(out, "mini reduce-overhead", MINI, 100,
                                                      compile_mode="reduce-overhead")),
         ("loss-compiled", 45, lambda: bench_losses(out, compiled=True)),

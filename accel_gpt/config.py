@@ -84,7 +84,7 @@ class TrainConfig:
     )
     activation_checkpointing: bool = _opt(False, "recompute each block's activations in backward: less memory, about a third more compute")
     loss_chunk: int | None = _opt(
-        None, "tokens per chunk of the fused loss, 0 for plain cross-entropy (default: 64 on CPU, 0 on GPUs)"
+        None, "tokens per chunk of the fused loss, 0 for plain cross-entropy (default: 4096 on CPU, 0 on GPUs)"
     )
     tf32: bool = _opt(True, "allow TF32 matmuls for fp32 work on Ampere and newer GPUs")
     peak_flops: float | None = _opt(

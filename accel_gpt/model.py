@@ -66,8 +66,9 @@ ATTENTION_BACKENDS = {
 def attention_backends(choice: str) -> contextlib.AbstractContextManager:
     """A context in which attention prefers the `choice` kernel (falling back to the others where it cannot run).
 
-    "auto" keeps torch's own order (FlashAttention first on GPUs): on an H200, cuDNN's kernel measured the same
-    at gpt2-small's shapes (benchmarks/RESULTS.md), so there is nothing to gain by overriding it."""
+    "auto" keeps torch's own order (FlashAttention first on GPUs): on an H200, cuDNN's kernel is faster alone but
+    gave no gain inside gpt2-small's compiled step (benchmarks/RESULTS.md), so there is nothing to gain by
+    overriding it."""
     if choice == "auto":
         return contextlib.nullcontext()
     first = ATTENTION_BACKENDS[choice]
@@ -224,8 +225,16 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_hidden * scale, (grad_weight * scale).to(ctx.weight_dtype), None, None, None, None
 
 
+# The fused loss's gain on CPU is its single exp pass with the gradient formed in the same pass, not small chunks:
+# larger chunks measured faster at every size tried (benchmarks/RESULTS.md: mini 1.5-1.6x the plain loss against
+# 1.2-1.3x with 64-token chunks; gpt2-small 1.03-1.15x against 0.82x). 4,096 tokens bound the chunk's fp32 logits
+# to 0.8 GB with GPT-2's vocabulary.
+CPU_LOSS_CHUNK = 4096
+
+
 def chunked_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 64, vocabulary_size: int | None = None
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = CPU_LOSS_CHUNK,
+    vocabulary_size: int | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of the logits `hidden @ weight.T` (hidden `[..., dim]`, targets `[...]`), over the first
     `vocabulary_size` logits (default: all)."""
@@ -268,8 +277,8 @@ class GPTModel(nn.Module):
         # Training choices, not part of the saved architecture:
         self.activation_checkpointing = False
         # Tokens per chunk of the fused loss; 0 = plain cross-entropy on full logits. None picks what measured
-        # fastest (benchmarks/loss_chunk.py): 64 on CPU (1.46x the plain loss), plain on GPUs (chunking cost
-        # 3-10% on an H100, and saves the memory of the full logits).
+        # fastest (benchmarks/loss_chunk.py): CPU_LOSS_CHUNK on CPU, plain on GPUs (chunking cost 3-10% on an
+        # H100, and saves the memory of the full logits).
         self.loss_chunk: int | None = None
 
     @staticmethod
@@ -307,7 +316,7 @@ class GPTModel(nn.Module):
         vocabulary = self.config.vocabulary_size
         if targets is None:
             return self.out_head(x)[..., :vocabulary]
-        chunk = self.loss_chunk if self.loss_chunk is not None else (64 if x.device.type == "cpu" else 0)
+        chunk = self.loss_chunk if self.loss_chunk is not None else (CPU_LOSS_CHUNK if x.device.type == "cpu" else 0)
         if chunk == 0:
             logits = self.out_head(x)
             if logits.shape[-1] > vocabulary:  # padding rows: never a prediction, and their gradient is zero

@@ -52,7 +52,9 @@ def measured_cpu_peak_flops(size: int = 1024, bursts: int = 12, seconds: float =
 
     The best of several short bursts, not one average: another process busy for a moment of start-up would
     otherwise halve the peak and put the run's MFU above 100%."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    # Its own generator: dropout masks must not depend on whether the peak was measured or given (--peak_flops).
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
     a @ b  # warm-up
     best, deadline = 0.0, time.perf_counter() + seconds
     for _ in range(bursts):

@@ -1,6 +1,7 @@
 """The arithmetic behind throughput figures: the CPU peak that MFU is measured against."""
 
 import pytest
+import torch
 
 from accel_gpt import metrics
 
@@ -16,3 +17,13 @@ def test_cpu_peak_is_the_best_burst_so_a_busy_moment_cannot_halve_it(monkeypatch
     monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(readings))
     peak = metrics.measured_cpu_peak_flops(size=64, bursts=len(durations), seconds=100.0)
     assert peak == pytest.approx(2 * 64**3 / 0.01)  # not the 0.02 s bursts, nor their mean
+
+
+def test_measuring_the_cpu_peak_draws_nothing_from_the_training_rng():
+    """The peak is measured after each rank's dropout stream is seeded: drawing from that stream would make the
+    masks depend on whether --peak_flops was given."""
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    metrics.measured_cpu_peak_flops(size=32, bursts=2, seconds=0.01)
+    assert torch.equal(torch.rand(4), expected)

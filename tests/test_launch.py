@@ -90,6 +90,24 @@ def test_one_process_equals_two_processes_at_the_same_global_batch(two_process_r
         torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=0)
 
 
+def test_resume_onto_more_processes_gives_each_rank_its_own_stream(two_process_run, tmp_path):
+    """A 1-process checkpoint resumed by 2 processes: each rank is reseeded from (seed, rank, step), so the ranks'
+    dropout streams differ again, and with dropout 0 the losses are the 1-process run's."""
+    one_process = two_process_run["root"] / "run1"  # written by the test above
+    if not (one_process / "checkpoints" / "checkpoint_000005").exists():
+        pytest.skip("needs the 1-process run of test_one_process_equals_two_processes_at_the_same_global_batch")
+    out = tmp_path / "more"
+    shutil.copytree(one_process, out)
+    result = launch(common_args(out, two_process_run["cache"]) + ["--batch_size", "2", "--checkpoint", "5"],
+                    num_processes=2)
+    assert "resumed at step 5" in result.stdout and "(saved by 1 processes: dropout RNG reseeded)" in result.stdout
+    rng = load_file(str(out / "checkpoints" / "checkpoint_000010" / "rng.safetensors"))
+    assert not torch.equal(rng["rank0.torch"], rng["rank1.torch"])
+    resumed, original = read_metrics(out), read_metrics(one_process)
+    for step in range(6, 11):
+        assert resumed[step]["loss"] == pytest.approx(original[step]["loss"], abs=1e-5), step
+
+
 def test_gradient_accumulation_derived_from_global_batch_matches(two_process_run):
     out = two_process_run["root"] / "run_accum"
     result = launch(

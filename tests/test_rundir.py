@@ -36,7 +36,11 @@ def test_a_second_new_run_is_refused_and_the_first_stays_byte_identical(finished
     result = run_cli(*command(finished["out"], finished["cache"]), "--seed", "5")
     assert_one_line_error(result, f"{finished['out']} already holds a run (metrics.jsonl, checkpoint_000002",
                           "--checkpoint auto|latest|N", "another --output_dir", "--overwrite true")
-    assert snapshot(finished["out"]) == finished["files"]
+    # A fresh output_dir does not make it a new run when its checkpoint_dir holds the first run's checkpoints.
+    elsewhere = finished["root"] / "elsewhere"
+    result = run_cli(*command(elsewhere, finished["cache"]), "--checkpoint_dir", finished["out"] / "checkpoints")
+    assert_one_line_error(result, "already holds a run (checkpoint_000002", "--overwrite true")
+    assert snapshot(finished["out"]) == finished["files"] and not (elsewhere / "metrics.jsonl").exists()
 
 
 def test_rerunning_a_finished_run_with_checkpoint_auto_says_it_is_complete(finished):

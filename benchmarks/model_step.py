@@ -12,7 +12,6 @@ agree).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import time

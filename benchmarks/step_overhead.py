@@ -27,7 +27,7 @@ from accelerate import Accelerator
 
 from accel_gpt.config import TrainConfig
 from accel_gpt.metrics import RunLogger
-from accel_gpt.model import PRESETS, GPTModel
+from accel_gpt.model import GPTModel
 from accel_gpt.schedule import learning_rate_at
 from accel_gpt.train import build_optimizer, optimizer_step
 

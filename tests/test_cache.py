@@ -11,7 +11,6 @@ import pytest
 
 from accel_gpt import cache
 from accel_gpt.data import tokenize_corpus
-from accel_gpt.tokenizer import get_tokenizer
 from conftest import REPO, VERDICT
 from test_errors import run_cli
 from test_launch import common_args, read_metrics

@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from accelerate.data_loader import prepare_data_loader
 
 from accel_gpt import data

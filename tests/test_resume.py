@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import VERDICT, launch
+from conftest import launch
 from test_launch import common_args, read_metrics
 
 

@@ -406,7 +406,7 @@ def train(cfg: TrainConfig) -> dict:
     seed_rank(cfg.seed, rank)  # after the weights: from here on each rank draws its own dropout masks
     optimizer = build_optimizer(model, cfg)
     step_flops = flops_per_token(model, context_len) * global_batch * context_len
-    device_peak = cfg.peak_flops or peak_flops(accelerator.device, accelerator.mixed_precision)
+    device_peak = cfg.peak_flops or peak_flops(accelerator.device, accelerator.mixed_precision, cfg.token_cache_dir())
     attention = attention_backends(cfg.attention)
     if cfg.compile:
         model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)

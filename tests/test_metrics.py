@@ -1,5 +1,7 @@
 """The arithmetic behind throughput figures: the CPU peak that MFU is measured against."""
 
+import json
+
 import pytest
 import torch
 
@@ -27,3 +29,18 @@ def test_measuring_the_cpu_peak_draws_nothing_from_the_training_rng():
     torch.manual_seed(3)
     metrics.measured_cpu_peak_flops(size=32, bursts=2, seconds=0.01)
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_the_cpu_peak_is_the_best_measured_on_this_machine_so_far(tmp_path, monkeypatch):
+    """A start-up measurement that catches a shared VM slow would put MFU above 100%: the best earlier
+    measurement on the same processor and thread count stands in, and a better one replaces it."""
+    measurements = iter([100e9, 40e9, 150e9])
+    monkeypatch.setattr(metrics, "measured_cpu_peak_flops", lambda: next(measurements))
+    assert metrics.peak_flops(torch.device("cpu"), "no", tmp_path) == 100e9
+    assert metrics.peak_flops(torch.device("cpu"), "no", tmp_path) == 100e9  # a slow moment: the record stands
+    assert metrics.peak_flops(torch.device("cpu"), "no", tmp_path) == 150e9
+    [(key, value)] = json.loads((tmp_path / metrics.CPU_PEAK_RECORD).read_text()).items()
+    assert value == 150e9 and key.endswith(f"x{torch.get_num_threads()} threads")
+    (tmp_path / metrics.CPU_PEAK_RECORD).write_text("not json")  # a damaged record is measured over, not an error
+    monkeypatch.setattr(metrics, "measured_cpu_peak_flops", lambda: 90e9)
+    assert metrics.peak_flops(torch.device("cpu"), "no", tmp_path) == 90e9

@@ -84,7 +84,7 @@ def best_cpu_peak_flops(record_dir: Path) -> float:
     """The CPU peak measured now, or the best measured before on this processor with as many threads, if higher.
 
     One start-up measurement can catch a shared VM slow for all of its 0.3 s: on the 2-core test VM the first 0.3 s
-    of a process measured 93-132 GFLOP/s where 2 s reached 160-175, and a run logged MFU 109%. The best over runs
+    of a process measured 93-164 GFLOP/s where 2 s reached 162-176, and a run logged MFU 109%. The best over runs
     converges on what the cores can do. The record is kept beside the token cache; failing to write it costs
     nothing but that memory."""
     key = f"{_processor_name()} x{torch.get_num_threads()} threads"

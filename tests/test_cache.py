@@ -81,6 +81,27 @@ print(json.dumps({{'hit': hit, 'tokens': len(stream), 'head': stream.read(0, 50)
     assert cache.check(entry) is None and sorted(p.name for p in entry.iterdir()) == [cache.META, cache.TOKENS]
 
 
+def test_two_runs_started_together_share_one_valid_cache_through_the_cli(tmp_path):
+    """Two jobs on one corpus and one cache, started at the same moment (an array job, say): both train, one entry
+    results, and both trained on the same tokens."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = (REPO / "accel_gpt" / "assets" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    for i in range(4):  # ~1.4M tokens: seconds of tokenizing, so the builds most likely overlap (forced above)
+        (corpus / f"part{i}.txt").write_text(f"Part {i}.\n{text}", encoding="utf-8")
+    runs = [tmp_path / f"run{i}" for i in range(2)]
+    args = ["--max_steps", "3", "--eval_freq", "3", "--save_freq", "100", "--train_data_path", str(corpus)]
+    procs = [subprocess.Popen([sys.executable, "-m", "accel_gpt.train", *common_args(run, tmp_path / "cache"), *args],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for run in runs]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    (entry,) = cache.scan(tmp_path / "cache")
+    assert entry.status == "ok" and entry.tokens > 1_000_000
+    first, second = (read_metrics(run) for run in runs)
+    assert [r["loss"] for r in first.values()] == [r["loss"] for r in second.values()]
+    assert first[3]["val_loss"] == second[3]["val_loss"]
+
+
 def test_a_damaged_cache_does_not_stop_a_run_and_changes_no_loss(tmp_path):
     """Issue 10's acceptance: corrupt the cache, run the CLI: one warning, a rebuilt cache, the same losses."""
     args = ["--max_steps", "4", "--eval_freq", "2", "--save_freq", "100"]

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from accel_gpt.cache import DEFAULT_DIR as DEFAULT_CACHE_DIR
 from accel_gpt.checkpoint import (
     CONFIG_FILE,
     MANIFEST,
@@ -222,7 +223,7 @@ def corpus_tokens(spec: str | Path, tokenizer: str = "gpt2", special_token_id: i
                   data_cache_dir: str | Path | None = None) -> TokenStream:
     """A data path's tokens exactly as training reads them: end-of-text after each document, cached on disk."""
     eot = get_tokenizer(tokenizer).eot_token if special_token_id is None else special_token_id
-    return tokenize_corpus(str(spec), tokenizer, eot, data_cache_dir or "~/.cache/accel_gpt")[0]
+    return tokenize_corpus(str(spec), tokenizer, eot, data_cache_dir or DEFAULT_CACHE_DIR)[0]
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import json
 import math
 
 from accel_gpt.analysis import corpus_tokens, open_checkpoint, resolve_device, sliding_window_loss
+from accel_gpt.cache import DEFAULT_DIR as DEFAULT_CACHE_DIR
 from accel_gpt.config import CommandLineParser
 from accel_gpt.errors import run_command
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
                         "scored once, so a shorter stride gives each more context (default: context_len, "
                         "non-overlapping windows)")
     parser.add_argument("--batch_size", type=int, default=4, help="windows per forward pass (default: 4)")
-    parser.add_argument("--data_cache_dir", help="where tokenized corpora are cached (default: ~/.cache/accel_gpt)")
+    parser.add_argument("--data_cache_dir", help=f"where tokenized corpora are cached (default: {DEFAULT_CACHE_DIR})")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     args = parser.parse_args(argv)
     checkpoint = open_checkpoint(args.checkpoint, args.step, resolve_device(args.device))

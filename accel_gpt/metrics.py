@@ -118,11 +118,11 @@ def _processor_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def peak_flops(device: torch.device, mixed_precision: str, record_dir: Path | None = None) -> float | None:
+def peak_flops(device: torch.device, mixed_precision: str, record_dir: Path) -> float | None:
     """Per-device peak for MFU: the data-sheet figure for known GPUs, on CPU the best measurement (kept in
-    `record_dir` across runs, if given), else None."""
+    `record_dir` across runs), else None."""
     if device.type == "cpu":
-        return best_cpu_peak_flops(record_dir) if record_dir else measured_cpu_peak_flops()
+        return best_cpu_peak_flops(record_dir)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, (half, tf32) in GPU_PEAK_FLOPS.items():

@@ -173,7 +173,7 @@ def minimal_loop(out: Path, name: str, preset: dict, compiled: bool, vocab_multi
     flops = flops_per_token(model, ctx) * tokens
     record(out, phase="loop", variant=name, model=cfg.model, compiled=compiled, vocab_multiple=vocab_multiple,
            attention=attention, compile_mode=compile_mode, ms=round(ms, 2), tokens_per_sec=round(tokens / ms * 1000),
-           mfu=round(flops / (ms / 1000) / peak_flops(torch.device("cuda"), "bf16"), 4),
+           mfu=round(flops / (ms / 1000) / peak_flops(torch.device("cuda"), "bf16", WORK), 4),
            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), warmup_s=round(warm, 1))
 
 

@@ -218,7 +218,9 @@ def _optimizer_to_files(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
                 tensors[f"{param_name}.{key}"] = value.detach().to("cpu").contiguous()
             else:
                 scalars[f"{param_name}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    # A learning rate held in a device tensor (a CUDA-graph step reads it there) is stored as a number.
+    groups = [{k: v.item() if torch.is_tensor(v) else v for k, v in group.items()} for group in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
 def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:

@@ -79,6 +79,11 @@ class TrainConfig:
         "default", "torch.compile mode: default, reduce-overhead (CUDA graphs: for small models bound by the host), "
         "max-autotune, max-autotune-no-cudagraphs"
     )
+    cuda_graph: bool = _opt(
+        False, "capture each optimizer step (forward, backward, clipping, update) as one CUDA graph and replay it: "
+        "the host launches one graph instead of every kernel, which bounds small models; one process on one GPU, "
+        "bf16 or fp32"
+    )
     attention: str = _opt(
         "auto", "preferred attention kernel: auto (torch's choice), cudnn, flash, efficient, math"
     )
@@ -307,6 +312,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+    if cfg.cuda_graph and cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune"):
+        raise UserError(f"cuda_graph captures the whole step itself; compile_mode {cfg.compile_mode} would graph the "
+                        "model inside it: use compile_mode default or max-autotune-no-cudagraphs")
+    if cfg.cuda_graph and cfg.activation_checkpointing:
+        raise UserError("cuda_graph does not combine with activation_checkpointing (its recomputation saves and "
+                        "restores RNG state on the host)")
     for key in ("keep_last", "eval_freq"):
         if getattr(cfg, key) < 0:
             raise UserError(f"{key} must be >= 0, got {getattr(cfg, key)}")

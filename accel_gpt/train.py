@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate import Accelerator, AutocastKwargs, DataLoaderConfiguration, PartialState
 from accelerate.utils import (
     DistributedType,
     FullyShardedDataParallelPlugin,
@@ -47,6 +47,7 @@ from accel_gpt.metrics import RunLogger, flops_per_token, peak_flops, peak_memor
 from accel_gpt.model import GPTConfig, GPTModel, attention_backends, generate_text
 from accel_gpt.rundir import complete_already, resolve_run_dirs
 from accel_gpt.schedule import clips_gradients_at, learning_rate_at
+from accel_gpt.step import check_cuda_graph, make_step
 from accel_gpt.tokenizer import get_tokenizer
 
 
@@ -159,8 +160,11 @@ def start_accelerator(cfg: TrainConfig) -> tuple[Accelerator, int, int]:
         cpu=use_cpu(), gradient_accumulation_steps=accumulation,
         # Batches are pinned (make_loader), so their copies to the GPU overlap the step before them.
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
+        # A captured step must not keep autocast's cached casts across the capture's end (CUDA graphs' notes).
+        kwargs_handlers=[AutocastKwargs(cache_enabled=False)] if cfg.cuda_graph else None,
         **tracking_options(cfg.report_to),
     )
+    check_cuda_graph(cfg, accelerator)
     enable_fsdp_on_cpu(accelerator)
     keep_fsdp_loss_in_fp32(accelerator)
     if accelerator.device.type == "cpu":
@@ -233,31 +237,6 @@ def build_data(cfg: TrainConfig, streams, context_len: int, stride: int, global_
         )
     loaders = (make_loader(train_set, train_sampler), make_loader(train_set, train_eval), make_loader(val_set, val_eval))
     return RunData(train_set, val_set, train_sampler, loaders)
-
-
-def optimizer_step(model, optimizer, batches, accelerator: Accelerator, accumulation: int, max_norm: float,
-                   cuda_graphs: bool = False):
-    """Forward/backward over `accumulation` micro-batches, then one update unless the gradient norm is not finite.
-
-    Returns (this rank's mean loss, gradient norm) as device tensors: nothing here waits for the device. The
-    norm is taken after the all-reduce, so every rank makes the same skip decision."""
-    loss_sum = torch.zeros((), device=accelerator.device)
-    for _ in range(accumulation):
-        inputs, targets = next(batches)
-        if cuda_graphs:  # a new iteration: the graphs may reuse the memory of the last one's outputs
-            torch.compiler.cudagraph_mark_step_begin()
-        with accelerator.accumulate(model):  # gradient all-reduce only on the last micro-batch
-            loss = model(inputs, targets)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                if isinstance(grad_norm, DTensor):  # FSDP: a replicated norm; the optimizer wants a plain tensor
-                    grad_norm = grad_norm.full_tensor()
-                optimizer.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()  # fused AdamW skips if set
-            optimizer.step()  # a no-op until the last micro-batch
-            optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
-    return loss_sum / accumulation, grad_norm.detach().float()
 
 
 class StepWindow:
@@ -476,7 +455,7 @@ def train(cfg: TrainConfig) -> dict:
             logger.log_sample(state.global_step, generate_text(raw_model(), cfg.start_context, cfg.sample_tokens, tokenizer))
 
     tokens_per_step = global_batch * context_len
-    cuda_graphs = cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")
+    run_step = make_step(cfg, model, optimizer, accelerator, accumulation)
     log_every = cfg.log_every or (1 if accelerator.device.type == "cpu" else 10)
     window = StepWindow(accelerator, tokens_per_step, step_flops, device_peak)
     record: dict = {}
@@ -495,10 +474,8 @@ def train(cfg: TrainConfig) -> dict:
                     state.global_step, total_steps=total_steps, warmup_steps=cfg.warmup_steps,
                     initial_lr=cfg.initial_lr, learning_rate=cfg.learning_rate, min_lr=cfg.min_lr,
                 )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
                 max_norm = cfg.max_norm if clips_gradients_at(state.global_step, cfg.warmup_steps) else math.inf
-                loss, grad_norm = optimizer_step(model, optimizer, batches, accelerator, accumulation, max_norm, cuda_graphs)
+                loss, grad_norm = run_step(batches, lr, max_norm)
                 state.global_step += 1
                 state.step_in_epoch += 1
                 state.tokens_seen += tokens_per_step

@@ -5,7 +5,8 @@
 # loss-kernel comparison) are installed from wheels in .whl/ when that folder exists.
 # 1. the unit tests that need no process launch, on the GPU machine's torch;
 # 2. benchmarks/gpu_step.py: attention and loss kernels, the minimal loop vs the trainer for gpt2-small
-#    (compiled and eager) and mini, with tokens/s, ms/step, MFU and peak memory (PHASEs select its phases);
+#    (compiled and eager) and mini, with tokens/s, ms/step, MFU and peak memory, and --cuda_graph (the whole
+#    step as one CUDA graph: mini's speed, losses vs the eager step and a resume; gpt2-small) (PHASEs select);
 # 3. FSDP2 with bf16 (gpu_8_fsdp.yaml at one process): gpt2-small for 20 steps, then a resume from its step-10
 #    checkpoint: the largest loss difference, and whether the logged losses are full fp32 values;
 # 4. benchmarks/generation.py on the GPU, when it exists: tokens/s with and without the KV cache.

@@ -7,7 +7,9 @@
 - minimal loop: forward, loss, backward, fused AdamW on one fixed batch, nothing else, for (R) today's reference
   model path (vocabulary 50,257, plain loss, torch's attention order) and (A) the trainer's settings;
 - trainer: `accel_gpt.train.train()` itself (data loader, host-to-device copies, accumulation context, clipping,
-  non-finite check, reduce, metrics), its median step read from metrics.jsonl after warm-up.
+  non-finite check, reduce, metrics), its median step read from metrics.jsonl after warm-up;
+- `--cuda_graph` (phases graph, small-graph): the whole step as one CUDA graph, its losses against the eager
+  step's and a resume from its checkpoint; inductor's coordinate-descent tuning (small-coordinate-descent).
 
 For gpt2-small (tied head, no qkv bias, dropout 0, 12 x 1024 tokens, bf16 autocast), compiled and eager, and
 `mini`. Each phase is skipped once less than its cost of the `--budget` seconds is left, so a lease is never
@@ -177,16 +179,19 @@ def minimal_loop(out: Path, name: str, preset: dict, compiled: bool, vocab_multi
            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), warmup_s=round(warm, 1))
 
 
-def trainer(out: Path, name: str, preset: dict, compiled: bool, steps: int, **options) -> None:
-    """The trainer's own loop, in this process, on the bundled Chinese corpus; median of the steady steps."""
+def trainer(out: Path, name: str, preset: dict, compiled: bool, steps: int, run_dir: Path | None = None,
+            **options) -> dict[int, dict]:
+    """The trainer's own loop, in this process, on the bundled Chinese corpus; median of the steady steps.
+    Returns this run's records by step."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # each train() builds its own Accelerator
     GradientState._reset_state()
-    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=WORK))
-    cfg = TrainConfig(**preset, train_data_path="xiyouji", data_cache_dir=str(WORK / "cache"), output_dir=str(run_dir),
-                      max_steps=steps, warmup_steps=5, learning_rate=6e-4, min_lr=6e-5, eval_freq=0,
-                      save_freq=10**6, keep_last=1, compile=compiled, **options)
+    run_dir = run_dir or Path(tempfile.mkdtemp(prefix="run-", dir=WORK))
+    settings = dict(train_data_path="xiyouji", data_cache_dir=str(WORK / "cache"), output_dir=str(run_dir),
+                    max_steps=steps, warmup_steps=5, learning_rate=6e-4, min_lr=6e-5, eval_freq=0,
+                    save_freq=10**6, keep_last=1, compile=compiled)
+    cfg = TrainConfig(**preset, **(settings | options))
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     result = train(cfg)
@@ -194,13 +199,33 @@ def trainer(out: Path, name: str, preset: dict, compiled: bool, steps: int, **op
     records = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
-        records[r["step"]] = r
+        records[r["step"]] = r  # a resumed run's records follow the first run's: the last one counts
     steady = [r for s, r in records.items() if s > 20]
     ms = statistics.median(r["step_time"] for r in steady) * 1000
     record(out, phase="trainer", variant=name, model=cfg.model, compiled=compiled, ms=round(ms, 2),
            tokens_per_sec=round(statistics.median(r["tokens_per_sec"] for r in steady)),
            mfu=round(statistics.median(r["mfu"] for r in steady), 4), peak_gib=round(result["peak_memory_mib"] / 1024, 2),
            final_loss=round(result["loss"], 4), wall_s=round(wall, 1), **options)
+    return records
+
+
+def cuda_graph_checks(out: Path) -> None:
+    """`--cuda_graph` (the whole step as one CUDA graph) for mini: its speed against the trainer before this work
+    and the eager step, its losses against the eager step's, and a resume from a graphed run's checkpoint."""
+    trainer(out, "mini as before (log_every 1, no padding)", MINI, False, 200, log_every=1, vocab_multiple=1)
+    eager = trainer(out, "mini eager", MINI, False, 200)
+    graphed = trainer(out, "mini cuda_graph", MINI, False, 200, cuda_graph=True)
+    trainer(out, "mini compiled + cuda_graph", MINI, True, 200, cuda_graph=True)
+    # The graph reads its learning rate as fp32: updates differ from the eager step's in the last bits only.
+    record(out, phase="graph", variant="mini losses: cuda_graph vs eager, 200 steps",
+           max_loss_diff=max(abs(eager[s]["loss"] - graphed[s]["loss"]) for s in eager))
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=WORK))
+    first = trainer(out, "mini cuda_graph, 60 steps", MINI, False, 60, run_dir=run_dir, cuda_graph=True, save_freq=30,
+                  keep_last=0)
+    resumed = trainer(out, "mini cuda_graph, resumed at 30", MINI, False, 60, run_dir=run_dir, cuda_graph=True,
+                      checkpoint="30")
+    record(out, phase="graph", variant="mini cuda_graph: resumed at step 30 vs uninterrupted, steps 31-60",
+           max_loss_diff=max(abs(first[s]["loss"] - resumed[s]["loss"]) for s in range(31, 61)))
 
 
 def without_compile_caches() -> None:
@@ -213,6 +238,22 @@ def without_compile_caches() -> None:
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
     torch._dynamo.reset()
+
+
+def with_coordinate_descent_tuning(out: Path) -> None:
+    """gpt2-small compiled with inductor's coordinate-descent tuning of kernel launch parameters (no CUDA graphs,
+    unlike max-autotune): the minimal loop and the trainer, compiled afresh, then the setting restored."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    without_compile_caches()
+    torch._inductor.config.coordinate_descent_tuning = True
+    try:
+        minimal_loop(out, "A compiled, coordinate-descent tuning", SMALL, True, 64, "auto")
+        trainer(out, "B compiled, coordinate-descent tuning", SMALL, True, 60)
+    finally:
+        torch._inductor.config.coordinate_descent_tuning = False
+        torch._dynamo.reset()
 
 
 def profile_trainer(out: Path, name: str, preset: dict, steps: int, **options) -> None:
@@ -249,6 +290,8 @@ def main() -> None:
             minimal_loop(out, "R reference (50257, plain, torch attention)", SMALL, True, 1, "flash"),
             minimal_loop(out, "A compiled", SMALL, True, 64, "auto"),
             trainer(out, "B compiled", SMALL, True, 60))),
+        ("graph", 90, lambda: cuda_graph_checks(out)),
+        ("small-graph", 60, lambda: trainer(out, "B compiled + cuda_graph", SMALL, True, 60, cuda_graph=True)),
         ("small-compiled-cudnn", 80, lambda: (
             without_compile_caches(),
             minimal_loop(out, "A compiled, cuDNN attention", SMALL, True, 64, "cudnn"),
@@ -270,6 +313,7 @@ def main() -> None:
         ("profile-mini", 40, lambda: profile_trainer(out, "mini reduce-overhead", MINI, 100,
                                                      compile_mode="reduce-overhead")),
         ("loss-compiled", 45, lambda: bench_losses(out, compiled=True)),
+        ("small-coordinate-descent", 240, lambda: with_coordinate_descent_tuning(out)),
         ("small-compiled-sync", 60, lambda: trainer(out, "B compiled, log_every 1", SMALL, True, 60, log_every=1)),
     ]
     for name, cost, call in phases:

@@ -4,7 +4,7 @@
 
 (a) plain: `loss = model(x, y); loss.backward(); clip_grad_norm_; opt.step(); opt.zero_grad(); loss.item()`.
 (b) accel_gpt: the trainer's own pieces on an Accelerate-prepared model and optimizer: the LR schedule, the
-    `optimizer_step` of accel_gpt/train.py (accumulate context, clipping, device-side non-finite skip), the
+    `optimizer_step` of accel_gpt/step.py (accumulate context, clipping, device-side non-finite skip), the
     cross-rank reduce of loss and stop flag, and a metrics record written by `RunLogger` (console to /dev/null).
 Both use the same fused AdamW and identical starting weights; rounds alternate which goes first. Prints medians
 and the median of per-round ratios (b / a).
@@ -29,7 +29,8 @@ from accel_gpt.config import TrainConfig
 from accel_gpt.metrics import RunLogger
 from accel_gpt.model import GPTModel
 from accel_gpt.schedule import learning_rate_at
-from accel_gpt.train import build_optimizer, optimizer_step
+from accel_gpt.step import optimizer_step
+from accel_gpt.train import build_optimizer
 
 
 def main() -> None:

@@ -127,10 +127,15 @@ class CudaGraphStep:
         groups = self.optimizer.param_groups
         for group in groups:
             group["capturable"] = True
-        with torch.cuda.graph(self.graph, stream=self.stream):
-            self.outputs = self._step(max_norm)
-        for group in groups:
-            group["capturable"] = False
+        try:
+            with torch.cuda.graph(self.graph, stream=self.stream):
+                self.outputs = self._step(max_norm)
+        except BaseException:
+            self.graph = self.outputs = None
+            raise
+        finally:
+            for group in groups:
+                group["capturable"] = False
         self.graph_max_norm = max_norm
 
     def _on_capture_stream(self, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, accelerate, pyarrow, tiktoken, xxhash; print('torch', torch.__version__, '| accelerate', accelerate.__version__, '| pyarrow', pyarrow.__version__, '| xxhash', xxhash.VERSION)"
 
 python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_data.py tests/test_checkpoint.py \
-  tests/test_schedule.py tests/test_config.py tests/test_tokenizer.py tests/test_metrics.py 2>&1 | tail -3
+  tests/test_schedule.py tests/test_config.py tests/test_tokenizer.py tests/test_metrics.py tests/test_step.py 2>&1 | tail -3
 
 python3 benchmarks/gpu_step.py --budget "${GPU_STEP_BUDGET:-300}" --out "$OUT" ${1:+--only "$@"} 2>&1 \
   | tee "$OUT/gpu_step.log" | grep -vE "^step |^sample|^saved|Generating|tokenizing|^accel_gpt \|"

@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -326,7 +327,8 @@ def main() -> None:
         try:
             call()
         except Exception as err:  # one broken phase must not cost the lease the others
-            record(out, phase=name, error=f"{type(err).__name__}: {err}"[:500])
+            # With the chained errors: a failed CUDA-graph capture raises at its end, hiding the op that broke it.
+            record(out, phase=name, error="".join(traceback.format_exception(err))[-3000:])
         print(f"# phase {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
     print("\n| phase | variant | ms/step | tokens/s | MFU | peak GiB |")

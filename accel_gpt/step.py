@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
 
-from accel_gpt.config import TrainConfig
+from accel_gpt.config import CUDAGRAPH_COMPILE_MODES, TrainConfig
 from accel_gpt.errors import UserError
 
 
@@ -46,7 +46,7 @@ class EagerStep:
     def __init__(self, model, optimizer, accelerator: Accelerator, accumulation: int, cfg: TrainConfig):
         self.model, self.optimizer, self.accelerator, self.accumulation = model, optimizer, accelerator, accumulation
         # compile's own CUDA graphs (cudagraph trees) need to be told where an iteration starts
-        self.cudagraph_trees = cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune")
+        self.cudagraph_trees = cfg.compile and cfg.compile_mode in CUDAGRAPH_COMPILE_MODES
 
     def __call__(self, batches, lr: float, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
         for group in self.optimizer.param_groups:
@@ -121,22 +121,19 @@ class CudaGraphStep:
 
     def _capture(self, max_norm: float) -> None:
         self.graph = self.outputs = None  # the warmup's graph: its memory goes back before the next capture
-        self.graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         # Fused AdamW runs the same kernel either way; the flag only lets it be captured (and, left on, it would
         # warn that the uncaptured warm-up steps are not).
         groups = self.optimizer.param_groups
         for group in groups:
             group["capturable"] = True
         try:
-            with torch.cuda.graph(self.graph, stream=self.stream):
-                self.outputs = self._step(max_norm)
-        except BaseException:
-            self.graph = self.outputs = None
-            raise
+            with torch.cuda.graph(graph, stream=self.stream):
+                outputs = self._step(max_norm)
         finally:
             for group in groups:
                 group["capturable"] = False
-        self.graph_max_norm = max_norm
+        self.graph, self.outputs, self.graph_max_norm = graph, outputs, max_norm
 
     def _on_capture_stream(self, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
         self.stream.wait_stream(torch.cuda.current_stream())

@@ -227,8 +227,8 @@ def cuda_graph_checks(out: Path) -> None:
     record(out, phase="graph", variant="mini losses: cuda_graph vs eager, 200 steps",
            max_loss_diff=max(abs(eager[s]["loss"] - graphed[s]["loss"]) for s in eager))
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=WORK))
-    first = trainer(out, "mini cuda_graph, 60 steps", MINI, False, 60, run_dir=run_dir, cuda_graph=True, save_freq=30,
-                  keep_last=0)
+    first = trainer(out, "mini cuda_graph, 60 steps", MINI, False, 60, run_dir=run_dir, cuda_graph=True,
+                    save_freq=30, keep_last=0)
     resumed = trainer(out, "mini cuda_graph, resumed at 30", MINI, False, 60, run_dir=run_dir, cuda_graph=True,
                       checkpoint="30")
     record(out, phase="graph", variant="mini cuda_graph: resumed at step 30 vs uninterrupted, steps 31-60",

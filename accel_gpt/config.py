@@ -51,6 +51,10 @@ class TrainConfig:
     num_heads: int | None = _opt(None, "override the preset's number of attention heads")
     dropout: float | None = _opt(None, "override the preset's dropout rate")
     qkv_bias: bool | None = _opt(None, "bias in the query/key/value projection (preset default: false)")
+    bias: bool | None = _opt(
+        None, "biases in the LayerNorms and the other linear layers (preset default: true, as GPT-2; false is "
+        "nanoGPT's default)"
+    )
     tie_weights: bool | None = _opt(None, "share the token embedding with the output head (preset default: false)")
     vocab_multiple: int = _opt(
         64, "round the embedding and output-head rows up to a multiple of this, for faster matmuls; the padding "
@@ -142,7 +146,8 @@ class TrainConfig:
     def model_config(self, vocabulary_size: int) -> GPTConfig:
         """The preset with every model field that was set here layered on top."""
         sizes = dict(PRESETS[self.model], vocabulary_size=vocabulary_size)
-        for name in ("embedding_dim", "num_layers", "num_heads", "dropout", "qkv_bias", "tie_weights", "context_len"):
+        for name in ("embedding_dim", "num_layers", "num_heads", "dropout", "qkv_bias", "bias", "tie_weights",
+                     "context_len"):
             if getattr(self, name) is not None:
                 sizes[name] = getattr(self, name)
         sizes["vocab_multiple"] = self.vocab_multiple
@@ -300,7 +305,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
         raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.init_from is not None:
-        shaped = [k for k in ("embedding_dim", "num_layers", "num_heads", "qkv_bias", "tie_weights") if getattr(cfg, k) is not None]
+        shape = ("embedding_dim", "num_layers", "num_heads", "qkv_bias", "bias", "tie_weights")
+        shaped = [k for k in shape if getattr(cfg, k) is not None]
         if shaped:
             raise UserError(f"init_from takes the model's shape from {cfg.init_from}; drop {', '.join(shaped)}")
     if not cfg.start_context:

@@ -1,7 +1,7 @@
 """Hugging Face interop: the same weights under `transformers.GPT2LMHeadModel`'s names and config, both ways.
 
 Export (`python -m accel_gpt.export`) and `init_from` use it, as do the parity test and the model-step benchmark.
-GPT-2 has no switch for an unbiased qkv projection, so a model without qkv bias maps to zero biases. Reading
+GPT-2 has no switch for unbiased layers, so a model without qkv bias (or without `bias`) maps to zero biases. Reading
 and writing need only safetensors and JSON; `transformers` is needed only to build a live HF model.
 """
 
@@ -32,6 +32,11 @@ def hf_config_kwargs(cfg: GPTConfig) -> dict:
     )
 
 
+def zeros_like_rows(weight: torch.Tensor) -> torch.Tensor:
+    """The zero bias of a layer without one: one per output row (our Linear and LayerNorm layouts alike)."""
+    return torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+
+
 def to_hf_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
     """Our parameter names -> GPT2LMHeadModel's (without vocabulary padding rows)."""
     sd, cfg = model.state_dict(), model.config
@@ -43,8 +48,9 @@ def to_hf_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
             bias = sd.get(f"trf_blocks.{i}.{ours}.bias")
             hf = f"transformer.h.{i}.{theirs}"
             out[hf + ".weight"] = weight if theirs.startswith("ln") else weight.T.contiguous()
-            out[hf + ".bias"] = bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
-    out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["final_norm.weight"], sd["final_norm.bias"]
+            out[hf + ".bias"] = bias if bias is not None else zeros_like_rows(weight)
+    out["transformer.ln_f.weight"] = sd["final_norm.weight"]
+    out["transformer.ln_f.bias"] = sd.get("final_norm.bias", zeros_like_rows(sd["final_norm.weight"]))
     out["lm_head.weight"] = sd["out_head.weight"][:rows]
     return out
 

@@ -19,9 +19,11 @@ from test_launch import common_args
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A tiny run with checkpoints at 3 and 6, then resumed from 3: steps 4-6 are logged twice."""
+    """A tiny run with checkpoints at 3 and 6, then resumed from 3: steps 4-6 are logged twice. Without biases
+    (nanoGPT's default), so that option's path through training, resume and loading is covered too."""
     root = tmp_path_factory.mktemp("analysis")
-    args = common_args(root / "run", root / "cache") + ["--max_steps", "6", "--save_freq", "3", "--eval_freq", "3"]
+    args = common_args(root / "run", root / "cache") + ["--max_steps", "6", "--save_freq", "3", "--eval_freq", "3",
+                                                        "--bias", "false"]
     for extra in ([], ["--checkpoint", "3"]):
         result = subprocess.run([sys.executable, "-m", "accel_gpt.train", *args, *extra], capture_output=True,
                                 text=True, cwd=REPO, timeout=300)
@@ -62,6 +64,7 @@ def test_plots_return_figures_and_write_pngs(run_dir, tmp_path):
 def test_load_model_from_a_run_or_a_checkpoint(run_dir):
     newest = analysis.load_model(run_dir)
     assert not newest.training and next(newest.parameters()).device.type == "cpu"
+    assert newest.config.bias is False and not any(n.endswith("bias") for n, _ in newest.named_parameters())
     saved = load_file(str(run_dir / "checkpoints" / "checkpoint_000006" / "model.safetensors"))
     assert torch.equal(newest.tok_emb.weight, saved["tok_emb.weight"])
     earlier = analysis.load_model(run_dir, step=3)

@@ -19,10 +19,11 @@ transformers = pytest.importorskip("transformers")
 SIZES = dict(vocabulary_size=50257, context_len=32, embedding_dim=32, num_heads=2, num_layers=2, dropout=0.0)
 
 
-@pytest.mark.parametrize("qkv_bias, tie", [(False, False), (True, True), (False, True)])
-def test_exported_folder_loads_in_transformers_with_the_same_logits(tmp_path, qkv_bias, tie):
+@pytest.mark.parametrize("qkv_bias, bias, tie", [(False, True, False), (True, True, True), (False, True, True),
+                                                  (False, False, True)])
+def test_exported_folder_loads_in_transformers_with_the_same_logits(tmp_path, qkv_bias, bias, tie):
     torch.manual_seed(0)
-    model = GPTModel(**SIZES, qkv_bias=qkv_bias, tie_weights=tie).eval()
+    model = GPTModel(**SIZES, qkv_bias=qkv_bias, bias=bias, tie_weights=tie).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):

@@ -31,12 +31,25 @@ def test_no_causal_mask_buffer_bloats_the_state_dict():
 
 
 @pytest.mark.parametrize(
-    "qkv_bias, tie, expected", [(False, False, 163_009_536), (False, True, 124_412_160), (True, True, 124_439_808)]
+    "qkv_bias, bias, tie, expected",
+    [(False, True, False, 163_009_536), (False, True, True, 124_412_160), (True, True, True, 124_439_808),
+     # nanoGPT's bias=False model: it reports 123.59M = this + 47 padding rows x 768 - 1024 x 768 positions.
+     (False, False, True, 124_337_664)],
 )
-def test_gpt2_small_parameter_counts(qkv_bias, tie, expected):
+def test_gpt2_small_parameter_counts(qkv_bias, bias, tie, expected):
     with torch.device("meta"):  # counts only: no memory for 124M parameters
-        model = GPTModel(GPTConfig(**PRESETS["gpt2-small"], qkv_bias=qkv_bias, tie_weights=tie))
+        model = GPTModel(GPTConfig(**PRESETS["gpt2-small"], qkv_bias=qkv_bias, bias=bias, tie_weights=tie))
     assert model.num_parameters() == expected
+
+
+def test_without_bias_no_layer_has_one():
+    model = small(bias=False, qkv_bias=True)
+    biases = [name for name, _ in model.named_parameters() if name.endswith("bias")]
+    assert biases == ["trf_blocks.0.att.qkv.bias", "trf_blocks.1.att.qkv.bias"]  # qkv has its own switch
+    idx = torch.randint(0, 1000, (2, 32))
+    loss = model(idx, idx)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
 
 
 def test_presets_have_gpt2_sizes():

@@ -105,7 +105,8 @@ def plot_losses(runs: Run | list[Run], x: str = "step", path: str | Path | None 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for run, label in zip(runs, labels):
         m = run.metrics
-        evals = m[m["val_loss"].notna()] if "val_loss" in m else m.iloc[0:0]
+        # A run that never evaluated (eval_freq 0, or not yet) has no loss columns: it gets no eval points.
+        evals = m.reindex(columns=[x, "train_loss", "val_loss"]).dropna(subset=["val_loss"])
         if len(runs) == 1:
             ax.plot(m[x], m["loss"], color="tab:blue", alpha=0.25, linewidth=1, label="training loss (step)")
             ax.plot(evals[x], evals["train_loss"], "o-", color="tab:blue", label="train loss (eval)")

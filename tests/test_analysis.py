@@ -1,5 +1,6 @@
 """The notebook API on a real (tiny) run: metrics, plots, checkpoints, generation, perplexity, train()."""
 
+import json
 import math
 import subprocess
 import sys
@@ -132,3 +133,20 @@ def test_notebook_launcher_trains_with_two_processes(tmp_path):
     result = run_python(code)
     assert "world_size 2" in result.stdout and "global batch 4 = 2 x 1 accumulation x 2 processes" in result.stdout
     assert analysis.load_run(tmp_path / "r").metrics["step"].tolist() == [1, 2, 3]
+
+
+def write_metrics(run_dir, steps, **extra):
+    """A metrics.jsonl as the trainer writes it: one record per logged step, in the order logged."""
+    run_dir.mkdir(exist_ok=True)
+    records = [{"step": s, "epoch": 0, "tokens_seen": 256 * s, "lr": 1e-3, "loss": 11.0 - s / 10, **extra}
+               for s in steps]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run_dir
+
+
+def test_plots_of_a_run_without_evaluations(tmp_path):
+    """eval_freq 0, or a run read before its first evaluation: no train_loss/val_loss columns at all."""
+    run = analysis.load_run(write_metrics(tmp_path / "r", [1, 2, 3]))
+    for x in ("step", "tokens_seen"):
+        assert analysis.plot_losses(run, x=x, path=tmp_path / f"{x}.png").axes
+    assert analysis.plot_losses([run, run], labels=["a", "b"]).axes

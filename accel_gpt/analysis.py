@@ -67,16 +67,20 @@ class Run:
 
 
 def load_run(run_dir: str | Path) -> Run:
-    """Read a run directory. A resumed run logged some steps twice; the latest record of each step wins."""
+    """Read a run directory. A resumed run logs again from its checkpoint's step: what was logged from there on
+    before belongs to the abandoned attempt, and only the resumed run's records are kept."""
     import pandas as pd
 
     path = Path(run_dir)
     if not (path / "metrics.jsonl").exists():
         raise UserError(f"{path} is not a run directory (no metrics.jsonl)")
-    records: dict[int, dict] = {}
+    records: dict[int, dict] = {}  # in step order: each attempt logs steps in increasing order
     for line in (path / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
         if line.strip():
             record = json.loads(line)
+            # Resumed from an earlier checkpoint and stopped sooner, a run must not show the old attempt's tail.
+            while records and next(reversed(records)) >= record["step"]:
+                records.popitem()
             records[record["step"]] = record
     metrics = pd.DataFrame([records[s] for s in sorted(records)])
     config_file = path / "config.yaml"

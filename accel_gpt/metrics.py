@@ -194,7 +194,8 @@ class RunLogger:
             self._accelerator.project_configuration.logging_dir = str(run_dir / "trackers")
             options = tracker_run_options(run_dir, config.get("run_name") or run_dir.name, initial_step)
             self._accelerator.init_trackers(config.get("project_name", "accel_gpt"), config, options)
-        # Appending keeps a resumed run's history in one file; readers keep the latest record of each step.
+        # Appending keeps a resumed run's history in one file; for the steps from its checkpoint on, readers keep
+        # what the resumed run logged (`analysis.load_run`).
         self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self._samples = open(run_dir / "samples.jsonl", "a", encoding="utf-8")
         # The bar only makes sense on a terminal; logs and CI get the plain per-step lines alone.

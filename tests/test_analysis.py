@@ -150,3 +150,14 @@ def test_plots_of_a_run_without_evaluations(tmp_path):
     for x in ("step", "tokens_seen"):
         assert analysis.plot_losses(run, x=x, path=tmp_path / f"{x}.png").axes
     assert analysis.plot_losses([run, run], labels=["a", "b"]).axes
+
+
+def test_a_resume_from_an_earlier_checkpoint_drops_the_abandoned_steps(tmp_path):
+    """Steps 1-6 logged, then a resume from checkpoint 3 with a lower learning rate stopped at step 4: steps 5 and
+    6 belong to the abandoned branch (whose checkpoints were moved aside), not to this run."""
+    run_dir = write_metrics(tmp_path / "r", range(1, 7))
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "epoch": 0, "tokens_seen": 1024, "lr": 1e-5, "loss": 9.0}) + "\n")
+    metrics = analysis.load_run(run_dir).metrics
+    assert metrics["step"].tolist() == [1, 2, 3, 4] and metrics["lr"].iloc[-1] == 1e-5
+

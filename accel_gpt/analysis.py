@@ -88,6 +88,12 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(path=path, config=config, metrics=metrics)
 
 
+def _logged(run: Run) -> "pandas.DataFrame":  # noqa: F821
+    if run.metrics.empty:  # a run's first records come a few steps in (every 10 on a GPU), or never if it failed
+        raise UserError(f"run {run.name} has no logged steps yet: nothing to plot")
+    return run.metrics
+
+
 def _figure():
     try:
         import matplotlib.pyplot as plt  # picks a headless backend by itself where there is no display
@@ -105,10 +111,10 @@ def plot_losses(runs: Run | list[Run], x: str = "step", path: str | Path | None 
         raise UserError(f"x must be 'step' or 'tokens_seen', got {x!r}")
     plt = _figure()
     runs = [runs] if isinstance(runs, Run) else list(runs)
+    frames = [_logged(run) for run in runs]  # before a figure is opened that the error would leave behind
     labels = labels or [run.name for run in runs]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for run, label in zip(runs, labels):
-        m = run.metrics
+    for m, label in zip(frames, labels):
         # A run that never evaluated (eval_freq 0, or not yet) has no loss columns: it gets no eval points.
         evals = m.reindex(columns=[x, "train_loss", "val_loss"]).dropna(subset=["val_loss"])
         if len(runs) == 1:
@@ -136,9 +142,10 @@ def plot_losses(runs: Run | list[Run], x: str = "step", path: str | Path | None 
 
 def plot_lr(run: Run, path: str | Path | None = None):
     """The learning rate at every step: warmup, then cosine decay."""
+    m = _logged(run)
     plt = _figure()
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.plot(run.metrics["step"], run.metrics["lr"])
+    ax.plot(m["step"], m["lr"])
     ax.set(xlabel="optimizer step", ylabel="learning rate", title=f"{run.name}: learning rate")
     ax.grid(alpha=0.3)
     fig.tight_layout()

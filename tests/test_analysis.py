@@ -161,3 +161,14 @@ def test_a_resume_from_an_earlier_checkpoint_drops_the_abandoned_steps(tmp_path)
     metrics = analysis.load_run(run_dir).metrics
     assert metrics["step"].tolist() == [1, 2, 3, 4] and metrics["lr"].iloc[-1] == 1e-5
 
+
+
+def test_plotting_a_run_with_no_logged_step_yet_is_one_clear_error(tmp_path):
+    """The trainer creates metrics.jsonl at start and logs the first steps later (every 10 on a GPU)."""
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "metrics.jsonl").write_text("")
+    run = analysis.load_run(tmp_path / "r")
+    assert run.metrics.empty
+    for plot in (analysis.plot_losses, analysis.plot_lr):
+        with pytest.raises(UserError, match=f"run {run.name} has no logged steps yet"):
+            plot(run)

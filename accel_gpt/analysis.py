@@ -207,17 +207,19 @@ def generate(
     top_p: float | None = None,
 ) -> str:
     """The prompt plus its continuation: greedy at temperature 0, else sampled (reproducibly with `seed`) from
-    the top_k most likely tokens and/or the smallest set holding top_p of the probability."""
+    the top_k most likely tokens and/or the smallest set holding top_p of the probability. An empty prompt
+    starts a new document, as the generate command line does."""
     enc = get_tokenizer(tokenizer)
     device = next(model.parameters()).device
-    idx = torch.tensor([enc.encode(prompt, allowed_special="all")], device=device)
+    ids = enc.encode(prompt, allowed_special="all")
+    idx = torch.tensor([ids or [enc.eot_token]], device=device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     was_training = model.training
     model.eval()
     out = generate_ids(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        generator=generator)
     model.train(was_training)
-    return enc.decode(out[0].tolist())
+    return enc.decode(out[0, 0 if ids else 1 :].tolist())  # the end-of-text that stood in for no prompt is not text
 
 
 def is_data_path(text_or_path: str | Path) -> bool:

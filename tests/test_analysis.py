@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from accel_gpt import analysis
 from accel_gpt.errors import UserError
-from accel_gpt.model import generate_text
+from accel_gpt.model import GPTModel, generate_text
+from accel_gpt.model import generate as generate_ids
 from accel_gpt.tokenizer import get_tokenizer
 from conftest import REPO, VERDICT
 from test_launch import common_args
@@ -172,3 +173,12 @@ def test_plotting_a_run_with_no_logged_step_yet_is_one_clear_error(tmp_path):
     for plot in (analysis.plot_losses, analysis.plot_lr):
         with pytest.raises(UserError, match=f"run {run.name} has no logged steps yet"):
             plot(run)
+
+
+def test_generate_from_an_empty_prompt_starts_a_new_document():
+    """As `python -m accel_gpt.generate --prompt ''` does: the continuation of an end-of-text token, without it."""
+    torch.manual_seed(0)
+    model = GPTModel(vocabulary_size=50257, context_len=16, embedding_dim=32, num_heads=2, num_layers=1, dropout=0.0)
+    enc = get_tokenizer("gpt2")
+    expected = enc.decode(generate_ids(model, torch.tensor([[enc.eot_token]]), 5)[0, 1:].tolist())
+    assert analysis.generate(model, "", max_new_tokens=5) == expected != ""

@@ -160,7 +160,12 @@ def _checkpoint_path(path: Path, step: int | None) -> Path:
             raise UserError("step selects a checkpoint of a run directory; this is already one checkpoint")
         verify_checkpoint(path)
         return path
-    checkpoint_dir = load_run(path).checkpoint_dir if (path / "metrics.jsonl").exists() else path / "checkpoints"
+    if (path / "metrics.jsonl").exists():
+        checkpoint_dir = load_run(path).checkpoint_dir
+    elif list_checkpoints(path):  # the folder that holds them, as --checkpoint_dir named it
+        checkpoint_dir = path
+    else:
+        checkpoint_dir = path / "checkpoints"
     return find_checkpoint(checkpoint_dir, "latest" if step is None else str(step))
 
 
@@ -191,8 +196,9 @@ def open_checkpoint(path: str | Path, step: int | None = None, device: str | tor
 
 
 def load_model(path: str | Path, step: int | None = None, device: str | torch.device = "cpu") -> GPTModel:
-    """The GPTModel of a checkpoint, in eval mode on `device`. `path` is a run directory (its newest complete
-    checkpoint, or the one at `step`) or a checkpoint directory. Reads safetensors and JSON only."""
+    """The GPTModel of a checkpoint, in eval mode on `device`. `path` is a run directory or the folder holding its
+    checkpoints (then its newest complete checkpoint, or the one at `step`), or a checkpoint directory. Reads
+    safetensors and JSON only."""
     return open_checkpoint(path, step, device).model
 
 

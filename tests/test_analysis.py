@@ -182,3 +182,13 @@ def test_generate_from_an_empty_prompt_starts_a_new_document():
     enc = get_tokenizer("gpt2")
     expected = enc.decode(generate_ids(model, torch.tensor([[enc.eot_token]]), 5)[0, 1:].tolist())
     assert analysis.generate(model, "", max_new_tokens=5) == expected != ""
+
+
+def test_load_model_from_the_folder_that_holds_the_checkpoints(run_dir):
+    """What --checkpoint_dir names (often outside the run directory) is a natural thing to pass; it was searched
+    for a checkpoints/ folder of its own, and the error named a <checkpoint_dir>/checkpoints that nobody made."""
+    newest = analysis.load_model(run_dir)
+    from_folder = analysis.load_model(run_dir / "checkpoints")
+    assert torch.equal(from_folder.tok_emb.weight, newest.tok_emb.weight)
+    earlier = analysis.load_model(run_dir / "checkpoints", step=3)
+    assert torch.equal(earlier.tok_emb.weight, analysis.load_model(run_dir, step=3).tok_emb.weight)

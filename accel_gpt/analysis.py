@@ -67,21 +67,31 @@ class Run:
 
 
 def load_run(run_dir: str | Path) -> Run:
-    """Read a run directory. A resumed run logged some steps twice; the latest record of each step wins."""
+    """Read a run directory. A resumed run logs again from its checkpoint's step: what was logged from there on
+    before belongs to the abandoned attempt, and only the resumed run's records are kept."""
     import pandas as pd
 
     path = Path(run_dir)
     if not (path / "metrics.jsonl").exists():
         raise UserError(f"{path} is not a run directory (no metrics.jsonl)")
-    records: dict[int, dict] = {}
+    records: dict[int, dict] = {}  # in step order: each attempt logs steps in increasing order
     for line in (path / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
         if line.strip():
             record = json.loads(line)
+            # Resumed from an earlier checkpoint and stopped sooner, a run must not show the old attempt's tail.
+            while records and next(reversed(records)) >= record["step"]:
+                records.popitem()
             records[record["step"]] = record
     metrics = pd.DataFrame([records[s] for s in sorted(records)])
     config_file = path / "config.yaml"
     config = yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
     return Run(path=path, config=config, metrics=metrics)
+
+
+def _logged(run: Run) -> "pandas.DataFrame":  # noqa: F821
+    if run.metrics.empty:  # a run's first records come a few steps in (every 10 on a GPU), or never if it failed
+        raise UserError(f"run {run.name} has no logged steps yet: nothing to plot")
+    return run.metrics
 
 
 def _figure():
@@ -101,11 +111,12 @@ def plot_losses(runs: Run | list[Run], x: str = "step", path: str | Path | None 
         raise UserError(f"x must be 'step' or 'tokens_seen', got {x!r}")
     plt = _figure()
     runs = [runs] if isinstance(runs, Run) else list(runs)
+    frames = [_logged(run) for run in runs]  # before a figure is opened that the error would leave behind
     labels = labels or [run.name for run in runs]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for run, label in zip(runs, labels):
-        m = run.metrics
-        evals = m[m["val_loss"].notna()] if "val_loss" in m else m.iloc[0:0]
+    for m, label in zip(frames, labels):
+        # A run that never evaluated (eval_freq 0, or not yet) has no loss columns: it gets no eval points.
+        evals = m.reindex(columns=[x, "train_loss", "val_loss"]).dropna(subset=["val_loss"])
         if len(runs) == 1:
             ax.plot(m[x], m["loss"], color="tab:blue", alpha=0.25, linewidth=1, label="training loss (step)")
             ax.plot(evals[x], evals["train_loss"], "o-", color="tab:blue", label="train loss (eval)")
@@ -131,9 +142,10 @@ def plot_losses(runs: Run | list[Run], x: str = "step", path: str | Path | None 
 
 def plot_lr(run: Run, path: str | Path | None = None):
     """The learning rate at every step: warmup, then cosine decay."""
+    m = _logged(run)
     plt = _figure()
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.plot(run.metrics["step"], run.metrics["lr"])
+    ax.plot(m["step"], m["lr"])
     ax.set(xlabel="optimizer step", ylabel="learning rate", title=f"{run.name}: learning rate")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -148,7 +160,12 @@ def _checkpoint_path(path: Path, step: int | None) -> Path:
             raise UserError("step selects a checkpoint of a run directory; this is already one checkpoint")
         verify_checkpoint(path)
         return path
-    checkpoint_dir = load_run(path).checkpoint_dir if (path / "metrics.jsonl").exists() else path / "checkpoints"
+    if (path / "metrics.jsonl").exists():
+        checkpoint_dir = load_run(path).checkpoint_dir
+    elif list_checkpoints(path):  # the folder that holds them, as --checkpoint_dir named it
+        checkpoint_dir = path
+    else:
+        checkpoint_dir = path / "checkpoints"
     return find_checkpoint(checkpoint_dir, "latest" if step is None else str(step))
 
 
@@ -179,8 +196,9 @@ def open_checkpoint(path: str | Path, step: int | None = None, device: str | tor
 
 
 def load_model(path: str | Path, step: int | None = None, device: str | torch.device = "cpu") -> GPTModel:
-    """The GPTModel of a checkpoint, in eval mode on `device`. `path` is a run directory (its newest complete
-    checkpoint, or the one at `step`) or a checkpoint directory. Reads safetensors and JSON only."""
+    """The GPTModel of a checkpoint, in eval mode on `device`. `path` is a run directory or the folder holding its
+    checkpoints (then its newest complete checkpoint, or the one at `step`), or a checkpoint directory. Reads
+    safetensors and JSON only."""
     return open_checkpoint(path, step, device).model
 
 
@@ -195,17 +213,19 @@ def generate(
     top_p: float | None = None,
 ) -> str:
     """The prompt plus its continuation: greedy at temperature 0, else sampled (reproducibly with `seed`) from
-    the top_k most likely tokens and/or the smallest set holding top_p of the probability."""
+    the top_k most likely tokens and/or the smallest set holding top_p of the probability. An empty prompt
+    starts a new document, as the generate command line does."""
     enc = get_tokenizer(tokenizer)
     device = next(model.parameters()).device
-    idx = torch.tensor([enc.encode(prompt, allowed_special="all")], device=device)
+    ids = enc.encode(prompt, allowed_special="all")
+    idx = torch.tensor([ids or [enc.eot_token]], device=device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     was_training = model.training
     model.eval()
     out = generate_ids(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        generator=generator)
     model.train(was_training)
-    return enc.decode(out[0].tolist())
+    return enc.decode(out[0, 0 if ids else 1 :].tolist())  # the end-of-text that stood in for no prompt is not text
 
 
 def is_data_path(text_or_path: str | Path) -> bool:

@@ -235,6 +235,10 @@ def _read_json_lines(path: Path) -> Iterator[tuple[str, bool]]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:  # messages read "Expecting value" or "Unterminated string starting at"
                 where = f"{'' if err.msg.endswith(' at') else ' at'} column {err.colno}"
+                # A first line cut short by its end is how a pretty-printed .json file (valid JSON) starts.
+                if number == 1 and err.pos >= len(line.rstrip()):
+                    where += (" (one JSON document over several lines? a .json or .jsonl corpus holds one JSON "
+                              "object per line)")
                 raise UserError(f"{path} line {number} is not valid JSON: {err.msg}{where}") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path} line {number} is a JSON {_JSON_TYPES.get(type(row), 'null')}, not an object "

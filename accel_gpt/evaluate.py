@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = CommandLineParser(prog="python -m accel_gpt.evaluate", description=__doc__.splitlines()[0],
                                allow_abbrev=False)
     parser.add_argument("--checkpoint", required=True,
-                        help="a checkpoint directory, or a run directory (its newest checkpoint that verifies)")
+                        help="a checkpoint directory, or a run directory or its checkpoint_dir (the newest checkpoint "
+                        "that verifies)")
     parser.add_argument("--step", type=int, help="with a run directory: the checkpoint at this step")
     parser.add_argument("--data", required=True, help="text to score, in any form training takes: a .txt/.jsonl/"
                         ".parquet file, a folder written by datasets' save_to_disk, a directory, a glob, or a "

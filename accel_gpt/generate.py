@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandLineParser(prog="python -m accel_gpt.generate", description=__doc__.splitlines()[0],
                                allow_abbrev=False)
     parser.add_argument("--checkpoint", required=True,
-                        help="a checkpoint directory, or a run directory (its newest checkpoint that verifies)")
+                        help="a checkpoint directory, or a run directory or its checkpoint_dir (the newest checkpoint "
+                        "that verifies)")
     parser.add_argument("--step", type=int, help="with a run directory: the checkpoint at this step")
     parser.add_argument("--prompt", help="text to continue (default: read from stdin; empty: start a new document)")
     parser.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per sample (default: 200)")

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ GPU_PEAK_FLOPS = {
     "H100": (989e12, 494e12),  # SXM
     "A100": (312e12, 156e12),
     "L40S": (362e12, 183e12),
+    "L40": (181e12, 90.5e12),
     "L4": (121e12, 60e12),
     "A10G": (70e12, 35e12),
     "A10": (125e12, 62e12),
@@ -126,7 +128,8 @@ def peak_flops(device: torch.device, mixed_precision: str, record_dir: Path) -> 
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, (half, tf32) in GPU_PEAK_FLOPS.items():
-            if key in name:
+            # The model number must end where the key does: an L40 is not an L4, nor an RTX A1000 an A100.
+            if re.search(re.escape(key) + "(?![0-9A-Za-z])", name):
                 return half if mixed_precision in ("bf16", "fp16") else tf32
     return None
 
@@ -194,7 +197,8 @@ class RunLogger:
             self._accelerator.project_configuration.logging_dir = str(run_dir / "trackers")
             options = tracker_run_options(run_dir, config.get("run_name") or run_dir.name, initial_step)
             self._accelerator.init_trackers(config.get("project_name", "accel_gpt"), config, options)
-        # Appending keeps a resumed run's history in one file; readers keep the latest record of each step.
+        # Appending keeps a resumed run's history in one file; for the steps from its checkpoint on, readers keep
+        # what the resumed run logged (`analysis.load_run`).
         self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self._samples = open(run_dir / "samples.jsonl", "a", encoding="utf-8")
         # The bar only makes sense on a terminal; logs and CI get the plain per-step lines alone.

@@ -88,7 +88,8 @@ def set_aside_run(output_dir: Path, checkpoint_dir: Path) -> list[Path]:
             os.replace(source, target)
     except OSError as err:
         raise UserError(f"could not move the earlier run in {output_dir} aside: {err.strerror or err}") from None
-    return [d for d in (dest, ckpt_dest) if d.exists() and (d == dest or not d.is_relative_to(dest))]
+    # Checkpoints kept in output_dir itself land in dest: it is named once.
+    return [d for d in dict.fromkeys((dest, ckpt_dest)) if d.exists() and (d == dest or not d.is_relative_to(dest))]
 
 
 def choose_start(cfg: TrainConfig, output_dir: Path, checkpoint_dir: Path) -> tuple[Path | None, str]:

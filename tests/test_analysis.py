@@ -1,5 +1,6 @@
 """The notebook API on a real (tiny) run: metrics, plots, checkpoints, generation, perplexity, train()."""
 
+import json
 import math
 import subprocess
 import sys
@@ -11,7 +12,8 @@ from safetensors.torch import load_file
 
 from accel_gpt import analysis
 from accel_gpt.errors import UserError
-from accel_gpt.model import generate_text
+from accel_gpt.model import GPTModel, generate_text
+from accel_gpt.model import generate as generate_ids
 from accel_gpt.tokenizer import get_tokenizer
 from conftest import REPO, VERDICT
 from test_launch import common_args
@@ -135,3 +137,61 @@ def test_notebook_launcher_trains_with_two_processes(tmp_path):
     result = run_python(code)
     assert "world_size 2" in result.stdout and "global batch 4 = 2 x 1 accumulation x 2 processes" in result.stdout
     assert analysis.load_run(tmp_path / "r").metrics["step"].tolist() == [1, 2, 3]
+
+
+def write_metrics(run_dir, steps, **extra):
+    """A metrics.jsonl as the trainer writes it: one record per logged step, in the order logged."""
+    run_dir.mkdir(exist_ok=True)
+    records = [{"step": s, "epoch": 0, "tokens_seen": 256 * s, "lr": 1e-3, "loss": 11.0 - s / 10, **extra}
+               for s in steps]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run_dir
+
+
+def test_plots_of_a_run_without_evaluations(tmp_path):
+    """eval_freq 0, or a run read before its first evaluation: no train_loss/val_loss columns at all."""
+    run = analysis.load_run(write_metrics(tmp_path / "r", [1, 2, 3]))
+    for x in ("step", "tokens_seen"):
+        assert analysis.plot_losses(run, x=x, path=tmp_path / f"{x}.png").axes
+    assert analysis.plot_losses([run, run], labels=["a", "b"]).axes
+
+
+def test_a_resume_from_an_earlier_checkpoint_drops_the_abandoned_steps(tmp_path):
+    """Steps 1-6 logged, then a resume from checkpoint 3 with a lower learning rate stopped at step 4: steps 5 and
+    6 belong to the abandoned branch (whose checkpoints were moved aside), not to this run."""
+    run_dir = write_metrics(tmp_path / "r", range(1, 7))
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "epoch": 0, "tokens_seen": 1024, "lr": 1e-5, "loss": 9.0}) + "\n")
+    metrics = analysis.load_run(run_dir).metrics
+    assert metrics["step"].tolist() == [1, 2, 3, 4] and metrics["lr"].iloc[-1] == 1e-5
+
+
+
+def test_plotting_a_run_with_no_logged_step_yet_is_one_clear_error(tmp_path):
+    """The trainer creates metrics.jsonl at start and logs the first steps later (every 10 on a GPU)."""
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "metrics.jsonl").write_text("")
+    run = analysis.load_run(tmp_path / "r")
+    assert run.metrics.empty
+    for plot in (analysis.plot_losses, analysis.plot_lr):
+        with pytest.raises(UserError, match=f"run {run.name} has no logged steps yet"):
+            plot(run)
+
+
+def test_generate_from_an_empty_prompt_starts_a_new_document():
+    """As `python -m accel_gpt.generate --prompt ''` does: the continuation of an end-of-text token, without it."""
+    torch.manual_seed(0)
+    model = GPTModel(vocabulary_size=50257, context_len=16, embedding_dim=32, num_heads=2, num_layers=1, dropout=0.0)
+    enc = get_tokenizer("gpt2")
+    expected = enc.decode(generate_ids(model, torch.tensor([[enc.eot_token]]), 5)[0, 1:].tolist())
+    assert analysis.generate(model, "", max_new_tokens=5) == expected != ""
+
+
+def test_load_model_from_the_folder_that_holds_the_checkpoints(run_dir):
+    """What --checkpoint_dir names (often outside the run directory) is a natural thing to pass; it was searched
+    for a checkpoints/ folder of its own, and the error named a <checkpoint_dir>/checkpoints that nobody made."""
+    newest = analysis.load_model(run_dir)
+    from_folder = analysis.load_model(run_dir / "checkpoints")
+    assert torch.equal(from_folder.tok_emb.weight, newest.tok_emb.weight)
+    earlier = analysis.load_model(run_dir / "checkpoints", step=3)
+    assert torch.equal(earlier.tok_emb.weight, analysis.load_model(run_dir, step=3).tok_emb.weight)

@@ -321,3 +321,13 @@ def test_reading_windows_does_not_load_the_corpus_into_ram(tmp_path):
             break
     grown = rss_anon_bytes() - before
     assert grown < 16 * 2**20, f"heap grew by {grown / 2**20:.1f} MiB while streaming a 96 MiB token file"
+
+
+@pytest.mark.parametrize("document", ['[\n  {"text": "a"},\n  {"text": "b"}\n]\n', '{\n  "text": "a"\n}\n'])
+def test_a_json_document_over_several_lines_is_named_as_such(tmp_path, cache_dir, document):
+    """A pretty-printed .json file is valid JSON: 'line 1 is not valid JSON' alone would send the user to a
+    validator that finds nothing wrong. What is wrong is the layout: one object per line."""
+    (tmp_path / "data.json").write_text(document)
+    with pytest.raises(UserError, match=r"data.json line 1 is not valid JSON: .* at column 2 \(one JSON document over "
+                                        r"several lines\? .*one JSON object per line"):
+        tokenize_corpus(str(tmp_path / "data.json"), "gpt2", EOS, cache_dir)

@@ -99,3 +99,13 @@ def test_unusable_directories_stop_the_run_before_any_work(tmp_path, option):
         assert_one_line_error(result, f"{option} {bad} cannot be created: {tmp_path / 'a_file'} is a file")
     # Found before tokenizing (no token cache) and before anything was written.
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_overwrite_with_checkpoints_in_the_output_dir_itself(tmp_path):
+    """--checkpoint_dir equal to --output_dir: one folder set aside, named once in the note."""
+    out = tmp_path / "run"
+    for path in (out / "metrics.jsonl", out / "checkpoint_000002" / "manifest.json"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(path.name)
+    [moved] = set_aside_run(out, out)
+    assert (moved / "metrics.jsonl").exists() and (moved / "checkpoint_000002" / "manifest.json").exists()

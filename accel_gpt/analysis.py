@@ -11,6 +11,7 @@ import glob
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -75,9 +76,15 @@ def load_run(run_dir: str | Path) -> Run:
     if not (path / "metrics.jsonl").exists():
         raise UserError(f"{path} is not a run directory (no metrics.jsonl)")
     records: dict[int, dict] = {}  # in step order: each attempt logs steps in increasing order
-    for line in (path / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+    lines = (path / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
         if line.strip():
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except ValueError:  # a run killed mid-write tears its last line; the records around it still count
+                warnings.warn(f"{path / 'metrics.jsonl'} line {number} is not a whole record (a run killed while "
+                              "writing it?): skipped", stacklevel=2)
+                continue
             # Resumed from an earlier checkpoint and stopped sooner, a run must not show the old attempt's tail.
             while records and next(reversed(records)) >= record["step"]:
                 records.popitem()

@@ -180,6 +180,18 @@ def tracker_run_options(run_dir: Path, run_name: str, resumed_at: int) -> dict:
     return options
 
 
+def open_on_a_new_line(path: Path):
+    """`path` opened for appending lines. A run killed mid-write leaves its last line torn: the next record must
+    start a line of its own, or it is lost with the torn one."""
+    file = open(path, "a", encoding="utf-8")
+    if file.tell():
+        with open(path, "rb") as existing:
+            existing.seek(-1, os.SEEK_END)
+            if existing.read(1) != b"\n":
+                file.write("\n")
+    return file
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, initial_step: int = 0,
                  config: dict | None = None, accelerator: Accelerator | None = None):
@@ -199,8 +211,8 @@ class RunLogger:
             self._accelerator.init_trackers(config.get("project_name", "accel_gpt"), config, options)
         # Appending keeps a resumed run's history in one file; for the steps from its checkpoint on, readers keep
         # what the resumed run logged (`analysis.load_run`).
-        self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        self._samples = open(run_dir / "samples.jsonl", "a", encoding="utf-8")
+        self._metrics = open_on_a_new_line(run_dir / "metrics.jsonl")
+        self._samples = open_on_a_new_line(run_dir / "samples.jsonl")
         # The bar only makes sense on a terminal; logs and CI get the plain per-step lines alone.
         self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", disable=not sys.stderr.isatty())
 

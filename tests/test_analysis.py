@@ -195,3 +195,21 @@ def test_load_model_from_the_folder_that_holds_the_checkpoints(run_dir):
     assert torch.equal(from_folder.tok_emb.weight, newest.tok_emb.weight)
     earlier = analysis.load_model(run_dir / "checkpoints", step=3)
     assert torch.equal(earlier.tok_emb.weight, analysis.load_model(run_dir, step=3).tok_emb.weight)
+
+
+def test_a_line_torn_by_a_kill_loses_only_itself(tmp_path):
+    """A run killed while writing a record leaves a torn last line: its resume starts a new line (its first
+    record is not glued onto the torn one), and load_run skips the torn line with a warning."""
+    from accel_gpt.metrics import RunLogger
+
+    record = dict(epoch=1, lr=1e-3, loss=5.0, tokens_per_sec=100.0)
+    whole = [json.dumps(dict(record, step=s)) for s in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(whole) + '\n{"step": 3, "epoch": 1, "lr": 0.0', encoding="utf-8")
+    logger = RunLogger(tmp_path, True, total_steps=4, initial_step=2)
+    for step in (3, 4):
+        logger.log_step(dict(record, step=step, loss=4.0))
+    logger.close()
+    with pytest.warns(UserWarning, match="metrics.jsonl line 3 is not a whole record"):
+        run = analysis.load_run(tmp_path)
+    assert run.metrics["step"].tolist() == [1, 2, 3, 4]
+    assert run.metrics["loss"].tolist() == [5.0, 5.0, 4.0, 4.0]

@@ -71,7 +71,11 @@ def verify_checkpoint(path: Path) -> None:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise UserError(f"checkpoint {path} is incomplete or corrupt: missing or unreadable {MANIFEST}") from None
-    for name, expected in manifest["files"].items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(e, dict) and {"bytes", "sha256"} <= e.keys()
+                                              for e in files.values()):
+        raise UserError(f"checkpoint {path} is corrupt: {MANIFEST} does not list its files with sizes and hashes")
+    for name, expected in files.items():
         file = path / name
         if not file.is_file():
             raise UserError(f"checkpoint {path} is incomplete: {name} is missing")

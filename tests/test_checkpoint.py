@@ -219,3 +219,13 @@ def test_a_checkpoint_loads_exactly_across_vocabulary_paddings(tmp_path, saved_m
     assert moments.shape == other.tok_emb.weight.shape
     x = torch.randint(0, 500, (1, 16))
     torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
+
+
+def test_a_manifest_without_its_file_list_is_corrupt_and_latest_falls_back(tmp_path):
+    model, opt = trained(False)
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, model.config, full_state_dicts(model, opt), {"global_step": step}, {})
+    (tmp_path / "checkpoint_000002" / "manifest.json").write_text('{"step": 2}')
+    with pytest.raises(UserError, match="checkpoint_000002 is corrupt: manifest.json does not list its files"):
+        find_checkpoint(tmp_path, "2")
+    assert find_checkpoint(tmp_path, "latest").name == "checkpoint_000001"

@@ -335,7 +335,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
     if cfg.min_lr > cfg.learning_rate:
         raise UserError(f"min_lr ({cfg.min_lr}) is larger than learning_rate ({cfg.learning_rate})")
-    if cfg.checkpoint is not None and cfg.checkpoint not in ("latest", "auto") and not cfg.checkpoint.isdigit():
+    if cfg.checkpoint is not None and cfg.checkpoint not in ("latest", "auto") and not cfg.checkpoint.isdecimal():
         raise UserError(f"checkpoint must be a step number, 'latest' or 'auto', got {cfg.checkpoint!r}")
     if cfg.checkpoint is not None and cfg.overwrite:
         raise UserError("overwrite starts a new run and checkpoint continues one: pass only one of them")

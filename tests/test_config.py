@@ -35,6 +35,7 @@ def test_bundled_xiyouji_config_resolves_by_name():
         (["--min_lr", "1", "--learning_rate", "0.1"], "min_lr (1.0) is larger than learning_rate"),
         (["--model", "gpt5"], "unknown model preset 'gpt5'"),
         (["--checkpoint", "last"], "checkpoint must be a step number, 'latest' or 'auto'"),
+        (["--checkpoint", "\u00b2"], "checkpoint must be a step number"),  # a digit to str.isdigit, not to int()
         (["--checkpoint", "latest"], "checkpoint needs the run to resume: pass its --output_dir"),
         (["--checkpoint", "auto"], "checkpoint needs the run to resume: pass its --output_dir"),
         (["--checkpoint", "auto", "--output_dir", "r", "--overwrite", "true"], "overwrite starts a new run and"),

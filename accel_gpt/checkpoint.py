@@ -131,7 +131,9 @@ def read_safetensors_header(path: Path) -> dict:
         try:
             header = json.loads(f.read(header_len))
         except ValueError:
-            raise UserError(f"{path} is not a safetensors file (header is not JSON)") from None
+            header = None
+        if not isinstance(header, dict):
+            raise UserError(f"{path} is not a safetensors file (header is not a JSON object)")
     data_bytes = size - 8 - header_len
     for name, entry in header.items():
         if name == "__metadata__":

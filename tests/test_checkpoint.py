@@ -147,6 +147,10 @@ def test_truncated_file_is_refused_before_allocation_even_if_the_manifest_agrees
     _rewrite_manifest_entry(ckpt, "model.safetensors")
     with pytest.raises(UserError, match="truncated or corrupt: tensor .* lies outside the file"):
         load_checkpoint(find_checkpoint(tmp_path, "1"), GPTModel(**SIZES))
+    weights.write_bytes((2).to_bytes(8, "little") + b"[]")  # a header that parses, but as a list
+    _rewrite_manifest_entry(ckpt, "model.safetensors")
+    with pytest.raises(UserError, match="is not a safetensors file \\(header is not a JSON object\\)"):
+        load_checkpoint(find_checkpoint(tmp_path, "1"), GPTModel(**SIZES))
 
 
 class _Payload:

@@ -14,7 +14,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +37,15 @@ from accel_gpt.model import generate as generate_ids
 from accel_gpt.tokenizer import get_tokenizer
 from accel_gpt.train import train  # noqa: F401  (re-exported: `from accel_gpt.analysis import train`)
 
+if TYPE_CHECKING:  # pandas is imported where it is used: `import accel_gpt.analysis` stays light
+    import pandas
+
 
 @dataclass
 class Run:
     path: Path
     config: dict  # the resolved config.yaml the run wrote
-    metrics: "pandas.DataFrame"  # noqa: F821  one row per optimizer step, columns = metrics.jsonl fields
+    metrics: pandas.DataFrame  # one row per optimizer step, columns = metrics.jsonl fields
 
     @property
     def name(self) -> str:
@@ -95,7 +98,7 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(path=path, config=config, metrics=metrics)
 
 
-def _logged(run: Run) -> "pandas.DataFrame":  # noqa: F821
+def _logged(run: Run) -> pandas.DataFrame:
     if run.metrics.empty:  # a run's first records come a few steps in (every 10 on a GPU), or never if it failed
         raise UserError(f"run {run.name} has no logged steps yet: nothing to plot")
     return run.metrics

@@ -34,7 +34,7 @@ def optimizer_step(model, optimizer, batches, accelerator: Accelerator, accumula
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
                 if isinstance(grad_norm, DTensor):  # FSDP: a replicated norm; the optimizer wants a plain tensor
                     grad_norm = grad_norm.full_tensor()
-                optimizer.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()  # fused AdamW skips if set
+                skip_if_not_finite(optimizer.optimizer, grad_norm)
                 update(optimizer)
         loss_sum += loss.detach()
     return loss_sum / accumulation, grad_norm.detach().float()
@@ -47,12 +47,15 @@ def update(optimizer: AcceleratedOptimizer) -> None:
     time per update on our CPU (benchmarks/host_overhead.py; accelerate 1.15 looks for the lomo_optim package on
     disk twice a step and inspects zero_grad's signature each call): time that a small model's step on a GPU
     waits for. fp16's loss scaler stays Accelerate's."""
-    if optimizer.scaler is None:
-        optimizer.optimizer.step()
-        optimizer.optimizer.zero_grad(set_to_none=True)
-    else:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    stepper = optimizer.optimizer if optimizer.scaler is None else optimizer
+    stepper.step()
+    stepper.zero_grad(set_to_none=True)
+
+
+def skip_if_not_finite(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> None:
+    """Have fused AdamW skip its next update when the gradient norm is not finite, decided on the device: no
+    host sync, and the same decision on every rank (the norm is taken after the all-reduce)."""
+    optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
 
 
 class EagerStep:
@@ -164,7 +167,7 @@ class CudaGraphStep:
             (loss / self.accumulation).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, max_norm)
-        self.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+        skip_if_not_finite(self.optimizer, grad_norm)
         self.optimizer.step()
         # Inside a capture this only drops the host's references: each replay's first backward writes the
         # gradients afresh into the graph's memory, as it did when captured.

@@ -26,6 +26,10 @@ def _opt(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+# Options that set the network's shape: layered over a preset, and refused with init_from (which has its own).
+MODEL_SHAPE_OPTIONS = ("embedding_dim", "num_layers", "num_heads", "qkv_bias", "bias", "tie_weights")
+
+
 @dataclass
 class TrainConfig:
     # --- data
@@ -146,8 +150,7 @@ class TrainConfig:
     def model_config(self, vocabulary_size: int) -> GPTConfig:
         """The preset with every model field that was set here layered on top."""
         sizes = dict(PRESETS[self.model], vocabulary_size=vocabulary_size)
-        for name in ("embedding_dim", "num_layers", "num_heads", "dropout", "qkv_bias", "bias", "tie_weights",
-                     "context_len"):
+        for name in (*MODEL_SHAPE_OPTIONS, "dropout", "context_len"):
             if getattr(self, name) is not None:
                 sizes[name] = getattr(self, name)
         sizes["vocab_multiple"] = self.vocab_multiple
@@ -305,8 +308,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
         raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.init_from is not None:
-        shape = ("embedding_dim", "num_layers", "num_heads", "qkv_bias", "bias", "tie_weights")
-        shaped = [k for k in shape if getattr(cfg, k) is not None]
+        shaped = [k for k in MODEL_SHAPE_OPTIONS if getattr(cfg, k) is not None]
         if shaped:
             raise UserError(f"init_from takes the model's shape from {cfg.init_from}; drop {', '.join(shaped)}")
     if not cfg.start_context:

@@ -92,7 +92,7 @@ def load_run(run_dir: str | Path) -> Run:
             while records and next(reversed(records)) >= record["step"]:
                 records.popitem()
             records[record["step"]] = record
-    metrics = pd.DataFrame([records[s] for s in sorted(records)])
+    metrics = pd.DataFrame(list(records.values()))
     config_file = path / "config.yaml"
     config = yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
     return Run(path=path, config=config, metrics=metrics)

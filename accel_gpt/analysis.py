@@ -85,8 +85,11 @@ def load_run(run_dir: str | Path) -> Run:
             try:
                 record = json.loads(line)
             except ValueError:  # a run killed mid-write tears its last line; the records around it still count
-                warnings.warn(f"{path / 'metrics.jsonl'} line {number} is not a whole record (a run killed while "
-                              "writing it?): skipped", stacklevel=2)
+                warnings.warn(
+                    f"{path / 'metrics.jsonl'} line {number} is not a whole record (a run killed while "
+                    "writing it?): skipped",
+                    stacklevel=2,
+                )
                 continue
             # Resumed from an earlier checkpoint and stopped sooner, a run must not show the old attempt's tail.
             while records and next(reversed(records)) >= record["step"]:
@@ -112,7 +115,9 @@ def _figure():
     return plt
 
 
-def plot_losses(runs: Run | list[Run], x: str = "step", path: str | Path | None = None, labels: list[str] | None = None):
+def plot_losses(
+    runs: Run | list[Run], x: str = "step", path: str | Path | None = None, labels: list[str] | None = None
+):
     """Training loss per step (faint), evaluation train/val loss (lines), tokens seen on a secondary axis.
 
     Several runs share one figure (val loss per run), e.g. to compare scaling runs. Returns the Figure and saves
@@ -140,7 +145,9 @@ def plot_losses(runs: Run | list[Run], x: str = "step", path: str | Path | None 
     if x == "step" and len(runs) == 1 and len(runs[0].metrics) > 1:
         # Tokens seen on a second x axis, as in the classic from-scratch training plot.
         m = runs[0].metrics
-        per_step = (m["tokens_seen"].iloc[-1] - m["tokens_seen"].iloc[0]) / max(1, m["step"].iloc[-1] - m["step"].iloc[0])
+        per_step = (m["tokens_seen"].iloc[-1] - m["tokens_seen"].iloc[0]) / max(
+            1, m["step"].iloc[-1] - m["step"].iloc[0]
+        )
         top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
         top.set_xlabel("tokens seen")
     ax.set_title(runs[0].name if len(runs) == 1 else "validation loss")
@@ -232,8 +239,9 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     was_training = model.training
     model.eval()
-    out = generate_ids(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       generator=generator)
+    out = generate_ids(
+        model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+    )
     model.train(was_training)
     return enc.decode(out[0, 0 if ids else 1 :].tolist())  # the end-of-text that stood in for no prompt is not text
 
@@ -249,24 +257,31 @@ def is_data_path(text_or_path: str | Path) -> bool:
     return spec in BUNDLED_CORPORA or os.path.exists(spec) or (any(c in spec for c in "*?[") and bool(glob.glob(spec)))
 
 
-def corpus_tokens(spec: str | Path, tokenizer: str = "gpt2", special_token_id: int | None = None,
-                  data_cache_dir: str | Path | None = None) -> TokenStream:
+def corpus_tokens(
+    spec: str | Path,
+    tokenizer: str = "gpt2",
+    special_token_id: int | None = None,
+    data_cache_dir: str | Path | None = None,
+) -> TokenStream:
     """A data path's tokens exactly as training reads them: end-of-text after each document, cached on disk."""
     eot = get_tokenizer(tokenizer).eot_token if special_token_id is None else special_token_id
     return tokenize_corpus(str(spec), tokenizer, eot, data_cache_dir or DEFAULT_CACHE_DIR)[0]
 
 
 @torch.no_grad()
-def sliding_window_loss(model: GPTModel, tokens: torch.Tensor | TokenStream, stride: int,
-                        batch_size: int = 4) -> tuple[float, int]:
+def sliding_window_loss(
+    model: GPTModel, tokens: torch.Tensor | TokenStream, stride: int, batch_size: int = 4
+) -> tuple[float, int]:
     """(mean next-token loss, tokens scored) over `tokens`, with windows of the model's context every `stride`
     tokens: each target is scored once, by the first window that holds it at its end, so every one after the
     first window has at least `context_len - stride` tokens of context. `stride == context_len` scores
     non-overlapping windows. Windows are run `batch_size` at a time; the numbers do not depend on it."""
     context = model.config.context_len
     if not 0 < stride <= context:
-        raise UserError(f"stride must be between 1 and the model's context_len {context}, got {stride} "
-                        "(a longer stride would skip tokens)")
+        raise UserError(
+            f"stride must be between 1 and the model's context_len {context}, got {stride} "
+            "(a longer stride would skip tokens)"
+        )
     if batch_size <= 0:
         raise UserError(f"batch_size must be positive, got {batch_size}")
     n = len(tokens)
@@ -297,8 +312,14 @@ def sliding_window_loss(model: GPTModel, tokens: torch.Tensor | TokenStream, str
     return total.item() / (n - 1), n - 1
 
 
-def perplexity(model: GPTModel, text_or_path: str | Path, stride: int | None = None, tokenizer: str = "gpt2",
-               batch_size: int = 4, data_cache_dir: str | Path | None = None) -> float:
+def perplexity(
+    model: GPTModel,
+    text_or_path: str | Path,
+    stride: int | None = None,
+    tokenizer: str = "gpt2",
+    batch_size: int = 4,
+    data_cache_dir: str | Path | None = None,
+) -> float:
     """exp(mean next-token loss) over a text, or over a data path (file, directory, glob, bundled corpus name)
     tokenized as training does it. Sliding windows of the model's context every `stride` tokens (default half
     the context): see `sliding_window_loss`. `python -m accel_gpt.evaluate` prints the same number."""

@@ -157,8 +157,14 @@ def list_cache(cache_dir: Path) -> None:
     items = scan(cache_dir)
     print(f"{cache_dir}: {len(items)} entries, {_mib(sum(i.size for i in items))}")
     rows = [("entry", "size", "tokens", "last used", "status", "corpus")] + [
-        (i.path.name, _mib(i.size), f"{i.tokens:,}" if i.tokens is not None else "-",
-         time.strftime("%Y-%m-%d %H:%M", time.localtime(i.last_used)), i.status, i.corpus)
+        (
+            i.path.name,
+            _mib(i.size),
+            f"{i.tokens:,}" if i.tokens is not None else "-",
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(i.last_used)),
+            i.status,
+            i.corpus,
+        )
         for i in items
     ]
     widths = [max(len(r[c]) for r in rows) for c in range(5)]

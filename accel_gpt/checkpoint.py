@@ -39,8 +39,23 @@ MODEL_FILE, OPTIMIZER_FILE, OPTIMIZER_META = "model.safetensors", "optimizer.saf
 STATE_FILE, CONFIG_FILE, RNG_FILE, RNG_META = "trainer_state.json", "config.json", "rng.safetensors", "rng.json"
 MANIFEST = "manifest.json"
 # Bytes per element of each safetensors dtype: used to check a header before anything is allocated.
-DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 MAX_HEADER_BYTES = 100 * 2**20
 
 
@@ -72,8 +87,9 @@ def verify_checkpoint(path: Path) -> None:
     except (OSError, ValueError):
         raise UserError(f"checkpoint {path} is incomplete or corrupt: missing or unreadable {MANIFEST}") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not all(isinstance(e, dict) and {"bytes", "sha256"} <= e.keys()
-                                              for e in files.values()):
+    if not isinstance(files, dict) or not all(
+        isinstance(e, dict) and {"bytes", "sha256"} <= e.keys() for e in files.values()
+    ):
         raise UserError(f"checkpoint {path} is corrupt: {MANIFEST} does not list its files with sizes and hashes")
     for name, expected in files.items():
         file = path / name

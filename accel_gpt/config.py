@@ -56,13 +56,15 @@ class TrainConfig:
     dropout: float | None = _opt(None, "override the preset's dropout rate")
     qkv_bias: bool | None = _opt(None, "bias in the query/key/value projection (preset default: false)")
     bias: bool | None = _opt(
-        None, "biases in the LayerNorms and the other linear layers (preset default: true, as GPT-2; false is "
-        "nanoGPT's default)"
+        None,
+        "biases in the LayerNorms and the other linear layers (preset default: true, as GPT-2; false is "
+        "nanoGPT's default)",
     )
     tie_weights: bool | None = _opt(None, "share the token embedding with the output head (preset default: false)")
     vocab_multiple: int = _opt(
-        64, "round the embedding and output-head rows up to a multiple of this, for faster matmuls; the padding "
-        "rows are never predicted (1: no padding)"
+        64,
+        "round the embedding and output-head rows up to a multiple of this, for faster matmuls; the padding "
+        "rows are never predicted (1: no padding)",
     )
     init_from: str | None = _opt(
         None, "start from a local Hugging Face GPT-2 folder (config.json + model.safetensors) instead of a preset"
@@ -84,18 +86,20 @@ class TrainConfig:
     seed: int = _opt(123, "seed for weights, shuffling and dropout")
     compile: bool = _opt(False, "torch.compile the model (pays off on GPUs; see benchmarks/RESULTS.md)")
     compile_mode: str = _opt(
-        "default", "torch.compile mode: default, reduce-overhead (CUDA graphs: for small models bound by the host), "
-        "max-autotune, max-autotune-no-cudagraphs"
+        "default",
+        "torch.compile mode: default, reduce-overhead (CUDA graphs: for small models bound by the host), "
+        "max-autotune, max-autotune-no-cudagraphs",
     )
     cuda_graph: bool = _opt(
-        False, "capture each optimizer step (forward, backward, clipping, update) as one CUDA graph and replay it: "
+        False,
+        "capture each optimizer step (forward, backward, clipping, update) as one CUDA graph and replay it: "
         "the host launches one graph instead of every kernel, which bounds small models; one process on one GPU, "
-        "bf16 or fp32"
+        "bf16 or fp32",
     )
-    attention: str = _opt(
-        "auto", "preferred attention kernel: auto (torch's choice), cudnn, flash, efficient, math"
+    attention: str = _opt("auto", "preferred attention kernel: auto (torch's choice), cudnn, flash, efficient, math")
+    activation_checkpointing: bool = _opt(
+        False, "recompute each block's activations in backward: less memory, about a third more compute"
     )
-    activation_checkpointing: bool = _opt(False, "recompute each block's activations in backward: less memory, about a third more compute")
     loss_chunk: int | None = _opt(
         None, "tokens per chunk of the fused loss, 0 for plain cross-entropy (default: 4096 on CPU, 0 on GPUs)"
     )
@@ -108,16 +112,19 @@ class TrainConfig:
     )
     # --- evaluation and logging
     eval_freq: int = _opt(
-        50, "evaluate train/val loss and print a sample every N optimizer steps and at the end (0: never, e.g. for "
-        "throughput runs)"
+        50,
+        "evaluate train/val loss and print a sample every N optimizer steps and at the end (0: never, e.g. for "
+        "throughput runs)",
     )
     eval_iter: int = _opt(
-        5, "global batches averaged for each train/val loss estimate: the first ones of each split, in corpus order, "
-        "the same windows at any number of processes"
+        5,
+        "global batches averaged for each train/val loss estimate: the first ones of each split, in corpus order, "
+        "the same windows at any number of processes",
     )
     log_every: int | None = _opt(
-        None, "bring losses and gradient norms to the host every N steps (still one record per step); between, the "
-        "GPU never waits for the host (default: 1 on CPU, 10 on GPUs)"
+        None,
+        "bring losses and gradient norms to the host every N steps (still one record per step); between, the "
+        "GPU never waits for the host (default: 1 on CPU, 10 on GPUs)",
     )
     start_context: str = _opt("Every effort moves you", "prompt for the greedy sample printed at evaluation")
     sample_tokens: int = _opt(50, "tokens generated for each sample")
@@ -125,7 +132,8 @@ class TrainConfig:
     report_to: str = _opt(
         "none",
         "experiment trackers that get every metrics.jsonl record, through Accelerate: none, all (every installed "
-        "one), or a comma-separated list of tensorboard, wandb, mlflow, trackio, aim, comet_ml, clearml, dvclive, swanlab",
+        "one), or a comma-separated list of tensorboard, wandb, mlflow, trackio, aim, comet_ml, clearml, dvclive, "
+        "swanlab",
     )
     project_name: str = _opt("accel_gpt", "tracker project name (TensorBoard: <output_dir>/trackers/<project_name>)")
     run_name: str | None = _opt(None, "tracker run name (default: the run directory's name)")
@@ -144,7 +152,8 @@ class TrainConfig:
     )
     keep_last: int = _opt(3, "keep only the newest N checkpoints (0 keeps all)")
     max_nonfinite_steps: int = _opt(
-        5, "stop with an error after this many optimizer steps in a row with a non-finite gradient norm (each is skipped)"
+        5,
+        "stop with an error after this many optimizer steps in a row with a non-finite gradient norm (each is skipped)",
     )
 
     def model_config(self, vocabulary_size: int) -> GPTConfig:
@@ -229,7 +238,9 @@ _Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != _INT]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    _INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+)
 
 
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
@@ -299,8 +310,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"unknown model preset {cfg.model!r}; choose one of {', '.join(PRESETS)}")
     positive = ["batch_size", "gradient_accumulation_steps", "num_epochs", "eval_iter", "save_freq"]
     positive += ["max_nonfinite_steps", "vocab_multiple"]
-    optional_positive = ("max_steps", "global_batch_size", "context_len", "stride", "cpu_threads", "embedding_dim",
-                         "num_layers", "num_heads", "log_every")
+    optional_positive = (
+        "max_steps",
+        "global_batch_size",
+        "context_len",
+        "stride",
+        "cpu_threads",
+        "embedding_dim",
+        "num_layers",
+        "num_heads",
+        "log_every",
+    )
     positive += [k for k in optional_positive if getattr(cfg, k) is not None]
     for key in positive:
         if getattr(cfg, key) <= 0:
@@ -319,17 +339,23 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError("no validation data: set val_data_path or a val_fraction above 0")
     if cfg.loss_chunk is not None and cfg.loss_chunk < 0:
         raise UserError(f"loss_chunk must be >= 0, got {cfg.loss_chunk}")
-    choices = {"attention": ("auto", "cudnn", "flash", "efficient", "math"),
-               "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")}
+    choices = {
+        "attention": ("auto", "cudnn", "flash", "efficient", "math"),
+        "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    }
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
     if cfg.cuda_graph and cfg.compile and cfg.compile_mode in CUDAGRAPH_COMPILE_MODES:
-        raise UserError(f"cuda_graph captures the whole step itself; compile_mode {cfg.compile_mode} would graph the "
-                        "model inside it: use compile_mode default or max-autotune-no-cudagraphs")
+        raise UserError(
+            f"cuda_graph captures the whole step itself; compile_mode {cfg.compile_mode} would graph the "
+            "model inside it: use compile_mode default or max-autotune-no-cudagraphs"
+        )
     if cfg.cuda_graph and cfg.activation_checkpointing:
-        raise UserError("cuda_graph does not combine with activation_checkpointing yet (its recomputation saves and "
-                        "restores the RNG state, which is not tested under a capture)")
+        raise UserError(
+            "cuda_graph does not combine with activation_checkpointing yet (its recomputation saves and "
+            "restores the RNG state, which is not tested under a capture)"
+        )
     for key in ("keep_last", "eval_freq"):
         if getattr(cfg, key) < 0:
             raise UserError(f"{key} must be >= 0, got {getattr(cfg, key)}")

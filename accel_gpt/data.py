@@ -70,8 +70,10 @@ def resolve_files(spec: str) -> list[Path]:
             raise UserError(f"data path not found: {spec}")
         candidates = [p for p in matches if p.is_file()]
         if not candidates:
-            raise UserError(f"{spec} matches only directories ({matches[0]}, ...): pass a directory, or a pattern "
-                            "that matches files")
+            raise UserError(
+                f"{spec} matches only directories ({matches[0]}, ...): pass a directory, or a pattern "
+                "that matches files"
+            )
     files = sorted(p for p in candidates if p.suffix.lower() in FORMATS)
     if not files:
         raise UserError(f"no .txt, .jsonl or .parquet files in {spec}")
@@ -85,8 +87,10 @@ def _is_saved_dataset(path: Path) -> bool:
     which split to read is the user's choice (a default would validate on training text), so the error names them."""
     if (path / DATASET_DICT_FILE).is_file():
         splits = sorted(p.name for p in path.iterdir() if _is_saved_dataset(p))
-        raise UserError(f"{path} is a saved DatasetDict (splits: {', '.join(splits) or 'none'}): pass one split's "
-                        f"folder, e.g. {path / (splits[0] if splits else 'train')}")
+        raise UserError(
+            f"{path} is a saved DatasetDict (splits: {', '.join(splits) or 'none'}): pass one split's "
+            f"folder, e.g. {path / (splits[0] if splits else 'train')}"
+        )
     return all((path / name).is_file() for name in DATASET_FILES)
 
 
@@ -97,7 +101,9 @@ def _search(root: Path) -> list[Path]:
     found = []
     for folder, subfolders, names in os.walk(root, onerror=unreadable, followlinks=True):
         if _is_saved_dataset(Path(folder)):  # else its state.json would be read as JSON lines
-            raise UserError(f"{folder} is a saved Hugging Face dataset inside {root}: pass it as a data path of its own")
+            raise UserError(
+                f"{folder} is a saved Hugging Face dataset inside {root}: pass it as a data path of its own"
+            )
         subfolders[:] = [d for d in subfolders if not d.startswith(".")]
         found += [Path(folder, n) for n in names if not n.startswith(".")]
     return [p for p in found if p.is_file()]
@@ -119,7 +125,7 @@ class TokenStream:
     def __len__(self) -> int:
         return self.stop - self.start
 
-    def view(self, start: int, stop: int) -> "TokenStream":
+    def view(self, start: int, stop: int) -> TokenStream:
         return TokenStream(self.path, self.start + start, self.start + stop, _chunks=self._chunks)
 
     def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -151,11 +157,9 @@ def _cut(text: str, start: int, end: int) -> int:
         span = 4096
         while True:
             lo = max(start + 1, end - span)
-            found = None
-            for found in pattern.finditer(text, lo, end + 1):  # end + 1: the lookahead may see text[end]
-                pass
-            if found:
-                return found.start()
+            matches = list(pattern.finditer(text, lo, end + 1))  # end + 1: the lookahead may see text[end]
+            if matches:
+                return matches[-1].start()
             if lo == start + 1:
                 break
             span *= 16
@@ -237,16 +241,23 @@ def _read_json_lines(path: Path) -> Iterator[tuple[str, bool]]:
                 where = f"{'' if err.msg.endswith(' at') else ' at'} column {err.colno}"
                 # A first line cut short by its end is how a pretty-printed .json file (valid JSON) starts.
                 if number == 1 and err.pos >= len(line.rstrip()):
-                    where += (" (one JSON document over several lines? a .json or .jsonl corpus holds one JSON "
-                              "object per line)")
+                    where += (
+                        " (one JSON document over several lines? a .json or .jsonl corpus holds one JSON "
+                        "object per line)"
+                    )
                 raise UserError(f"{path} line {number} is not valid JSON: {err.msg}{where}") from None
             if not isinstance(row, dict):
-                raise UserError(f"{path} line {number} is a JSON {_JSON_TYPES.get(type(row), 'null')}, not an object "
-                                "with a 'text' field (one JSON object per line)")
+                raise UserError(
+                    f"{path} line {number} is a JSON {_JSON_TYPES.get(type(row), 'null')}, not an object "
+                    "with a 'text' field (one JSON object per line)"
+                )
             text = row.get("text")
             if not isinstance(text, str):
-                held = "no 'text' value (missing or null)" if text is None else \
-                    f"a 'text' {_JSON_TYPES[type(text)]}, not a string"
+                held = (
+                    "no 'text' value (missing or null)"
+                    if text is None
+                    else f"a 'text' {_JSON_TYPES[type(text)]}, not a string"
+                )
                 raise UserError(f"{path} line {number} has {held}")
             yield from _pieces([text])
 
@@ -351,8 +362,9 @@ def _encode(encoding, text: str) -> np.ndarray:
     try:
         return encoding.encode_to_numpy(text, disallowed_special=())  # no special tokens: ordinary encoding
     except UnicodeEncodeError:  # lone surrogates (JSON escapes): replaced, as tiktoken's encode_ordinary does
-        return encoding.encode_to_numpy(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"),
-                                        disallowed_special=())
+        return encoding.encode_to_numpy(
+            text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"), disallowed_special=()
+        )
 
 
 def _encode_batch(encoding, batch: list[tuple[str, bool]], eot: np.ndarray, dtype) -> np.ndarray:
@@ -432,8 +444,9 @@ def _tokenize(spec, tokenizer, special_token_id, cache_dir, num_proc, role) -> t
     dtype = np.uint16 if encoding.n_vocab <= 2**16 else np.uint32
     tmp = cache.temp_tokens(entry)
     # On a terminal only, and cleared when done: for bad input the error is the only line.
-    progress = tqdm(unit="char", unit_scale=True, desc=f"tokenizing {role} data", leave=False,
-                    disable=not sys.stderr.isatty())
+    progress = tqdm(
+        unit="char", unit_scale=True, desc=f"tokenizing {role} data", leave=False, disable=not sys.stderr.isatty()
+    )
     try:
         with progress:
             arrays = _token_arrays(_batches(files, fmt, progress), encoding, special_token_id, dtype, threads)
@@ -537,5 +550,11 @@ def make_loader(dataset: WindowDataset, sampler: GlobalBatchSampler) -> DataLoad
     # A private generator: creating an iterator then draws nothing from the global RNG that dropout uses,
     # so a resumed run's dropout stream continues exactly where the checkpoint left it. Pinned batches copy to a
     # GPU without making the host wait.
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=0, generator=torch.Generator(),
-                      collate_fn=_already_collated, pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=0,
+        generator=torch.Generator(),
+        collate_fn=_already_collated,
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -1,6 +1,6 @@
 """Score a checkpoint on any corpus: mean next-token loss and perplexity, printed as one JSON line:
 
-    python -m accel_gpt.evaluate --checkpoint RUN_OR_CHECKPOINT_DIR --data PATH [--stride N] [--batch_size N]
+python -m accel_gpt.evaluate --checkpoint RUN_OR_CHECKPOINT_DIR --data PATH [--stride N] [--batch_size N]
 """
 
 from __future__ import annotations
@@ -15,18 +15,29 @@ from accel_gpt.errors import run_command
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = CommandLineParser(prog="python -m accel_gpt.evaluate", description=__doc__.splitlines()[0],
-                               allow_abbrev=False)
-    parser.add_argument("--checkpoint", required=True,
-                        help="a checkpoint directory, or a run directory or its checkpoint_dir (the newest checkpoint "
-                        "that verifies)")
+    parser = CommandLineParser(
+        prog="python -m accel_gpt.evaluate", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint directory, or a run directory or its checkpoint_dir (the newest checkpoint that verifies)",
+    )
     parser.add_argument("--step", type=int, help="with a run directory: the checkpoint at this step")
-    parser.add_argument("--data", required=True, help="text to score, in any form training takes: a .txt/.jsonl/"
-                        ".parquet file, a folder written by datasets' save_to_disk, a directory, a glob, or a "
-                        "bundled corpus name")
-    parser.add_argument("--stride", type=int, help="tokens between window starts, 1..context_len; each token is "
-                        "scored once, so a shorter stride gives each more context (default: context_len, "
-                        "non-overlapping windows)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="text to score, in any form training takes: a .txt/.jsonl/"
+        ".parquet file, a folder written by datasets' save_to_disk, a directory, a glob, or a "
+        "bundled corpus name",
+    )
+    parser.add_argument(
+        "--stride",
+        type=int,
+        help="tokens between window starts, 1..context_len; each token is "
+        "scored once, so a shorter stride gives each more context (default: context_len, "
+        "non-overlapping windows)",
+    )
     parser.add_argument("--batch_size", type=int, default=4, help="windows per forward pass (default: 4)")
     parser.add_argument("--data_cache_dir", help=f"where tokenized corpora are cached (default: {DEFAULT_CACHE_DIR})")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
@@ -34,15 +45,25 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = open_checkpoint(args.checkpoint, args.step, resolve_device(args.device))
     settings = checkpoint.train_config
     # The corpus is tokenized as the checkpoint's run tokenized its own: same tokenizer, same end-of-text id.
-    tokens = corpus_tokens(args.data, settings.get("tokenizer", "gpt2"), settings.get("special_token_id"),
-                           args.data_cache_dir)
+    tokens = corpus_tokens(
+        args.data, settings.get("tokenizer", "gpt2"), settings.get("special_token_id"), args.data_cache_dir
+    )
     context = checkpoint.model.config.context_len
     stride = context if args.stride is None else args.stride
     loss, scored = sliding_window_loss(checkpoint.model, tokens, stride, args.batch_size)
-    print(json.dumps({
-        "checkpoint": str(checkpoint.path), "data": args.data, "tokens": scored, "context_len": context,
-        "stride": stride, "loss": loss, "perplexity": math.exp(loss),
-    }))
+    print(
+        json.dumps(
+            {
+                "checkpoint": str(checkpoint.path),
+                "data": args.data,
+                "tokens": scored,
+                "context_len": context,
+                "stride": stride,
+                "loss": loss,
+                "perplexity": math.exp(loss),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Sample text from a checkpoint, printed as it is generated:
 
-    python -m accel_gpt.generate --checkpoint RUN_OR_CHECKPOINT_DIR [--prompt TEXT] [--max_new_tokens N] ...
+python -m accel_gpt.generate --checkpoint RUN_OR_CHECKPOINT_DIR [--prompt TEXT] [--max_new_tokens N] ...
 """
 
 from __future__ import annotations
@@ -18,19 +18,27 @@ from accel_gpt.tokenizer import TextStream, get_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CommandLineParser(prog="python -m accel_gpt.generate", description=__doc__.splitlines()[0],
-                               allow_abbrev=False)
-    parser.add_argument("--checkpoint", required=True,
-                        help="a checkpoint directory, or a run directory or its checkpoint_dir (the newest checkpoint "
-                        "that verifies)")
+    parser = CommandLineParser(
+        prog="python -m accel_gpt.generate", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint directory, or a run directory or its checkpoint_dir (the newest checkpoint that verifies)",
+    )
     parser.add_argument("--step", type=int, help="with a run directory: the checkpoint at this step")
     parser.add_argument("--prompt", help="text to continue (default: read from stdin; empty: start a new document)")
     parser.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per sample (default: 200)")
-    parser.add_argument("--temperature", type=float, default=0.8,
-                        help="softmax temperature; 0 is greedy (default: 0.8)")
+    parser.add_argument(
+        "--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default: 0.8)"
+    )
     parser.add_argument("--top_k", type=int, default=200, help="sample from the k most likely tokens (default: 200)")
-    parser.add_argument("--top_p", type=float, help="sample from the smallest set of tokens holding this much "
-                        "probability, after top_k (nucleus sampling; default: off)")
+    parser.add_argument(
+        "--top_p",
+        type=float,
+        help="sample from the smallest set of tokens holding this much "
+        "probability, after top_k (nucleus sampling; default: off)",
+    )
     parser.add_argument("--seed", type=int, help="seed for reproducible samples (default: a fresh one each run)")
     parser.add_argument("--num_samples", type=int, default=1, help="samples to print, one after another (default: 1)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
@@ -81,9 +89,16 @@ def main(argv: list[str] | None = None) -> None:
         out.write(prompt)
         text = TextStream(tokenizer)
         # Generation stops early at the end-of-text token: the model has finished a document.
-        for next_id in stream_tokens(model=checkpoint.model, idx=idx, max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eot,
-                                     generator=generator):
+        for next_id in stream_tokens(
+            model=checkpoint.model,
+            idx=idx,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos_id=eot,
+            generator=generator,
+        ):
             out.write(text.push(next_id.item()))
             out.flush()
         out.write(text.flush() + "\n")

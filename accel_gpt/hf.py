@@ -19,16 +19,30 @@ from accel_gpt.errors import UserError
 from accel_gpt.model import GPTConfig, GPTModel, fit_vocabulary_rows
 
 # Our block's parameter names -> GPT-2's (HF stores the Linear weights transposed, as Conv1D).
-BLOCK_NAMES = {"norm1": "ln_1", "norm2": "ln_2", "att.qkv": "attn.c_attn", "att.out_proj": "attn.c_proj",
-               "ff.fc": "mlp.c_fc", "ff.proj": "mlp.c_proj"}
+BLOCK_NAMES = {
+    "norm1": "ln_1",
+    "norm2": "ln_2",
+    "att.qkv": "attn.c_attn",
+    "att.out_proj": "attn.c_proj",
+    "ff.fc": "mlp.c_fc",
+    "ff.proj": "mlp.c_proj",
+}
 
 
 def hf_config_kwargs(cfg: GPTConfig) -> dict:
     """Keyword arguments for `transformers.GPT2Config` describing the same network (dropout included)."""
     return dict(
-        vocab_size=cfg.vocabulary_size, n_positions=cfg.context_len, n_embd=cfg.embedding_dim,
-        n_layer=cfg.num_layers, n_head=cfg.num_heads, activation_function="gelu_new", layer_norm_epsilon=1e-5,
-        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, tie_word_embeddings=cfg.tie_weights,
+        vocab_size=cfg.vocabulary_size,
+        n_positions=cfg.context_len,
+        n_embd=cfg.embedding_dim,
+        n_layer=cfg.num_layers,
+        n_head=cfg.num_heads,
+        activation_function="gelu_new",
+        layer_norm_epsilon=1e-5,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        tie_word_embeddings=cfg.tie_weights,
     )
 
 
@@ -62,8 +76,12 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str,
     hf["wte.weight"] = fit_vocabulary_rows(hf["wte.weight"], rows)
     if "lm_head.weight" in hf:
         hf["lm_head.weight"] = fit_vocabulary_rows(hf["lm_head.weight"], rows)
-    out = {"tok_emb.weight": hf["wte.weight"], "pos_emb.weight": hf["wpe.weight"],
-           "final_norm.weight": hf["ln_f.weight"], "final_norm.bias": hf["ln_f.bias"]}
+    out = {
+        "tok_emb.weight": hf["wte.weight"],
+        "pos_emb.weight": hf["wpe.weight"],
+        "final_norm.weight": hf["ln_f.weight"],
+        "final_norm.bias": hf["ln_f.bias"],
+    }
     for i in range(cfg.num_layers):
         for ours, theirs in BLOCK_NAMES.items():
             weight = hf[f"h.{i}.{theirs}.weight"]
@@ -84,10 +102,19 @@ def export_to_hf(model: GPTModel, out_dir: str | Path) -> Path:
     state = to_hf_state_dict(model)
     if model.config.tie_weights:  # stored once; transformers re-ties lm_head to wte on load
         state.pop("lm_head.weight")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_inner": None,
-              "bos_token_id": 50256, "eos_token_id": 50256, **hf_config_kwargs(model.config)}
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in state.items()},
+        str(out / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "n_inner": None,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        **hf_config_kwargs(model.config),
+    }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
 
@@ -105,10 +132,15 @@ def read_hf_gpt2_config(folder: str | Path, dropout: float | None = None, vocab_
     if hf_config.get("activation_function", "gelu_new") != "gelu_new" or mlp not in (None, 4 * hf_config["n_embd"]):
         raise UserError(f"init_from {folder}: only GPT-2's gelu_new MLP of 4 x n_embd is supported")
     return GPTConfig(
-        vocabulary_size=hf_config["vocab_size"], context_len=hf_config["n_positions"],
-        embedding_dim=hf_config["n_embd"], num_heads=hf_config["n_head"], num_layers=hf_config["n_layer"],
-        dropout=hf_config.get("resid_pdrop", 0.1) if dropout is None else dropout, qkv_bias=True,
-        tie_weights=hf_config.get("tie_word_embeddings", True), vocab_multiple=vocab_multiple,
+        vocabulary_size=hf_config["vocab_size"],
+        context_len=hf_config["n_positions"],
+        embedding_dim=hf_config["n_embd"],
+        num_heads=hf_config["n_head"],
+        num_layers=hf_config["n_layer"],
+        dropout=hf_config.get("resid_pdrop", 0.1) if dropout is None else dropout,
+        qkv_bias=True,
+        tie_weights=hf_config.get("tie_word_embeddings", True),
+        vocab_multiple=vocab_multiple,
     )
 
 

@@ -193,8 +193,15 @@ def open_on_a_new_line(path: Path):
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, initial_step: int = 0,
-                 config: dict | None = None, accelerator: Accelerator | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        total_steps: int,
+        initial_step: int = 0,
+        config: dict | None = None,
+        accelerator: Accelerator | None = None,
+    ):
         """`config`, the resolved configuration, goes to config.yaml and to the trackers as hyper-parameters;
         `accelerator` carries the trackers chosen by `tracking_options` (none: metrics.jsonl only)."""
         self.enabled, self.total_steps = enabled, total_steps

@@ -61,8 +61,10 @@ PRESETS: dict[str, dict] = {
 
 
 ATTENTION_BACKENDS = {
-    "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
 }
 
 
@@ -236,7 +238,10 @@ CPU_LOSS_CHUNK = 4096
 
 
 def chunked_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = CPU_LOSS_CHUNK,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int = CPU_LOSS_CHUNK,
     vocabulary_size: int | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of the logits `hidden @ weight.T` (hidden `[..., dim]`, targets `[...]`), over the first

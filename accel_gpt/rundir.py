@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
@@ -55,8 +56,11 @@ def checkpoint_entries(checkpoint_dir: Path) -> list[Path]:
     """A run's checkpoints in `checkpoint_dir`, with the hidden copies of interrupted saves and set-aside branches."""
     if not checkpoint_dir.is_dir():
         return []
-    return [p for p in sorted(checkpoint_dir.iterdir())
-            if CHECKPOINT_RE.match(p.name) or p.name.startswith((".checkpoint_", "abandoned-after-"))]
+    return [
+        p
+        for p in sorted(checkpoint_dir.iterdir())
+        if CHECKPOINT_RE.match(p.name) or p.name.startswith((".checkpoint_", "abandoned-after-"))
+    ]
 
 
 def previous_run(output_dir: Path, checkpoint_dir: Path) -> list[Path]:
@@ -108,7 +112,10 @@ def choose_start(cfg: TrainConfig, output_dir: Path, checkpoint_dir: Path) -> tu
         return None, ""
     if cfg.overwrite:
         moved_to = " and ".join(str(d) for d in set_aside_run(output_dir, checkpoint_dir))
-        return None, f"accel_gpt: --overwrite true: moved the earlier run in {output_dir} to {moved_to} (nothing deleted)"
+        return (
+            None,
+            f"accel_gpt: --overwrite true: moved the earlier run in {output_dir} to {moved_to} (nothing deleted)",
+        )
     inside = checkpoint_dir.resolve().is_relative_to(output_dir.resolve())
     places = dict.fromkeys(output_dir if inside or p.parent == output_dir else checkpoint_dir for p in found)
     shown = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")

@@ -16,8 +16,9 @@ from accel_gpt.config import CUDAGRAPH_COMPILE_MODES, TrainConfig
 from accel_gpt.errors import UserError
 
 
-def optimizer_step(model, optimizer, batches, accelerator: Accelerator, accumulation: int, max_norm: float,
-                   cuda_graphs: bool = False):
+def optimizer_step(
+    model, optimizer, batches, accelerator: Accelerator, accumulation: int, max_norm: float, cuda_graphs: bool = False
+):
     """Forward/backward over `accumulation` micro-batches, then one update unless the gradient norm is not finite.
 
     Returns (this rank's mean loss, gradient norm) as device tensors: nothing here waits for the device. The
@@ -69,8 +70,9 @@ class EagerStep:
     def __call__(self, batches, lr: float, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        return optimizer_step(self.model, self.optimizer, batches, self.accelerator, self.accumulation, max_norm,
-                              self.cudagraph_trees)
+        return optimizer_step(
+            self.model, self.optimizer, batches, self.accelerator, self.accumulation, max_norm, self.cudagraph_trees
+        )
 
 
 def check_cuda_graph(cfg: TrainConfig, accelerator: Accelerator) -> None:
@@ -80,11 +82,14 @@ def check_cuda_graph(cfg: TrainConfig, accelerator: Accelerator) -> None:
     if accelerator.device.type != "cuda":
         raise UserError(f"cuda_graph needs a CUDA GPU; this run is on {accelerator.device.type}")
     if accelerator.distributed_type != DistributedType.NO:
-        raise UserError(f"cuda_graph runs one process on one GPU; this launch is {accelerator.distributed_type.value} "
-                        f"with {accelerator.num_processes} processes (their collectives are not captured)")
+        raise UserError(
+            f"cuda_graph runs one process on one GPU; this launch is {accelerator.distributed_type.value} "
+            f"with {accelerator.num_processes} processes (their collectives are not captured)"
+        )
     if accelerator.mixed_precision == "fp16":
-        raise UserError("cuda_graph cannot capture fp16's loss scaling, decided on the host: use bf16 or no mixed "
-                        "precision")
+        raise UserError(
+            "cuda_graph cannot capture fp16's loss scaling, decided on the host: use bf16 or no mixed precision"
+        )
 
 
 class CudaGraphStep:

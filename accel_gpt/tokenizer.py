@@ -7,7 +7,7 @@ Nothing here touches the network for "gpt2", so training and tests run on machin
 from __future__ import annotations
 
 import codecs
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 import tiktoken
@@ -21,7 +21,7 @@ END_OF_TEXT = "<|endoftext|>"
 END_OF_TEXT_ID = 50256
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_tokenizer(name: str = "gpt2") -> tiktoken.Encoding:
     """Return the tokenizer `name`: "gpt2" from bundled ranks, any other tiktoken encoding by its own name."""
     if name != "gpt2":

@@ -157,7 +157,8 @@ def start_accelerator(cfg: TrainConfig) -> tuple[Accelerator, int, int]:
     world_size = PartialState(cpu=use_cpu()).num_processes
     accumulation, global_batch = batch_geometry(cfg, world_size)
     accelerator = Accelerator(
-        cpu=use_cpu(), gradient_accumulation_steps=accumulation,
+        cpu=use_cpu(),
+        gradient_accumulation_steps=accumulation,
         # Batches are pinned (make_loader), so their copies to the GPU overlap the step before them.
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
         # A captured step must not keep autocast's cached casts across the capture's end (CUDA graphs' notes).
@@ -185,7 +186,9 @@ def model_config_for(cfg: TrainConfig, tokenizer) -> GPTConfig:
         return cfg.model_config(tokenizer.n_vocab)
     model_cfg = read_hf_gpt2_config(cfg.init_from, cfg.dropout, cfg.vocab_multiple)
     if model_cfg.vocabulary_size != tokenizer.n_vocab:
-        raise UserError(f"init_from model has {model_cfg.vocabulary_size} tokens, the {cfg.tokenizer} tokenizer {tokenizer.n_vocab}")
+        raise UserError(
+            f"init_from model has {model_cfg.vocabulary_size} tokens, the {cfg.tokenizer} tokenizer {tokenizer.n_vocab}"
+        )
     return model_cfg
 
 
@@ -201,9 +204,8 @@ def load_token_streams(cfg: TrainConfig, accelerator: Accelerator, eot_id: int) 
     with accelerator.local_main_process_first():  # one rank per machine tokenizes; the others hit its cache
         train = tokenize_corpus(cfg.train_data_path, cfg.tokenizer, eot_id, cache_dir, cfg.num_proc)[0]
         if cfg.val_data_path is not None:
-            val = tokenize_corpus(cfg.val_data_path, cfg.tokenizer, eot_id, cache_dir, cfg.num_proc,
-                                  role="validation")[0]
-            return train, val
+            val = tokenize_corpus(cfg.val_data_path, cfg.tokenizer, eot_id, cache_dir, cfg.num_proc, "validation")
+            return train, val[0]
     split = int(len(train) * (1.0 - cfg.val_fraction))
     return train.view(0, split), train.view(split, len(train))
 
@@ -235,7 +237,11 @@ def build_data(cfg: TrainConfig, streams, context_len: int, stride: int, global_
             f"validation data has {len(val_set)} windows of {context_len + 1} tokens; an evaluation needs one "
             f"global batch of {global_batch} (raise val_fraction, add validation text or lower batch_size)"
         )
-    loaders = (make_loader(train_set, train_sampler), make_loader(train_set, train_eval), make_loader(val_set, val_eval))
+    loaders = (
+        make_loader(train_set, train_sampler),
+        make_loader(train_set, train_eval),
+        make_loader(val_set, val_eval),
+    )
     return RunData(train_set, val_set, train_sampler, loaders)
 
 
@@ -279,8 +285,11 @@ class StepWindow:
         records, loss_sums, stops, norms = self.records, values[:steps], values[steps], values[steps + 1 :]
         for record, loss_sum, norm in zip(records, loss_sums, norms):
             record |= {
-                "loss": loss_sum / world_size, "grad_norm": norm, "tokens_per_sec": self.tokens_per_step / seconds,
-                "step_time": seconds, "peak_memory_mib": memory,
+                "loss": loss_sum / world_size,
+                "grad_norm": norm,
+                "tokens_per_sec": self.tokens_per_step / seconds,
+                "step_time": seconds,
+                "peak_memory_mib": memory,
             }
             if self.device_peak:
                 record["mfu"] = self.step_flops / seconds / (self.device_peak * world_size)
@@ -309,8 +318,9 @@ class StopSignal:
         self.received = signal.Signals(signum).name
 
 
-def count_nonfinite(records: list[dict], state: TrainerState, in_a_row: int, cfg: TrainConfig, checkpoint_dir: Path,
-                    logger: RunLogger) -> int:
+def count_nonfinite(
+    records: list[dict], state: TrainerState, in_a_row: int, cfg: TrainConfig, checkpoint_dir: Path, logger: RunLogger
+) -> int:
     """Mark skipped (non-finite) steps and count them; stop with an error after `max_nonfinite_steps` in a row.
     Returns the count of such steps in a row at the end of `records`."""
     for i, record in enumerate(records):
@@ -332,8 +342,15 @@ def count_nonfinite(records: list[dict], state: TrainerState, in_a_row: int, cfg
     return in_a_row
 
 
-def resume(cfg: TrainConfig, accelerator: Accelerator, path: Path, model: GPTModel, optimizer, data_identity: dict,
-           total_steps: int) -> tuple[TrainerState, dict | None, str]:
+def resume(
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    path: Path,
+    model: GPTModel,
+    optimizer,
+    data_identity: dict,
+    total_steps: int,
+) -> tuple[TrainerState, dict | None, str]:
     """Load checkpoint `path` into the model and optimizer on every rank: returns where the run is, this rank's
     RNG state to restore just before the first step (None if it cannot map one to one) and a note for the console
     (for a run with nothing left to train, the line that says so)."""
@@ -374,10 +391,14 @@ def train(cfg: TrainConfig) -> dict:
     model_cfg = model_config_for(cfg, tokenizer)
     context_len = cfg.context_len or model_cfg.context_len  # training window; at most the position table
     if context_len > model_cfg.context_len:
-        raise UserError(f"context_len {context_len} exceeds the position table of {cfg.init_from} ({model_cfg.context_len})")
+        raise UserError(
+            f"context_len {context_len} exceeds the position table of {cfg.init_from} ({model_cfg.context_len})"
+        )
     eot_id = tokenizer.eot_token if cfg.special_token_id is None else cfg.special_token_id
     if not 0 <= eot_id < tokenizer.n_vocab:
-        raise UserError(f"special_token_id {eot_id} is outside the {cfg.tokenizer} vocabulary (0..{tokenizer.n_vocab - 1})")
+        raise UserError(
+            f"special_token_id {eot_id} is outside the {cfg.tokenizer} vocabulary (0..{tokenizer.n_vocab - 1})"
+        )
     stride = cfg.stride or context_len
     data = build_data(cfg, load_token_streams(cfg, accelerator, eot_id), context_len, stride, global_batch)
 
@@ -402,22 +423,32 @@ def train(cfg: TrainConfig) -> dict:
 
     # What fixes the order of global batches: a checkpoint's data position means nothing if any of these change.
     data_identity = {
-        "global_batch_size": global_batch, "seed": cfg.seed, "context_len": context_len, "stride": stride,
+        "global_batch_size": global_batch,
+        "seed": cfg.seed,
+        "context_len": context_len,
+        "stride": stride,
         "train_windows": len(data.train_set),
     }
     state, rng_state, resume_note = TrainerState(), None, ""
     if run.resume_from is not None:
-        state, rng_state, resume_note = resume(cfg, accelerator, run.resume_from, raw_model(), optimizer,
-                                               data_identity, total_steps)
+        state, rng_state, resume_note = resume(
+            cfg, accelerator, run.resume_from, raw_model(), optimizer, data_identity, total_steps
+        )
         if state.global_step == total_steps:  # a finished job requeued with --checkpoint auto: nothing to train
             if accelerator.is_main_process:
                 print(resume_note, flush=True)
             accelerator.end_training()
             return {"output_dir": str(output_dir), "checkpoint_dir": str(checkpoint_dir), "world_size": world_size}
 
-    resolved = cfg.to_dict() | data_identity | {
-        "output_dir": str(output_dir), "checkpoint_dir": str(checkpoint_dir), "gradient_accumulation_steps": accumulation,
-    }
+    resolved = (
+        cfg.to_dict()
+        | data_identity
+        | {
+            "output_dir": str(output_dir),
+            "checkpoint_dir": str(checkpoint_dir),
+            "gradient_accumulation_steps": accumulation,
+        }
+    )
     logger = RunLogger(output_dir, accelerator.is_main_process, total_steps, state.global_step, resolved, accelerator)
     # Under FSDP each process holds a shard: say how much, so the memory saving is visible.
     held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in raw_model().parameters())
@@ -452,7 +483,9 @@ def train(cfg: TrainConfig) -> dict:
         record["val_loss"] = evaluate(model, val_loader, accelerator)
         # Under FSDP every rank decodes: each forward pass gathers shards from all of them.
         if accelerator.is_main_process or accelerator.distributed_type == DistributedType.FSDP:
-            logger.log_sample(state.global_step, generate_text(raw_model(), cfg.start_context, cfg.sample_tokens, tokenizer))
+            logger.log_sample(
+                state.global_step, generate_text(raw_model(), cfg.start_context, cfg.sample_tokens, tokenizer)
+            )
 
     tokens_per_step = global_batch * context_len
     run_step = make_step(cfg, model, optimizer, accelerator, accumulation)
@@ -471,16 +504,23 @@ def train(cfg: TrainConfig) -> dict:
             epoch_done = False
             while state.global_step < total_steps and not epoch_done and not stopping:
                 lr = learning_rate_at(
-                    state.global_step, total_steps=total_steps, warmup_steps=cfg.warmup_steps,
-                    initial_lr=cfg.initial_lr, learning_rate=cfg.learning_rate, min_lr=cfg.min_lr,
+                    state.global_step,
+                    total_steps=total_steps,
+                    warmup_steps=cfg.warmup_steps,
+                    initial_lr=cfg.initial_lr,
+                    learning_rate=cfg.learning_rate,
+                    min_lr=cfg.min_lr,
                 )
                 max_norm = cfg.max_norm if clips_gradients_at(state.global_step, cfg.warmup_steps) else math.inf
                 loss, grad_norm = run_step(batches, lr, max_norm)
                 state.global_step += 1
                 state.step_in_epoch += 1
                 state.tokens_seen += tokens_per_step
-                window.add({"step": state.global_step, "epoch": state.epoch, "tokens_seen": state.tokens_seen,
-                            "lr": lr}, loss, grad_norm)
+                window.add(
+                    {"step": state.global_step, "epoch": state.epoch, "tokens_seen": state.tokens_seen, "lr": lr},
+                    loss,
+                    grad_norm,
+                )
                 epoch_done = state.step_in_epoch == steps_per_epoch
                 if epoch_done:  # checkpoints record the next step's position: the start of the next epoch
                     state.epoch += 1
@@ -500,10 +540,15 @@ def train(cfg: TrainConfig) -> dict:
                 if stopping or save_due:
                     save()
                 if stopping:
-                    how = ("Rerun the same command to resume" if cfg.checkpoint == "auto" else
-                           f"Resume with the same command plus --output_dir {output_dir} --checkpoint latest")
-                    logger.info(f"received {stop.received or 'a stop signal on another rank'}: stopped after step "
-                                f"{state.global_step} with a checkpoint. {how}")
+                    how = (
+                        "Rerun the same command to resume"
+                        if cfg.checkpoint == "auto"
+                        else f"Resume with the same command plus --output_dir {output_dir} --checkpoint latest"
+                    )
+                    logger.info(
+                        f"received {stop.received or 'a stop signal on another rank'}: stopped after step "
+                        f"{state.global_step} with a checkpoint. {how}"
+                    )
                 window.restart_clock()
     logger.close()
     accelerator.end_training()

@@ -47,8 +47,16 @@ def stream_epoch(tokens_file: str) -> None:
             mem = rss_kib()
             peak_anon, peak_file = max(peak_anon, mem["RssAnon"]), max(peak_file, mem["RssFile"])
     seconds = time.perf_counter() - start
-    print(json.dumps({"windows": len(ds), "peak_rss_anon_mib": peak_anon / 1024, "peak_rss_file_mib": peak_file / 1024,
-                      "windows_per_sec": len(ds) / seconds}))
+    print(
+        json.dumps(
+            {
+                "windows": len(ds),
+                "peak_rss_anon_mib": peak_anon / 1024,
+                "peak_rss_file_mib": peak_file / 1024,
+                "windows_per_sec": len(ds) / seconds,
+            }
+        )
+    )
 
 
 def tokenize_once(side: str, corpus: str, cache: str, num_proc: int) -> None:
@@ -66,8 +74,11 @@ def tokenize_once(side: str, corpus: str, cache: str, num_proc: int) -> None:
         stream, hit = tokenize_corpus(corpus, "gpt2", enc.eot_token, cache, num_proc=num_proc)
         assert not hit
         tokens = len(stream)
-    print(json.dumps({"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start,
-                      "tokens": tokens}))
+    print(
+        json.dumps(
+            {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start, "tokens": tokens}
+        )
+    )
 
 
 def tokenization_throughput(source: Path, work: Path, files: int, num_proc: int) -> None:
@@ -85,8 +96,16 @@ def tokenization_throughput(source: Path, work: Path, files: int, num_proc: int)
     tokens = {}
     for attempt in range(5):
         for side in times:
-            cmd = [sys.executable, __file__, "--tokenize-once", side, str(corpus), str(work / f"cache{attempt}"),
-                   "--num-proc", str(num_proc)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--tokenize-once",
+                side,
+                str(corpus),
+                str(work / f"cache{attempt}"),
+                "--num-proc",
+                str(num_proc),
+            ]
             result = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
             times[side].append(result["seconds"])
             cpu[side].append(result["cpu_seconds"])
@@ -98,8 +117,10 @@ def tokenization_throughput(source: Path, work: Path, files: int, num_proc: int)
     print(f"  pipeline (tokenize_corpus)         : {tokens['raw'] / pipeline:,.0f} tokens/s ({pipeline:.2f} s)")
     print(f"  pipeline / raw                     : {raw / pipeline:.2f}x (goal >= 0.8x)")
     print("  every run (s): " + "; ".join(f"{side} " + " ".join(f"{t:.2f}" for t in ts) for side, ts in times.items()))
-    print(f"  CPU seconds, best of 5: raw {min(cpu['raw']):.2f}, pipeline {min(cpu['pipeline']):.2f}: "
-          f"pipeline / raw {min(cpu['raw']) / min(cpu['pipeline']):.2f}x")
+    print(
+        f"  CPU seconds, best of 5: raw {min(cpu['raw']):.2f}, pipeline {min(cpu['pipeline']):.2f}: "
+        f"pipeline / raw {min(cpu['raw']) / min(cpu['pipeline']):.2f}x"
+    )
 
 
 def main() -> None:
@@ -107,8 +128,13 @@ def main() -> None:
     parser.add_argument("--base-copies", type=int, default=10)
     parser.add_argument("--factor", type=int, default=10)
     parser.add_argument("--num-proc", type=int, default=2)
-    parser.add_argument("--tokenize-files", type=int, nargs="+", default=[20, 100],
-                        help="corpus sizes for the tokenization comparison, in copies of Tiny Shakespeare")
+    parser.add_argument(
+        "--tokenize-files",
+        type=int,
+        nargs="+",
+        default=[20, 100],
+        help="corpus sizes for the tokenization comparison, in copies of Tiny Shakespeare",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--tokenize-once", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -131,14 +157,17 @@ def main() -> None:
             for i in range(copies):
                 (corpus / f"part{i:05d}.txt").symlink_to(source)
             stream, _ = tokenize_corpus(str(corpus), "gpt2", 50256, work / "cache")
-            out = subprocess.run([sys.executable, __file__, "--child", str(stream.path)], capture_output=True,
-                                 text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", str(stream.path)], capture_output=True, text=True, check=True
+            )
             rows.append({"tokens": len(stream), **json.loads(out.stdout)})
         print("| corpus tokens | windows | peak heap (RssAnon) MiB | peak mapped file (RssFile) MiB | windows/s |")
         print("| ---: | ---: | ---: | ---: | ---: |")
         for r in rows:
-            print(f"| {r['tokens']:,} | {r['windows']:,} | {r['peak_rss_anon_mib']:.1f} | "
-                  f"{r['peak_rss_file_mib']:.1f} | {r['windows_per_sec']:,.0f} |")
+            print(
+                f"| {r['tokens']:,} | {r['windows']:,} | {r['peak_rss_anon_mib']:.1f} | "
+                f"{r['peak_rss_file_mib']:.1f} | {r['windows_per_sec']:,.0f} |"
+            )
         ratio = rows[1]["peak_rss_anon_mib"] / rows[0]["peak_rss_anon_mib"]
         print(f"heap ratio {args.factor}x corpus / 1x corpus: {ratio:.3f} (goal: within 10%)")
         consumed = 2870 / 128  # windows/s the default mini run trains on (tokens/s / context), RESULTS.md

@@ -53,15 +53,24 @@ def main() -> None:
         same &= torch.equal(out_cached, out_full)
         cached.append(args.new_tokens / t_cached)
         uncached.append(args.new_tokens / t_full)
-        print(f"round {r + 1}: cache {cached[-1]:,.1f} tokens/s ({t_cached:.1f} s) | no cache {uncached[-1]:,.1f} "
-              f"tokens/s ({t_full:.1f} s) | {cached[-1] / uncached[-1]:.1f}x", flush=True)
+        print(
+            f"round {r + 1}: cache {cached[-1]:,.1f} tokens/s ({t_cached:.1f} s) | no cache {uncached[-1]:,.1f} "
+            f"tokens/s ({t_full:.1f} s) | {cached[-1] / uncached[-1]:.1f}x",
+            flush=True,
+        )
     result = {
-        "model": args.model, "device": str(device),
+        "model": args.model,
+        "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "prompt_tokens": args.prompt_tokens,
-        "new_tokens": args.new_tokens, "rounds": args.rounds,
-        "cache_tokens_per_sec": statistics.median(cached), "no_cache_tokens_per_sec": statistics.median(uncached),
-        "speedup": statistics.median(c / u for c, u in zip(cached, uncached)), "same_tokens": same,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "rounds": args.rounds,
+        "cache_tokens_per_sec": statistics.median(cached),
+        "no_cache_tokens_per_sec": statistics.median(uncached),
+        "speedup": statistics.median(c / u for c, u in zip(cached, uncached)),
+        "same_tokens": same,
     }
     print(json.dumps(result))
 

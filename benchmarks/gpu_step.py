@@ -80,11 +80,16 @@ def bench_attention(out: Path) -> None:
 
     q, k, v = (torch.randn(12, 12, 1024, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     grad = torch.randn_like(q)
-    for name, backend in [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-                          ("cudnn", SDPBackend.CUDNN_ATTENTION)]:
+    for name, backend in [
+        ("flash", SDPBackend.FLASH_ATTENTION),
+        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+        ("cudnn", SDPBackend.CUDNN_ATTENTION),
+    ]:
+
         def step():
             with sdpa_kernel(backend):
                 F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+
         try:
             ms = cuda_time(step, 10, 5, inner=20)
         except RuntimeError as err:
@@ -116,7 +121,9 @@ def bench_losses(out: Path, compiled: bool) -> None:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
         # Liger cannot mask rows: give it the real vocabulary's rows (a contiguous view).
-        variants["liger fused linear CE"] = lambda h, w, t: liger_fused_linear_cross_entropy(h, w[:vocabulary].bfloat16(), t)
+        variants["liger fused linear CE"] = lambda h, w, t: liger_fused_linear_cross_entropy(
+            h, w[:vocabulary].bfloat16(), t
+        )
     except ImportError as err:
         record(out, phase="loss", variant="liger", error=f"not installed ({err})")
     try:
@@ -134,6 +141,7 @@ def bench_losses(out: Path, compiled: bool) -> None:
 
         def step():
             fn(hidden, weight, targets).backward()
+
         try:
             loss = fn(hidden, weight, targets).item()
             ms = cuda_time(step, 20, 3)
@@ -141,15 +149,32 @@ def bench_losses(out: Path, compiled: bool) -> None:
             record(out, phase="loss", variant=name, compiled=compiled, error=f"{type(err).__name__}: {err}"[:300])
             continue
         reference = reference if reference is not None else loss
-        record(out, phase="loss", variant=name, compiled=compiled, ms=round(ms, 3), loss=round(loss, 5),
-               loss_diff=abs(loss - reference), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+        record(
+            out,
+            phase="loss",
+            variant=name,
+            compiled=compiled,
+            ms=round(ms, 3),
+            loss=round(loss, 5),
+            loss_diff=abs(loss - reference),
+            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        )
         hidden.grad = weight.grad = None
         torch.cuda.reset_peak_memory_stats()
 
 
 # ----------------------------------------------------------------------------------------------- loops
-def minimal_loop(out: Path, name: str, preset: dict, compiled: bool, vocab_multiple: int, attention: str,
-                 loss_chunk: int = 0, steps: int = 30, compile_mode: str | None = None) -> None:
+def minimal_loop(
+    out: Path,
+    name: str,
+    preset: dict,
+    compiled: bool,
+    vocab_multiple: int,
+    attention: str,
+    loss_chunk: int = 0,
+    steps: int = 30,
+    compile_mode: str | None = None,
+) -> None:
     """Forward, loss, backward, fused AdamW on one fixed batch: nothing a trainer adds."""
     torch.cuda.empty_cache()  # the last variant's model is gone: give its memory back before measuring the peak
     torch.manual_seed(0)
@@ -178,14 +203,26 @@ def minimal_loop(out: Path, name: str, preset: dict, compiled: bool, vocab_multi
         warm = time.perf_counter() - started
         ms = cuda_time(step, steps, 2)
     flops = flops_per_token(model, ctx) * tokens
-    record(out, phase="loop", variant=name, model=cfg.model, compiled=compiled, vocab_multiple=vocab_multiple,
-           attention=attention, compile_mode=compile_mode, ms=round(ms, 2), tokens_per_sec=round(tokens / ms * 1000),
-           mfu=round(flops / (ms / 1000) / peak_flops(torch.device("cuda"), "bf16", WORK), 4),
-           peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), warmup_s=round(warm, 1))
+    record(
+        out,
+        phase="loop",
+        variant=name,
+        model=cfg.model,
+        compiled=compiled,
+        vocab_multiple=vocab_multiple,
+        attention=attention,
+        compile_mode=compile_mode,
+        ms=round(ms, 2),
+        tokens_per_sec=round(tokens / ms * 1000),
+        mfu=round(flops / (ms / 1000) / peak_flops(torch.device("cuda"), "bf16", WORK), 4),
+        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        warmup_s=round(warm, 1),
+    )
 
 
-def trainer(out: Path, name: str, preset: dict, compiled: bool, steps: int, run_dir: Path | None = None,
-            **options) -> dict[int, dict]:
+def trainer(
+    out: Path, name: str, preset: dict, compiled: bool, steps: int, run_dir: Path | None = None, **options
+) -> dict[int, dict]:
     """The trainer's own loop, in this process, on the bundled Chinese corpus; median of the steady steps.
     Returns this run's records by step."""
     from accelerate.state import AcceleratorState, GradientState
@@ -193,9 +230,19 @@ def trainer(out: Path, name: str, preset: dict, compiled: bool, steps: int, run_
     AcceleratorState._reset_state(reset_partial_state=True)  # each train() builds its own Accelerator
     GradientState._reset_state()
     run_dir = run_dir or Path(tempfile.mkdtemp(prefix="run-", dir=WORK))
-    settings = dict(train_data_path="xiyouji", data_cache_dir=str(WORK / "cache"), output_dir=str(run_dir),
-                    max_steps=steps, warmup_steps=5, learning_rate=6e-4, min_lr=6e-5, eval_freq=0,
-                    save_freq=10**6, keep_last=1, compile=compiled)
+    settings = dict(
+        train_data_path="xiyouji",
+        data_cache_dir=str(WORK / "cache"),
+        output_dir=str(run_dir),
+        max_steps=steps,
+        warmup_steps=5,
+        learning_rate=6e-4,
+        min_lr=6e-5,
+        eval_freq=0,
+        save_freq=10**6,
+        keep_last=1,
+        compile=compiled,
+    )
     cfg = TrainConfig(**preset, **(settings | options))
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -207,10 +254,20 @@ def trainer(out: Path, name: str, preset: dict, compiled: bool, steps: int, run_
         records[r["step"]] = r  # a resumed run's records follow the first run's: the last one counts
     steady = [r for s, r in records.items() if s > 20]
     ms = statistics.median(r["step_time"] for r in steady) * 1000
-    record(out, phase="trainer", variant=name, model=cfg.model, compiled=compiled, ms=round(ms, 2),
-           tokens_per_sec=round(statistics.median(r["tokens_per_sec"] for r in steady)),
-           mfu=round(statistics.median(r["mfu"] for r in steady), 4), peak_gib=round(result["peak_memory_mib"] / 1024, 2),
-           final_loss=round(result["loss"], 4), wall_s=round(wall, 1), **options)
+    record(
+        out,
+        phase="trainer",
+        variant=name,
+        model=cfg.model,
+        compiled=compiled,
+        ms=round(ms, 2),
+        tokens_per_sec=round(statistics.median(r["tokens_per_sec"] for r in steady)),
+        mfu=round(statistics.median(r["mfu"] for r in steady), 4),
+        peak_gib=round(result["peak_memory_mib"] / 1024, 2),
+        final_loss=round(result["loss"], 4),
+        wall_s=round(wall, 1),
+        **options,
+    )
     return records
 
 
@@ -222,15 +279,25 @@ def cuda_graph_checks(out: Path) -> None:
     graphed = trainer(out, "mini cuda_graph", MINI, False, 200, cuda_graph=True)
     trainer(out, "mini compiled + cuda_graph", MINI, True, 200, cuda_graph=True)
     # The graph reads its learning rate as fp32: updates differ from the eager step's in the last bits only.
-    record(out, phase="graph", variant="mini losses: cuda_graph vs eager, 200 steps",
-           max_loss_diff=max(abs(eager[s]["loss"] - graphed[s]["loss"]) for s in eager))
+    record(
+        out,
+        phase="graph",
+        variant="mini losses: cuda_graph vs eager, 200 steps",
+        max_loss_diff=max(abs(eager[s]["loss"] - graphed[s]["loss"]) for s in eager),
+    )
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=WORK))
-    first = trainer(out, "mini cuda_graph, 60 steps", MINI, False, 60, run_dir=run_dir, cuda_graph=True,
-                    save_freq=30, keep_last=0)
-    resumed = trainer(out, "mini cuda_graph, resumed at 30", MINI, False, 60, run_dir=run_dir, cuda_graph=True,
-                      checkpoint="30")
-    record(out, phase="graph", variant="mini cuda_graph: resumed at step 30 vs uninterrupted, steps 31-60",
-           max_loss_diff=max(abs(first[s]["loss"] - resumed[s]["loss"]) for s in range(31, 61)))
+    first = trainer(
+        out, "mini cuda_graph, 60 steps", MINI, False, 60, run_dir=run_dir, cuda_graph=True, save_freq=30, keep_last=0
+    )
+    resumed = trainer(
+        out, "mini cuda_graph, resumed at 30", MINI, False, 60, run_dir=run_dir, cuda_graph=True, checkpoint="30"
+    )
+    record(
+        out,
+        phase="graph",
+        variant="mini cuda_graph: resumed at step 30 vs uninterrupted, steps 31-60",
+        max_loss_diff=max(abs(first[s]["loss"] - resumed[s]["loss"]) for s in range(31, 61)),
+    )
 
 
 def without_compile_caches() -> None:
@@ -282,44 +349,94 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     WORK.mkdir(parents=True, exist_ok=True)
     os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"  # as accelerate_configs/gpu_1.yaml
-    record(out, phase="device", variant=torch.cuda.get_device_name(), torch=torch.__version__,
-           capability=list(torch.cuda.get_device_capability()))
+    record(
+        out,
+        phase="device",
+        variant=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        capability=list(torch.cuda.get_device_capability()),
+    )
 
     phases = [  # (name, estimated seconds, call): in order of what matters most
         ("attention", 10, lambda: bench_attention(out)),
         ("loss-eager", 15, lambda: bench_losses(out, compiled=False)),
-        ("small-eager", 45, lambda: (
-            minimal_loop(out, "A eager", SMALL, False, 64, "auto"),
-            trainer(out, "B eager", SMALL, False, 40))),
-        ("small-compiled", 200, lambda: (
-            minimal_loop(out, "R reference (50257, plain, torch attention)", SMALL, True, 1, "flash"),
-            minimal_loop(out, "A compiled", SMALL, True, 64, "auto"),
-            trainer(out, "B compiled", SMALL, True, 60))),
+        (
+            "small-eager",
+            45,
+            lambda: (minimal_loop(out, "A eager", SMALL, False, 64, "auto"), trainer(out, "B eager", SMALL, False, 40)),
+        ),
+        (
+            "small-compiled",
+            200,
+            lambda: (
+                minimal_loop(out, "R reference (50257, plain, torch attention)", SMALL, True, 1, "flash"),
+                minimal_loop(out, "A compiled", SMALL, True, 64, "auto"),
+                trainer(out, "B compiled", SMALL, True, 60),
+            ),
+        ),
         ("graph", 90, lambda: cuda_graph_checks(out)),
         ("small-graph", 60, lambda: trainer(out, "B compiled + cuda_graph", SMALL, True, 60, cuda_graph=True)),
-        ("small-nobias", 90, lambda: (
-            minimal_loop(out, "A compiled, --bias false", SMALL_NOBIAS, True, 64, "auto"),
-            trainer(out, "B compiled, --bias false", SMALL_NOBIAS, True, 60))),
-        ("small-compiled-cudnn", 80, lambda: (
-            without_compile_caches(),
-            minimal_loop(out, "A compiled, cuDNN attention", SMALL, True, 64, "cudnn"),
-            trainer(out, "B compiled, cuDNN attention", SMALL, True, 60, attention="cudnn"))),
+        (
+            "small-nobias",
+            90,
+            lambda: (
+                minimal_loop(out, "A compiled, --bias false", SMALL_NOBIAS, True, 64, "auto"),
+                trainer(out, "B compiled, --bias false", SMALL_NOBIAS, True, 60),
+            ),
+        ),
+        (
+            "small-compiled-cudnn",
+            80,
+            lambda: (
+                without_compile_caches(),
+                minimal_loop(out, "A compiled, cuDNN attention", SMALL, True, 64, "cudnn"),
+                trainer(out, "B compiled, cuDNN attention", SMALL, True, 60, attention="cudnn"),
+            ),
+        ),
         # Compiling in this mode took 343 s on an H200: run it alone, with --budget 600.
-        ("small-autotune", 600, lambda: (
-            without_compile_caches(),
-            minimal_loop(out, "R reference (50257, plain, torch attention)", SMALL, True, 1, "flash"),
-            minimal_loop(out, "A compiled, max-autotune-no-cudagraphs", SMALL, True, 64, "auto",
-                         compile_mode="max-autotune-no-cudagraphs"),
-            trainer(out, "B compiled, max-autotune-no-cudagraphs", SMALL, True, 60,
-                    compile_mode="max-autotune-no-cudagraphs"))),
-        ("mini", 100, lambda: (
-            minimal_loop(out, "mini loop eager", MINI, False, 64, "auto", steps=100),
-            trainer(out, "mini as before (log_every 1, no padding)", MINI, False, 200, log_every=1, vocab_multiple=1),
-            trainer(out, "mini eager", MINI, False, 200),
-            trainer(out, "mini compiled", MINI, True, 200),
-            trainer(out, "mini compiled reduce-overhead", MINI, True, 200, compile_mode="reduce-overhead"))),
-        ("profile-mini", 40, lambda: profile_trainer(out, "mini reduce-overhead", MINI, 100,
-                                                     compile_mode="reduce-overhead")),
+        (
+            "small-autotune",
+            600,
+            lambda: (
+                without_compile_caches(),
+                minimal_loop(out, "R reference (50257, plain, torch attention)", SMALL, True, 1, "flash"),
+                minimal_loop(
+                    out,
+                    "A compiled, max-autotune-no-cudagraphs",
+                    SMALL,
+                    True,
+                    64,
+                    "auto",
+                    compile_mode="max-autotune-no-cudagraphs",
+                ),
+                trainer(
+                    out,
+                    "B compiled, max-autotune-no-cudagraphs",
+                    SMALL,
+                    True,
+                    60,
+                    compile_mode="max-autotune-no-cudagraphs",
+                ),
+            ),
+        ),
+        (
+            "mini",
+            100,
+            lambda: (
+                minimal_loop(out, "mini loop eager", MINI, False, 64, "auto", steps=100),
+                trainer(
+                    out, "mini as before (log_every 1, no padding)", MINI, False, 200, log_every=1, vocab_multiple=1
+                ),
+                trainer(out, "mini eager", MINI, False, 200),
+                trainer(out, "mini compiled", MINI, True, 200),
+                trainer(out, "mini compiled reduce-overhead", MINI, True, 200, compile_mode="reduce-overhead"),
+            ),
+        ),
+        (
+            "profile-mini",
+            40,
+            lambda: profile_trainer(out, "mini reduce-overhead", MINI, 100, compile_mode="reduce-overhead"),
+        ),
         ("loss-compiled", 45, lambda: bench_losses(out, compiled=True)),
         ("small-coordinate-descent", 240, lambda: with_coordinate_descent_tuning(out)),
         ("small-compiled-sync", 60, lambda: trainer(out, "B compiled, log_every 1", SMALL, True, 60, log_every=1)),
@@ -342,7 +459,9 @@ def main() -> None:
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for r in RESULTS:
         if "ms" in r and r["phase"] in ("loop", "trainer"):
-            print(f"| {r['phase']} | {r['variant']} | {r['ms']} | {r['tokens_per_sec']:,} | {r['mfu']:.1%} | {r['peak_gib']} |")
+            print(
+                f"| {r['phase']} | {r['variant']} | {r['ms']} | {r['tokens_per_sec']:,} | {r['mfu']:.1%} | {r['peak_gib']} |"
+            )
 
 
 if __name__ == "__main__":

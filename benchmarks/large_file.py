@@ -49,8 +49,19 @@ def measure(corpus: str, cache: str, num_proc: int) -> None:
     start = time.perf_counter()
     assert tokenize_corpus(corpus, "gpt2", 50256, cache, num_proc=num_proc)[1]
     hit_s = time.perf_counter() - start
-    print(json.dumps({"tokens": len(stream), "baseline_mib": baseline, "peak_mib": peak, "tokenize_s": tokenize_s,
-                      "hash_s": hash_s, "hit_s": hit_s, "tokens_file": str(stream.path)}))
+    print(
+        json.dumps(
+            {
+                "tokens": len(stream),
+                "baseline_mib": baseline,
+                "peak_mib": peak,
+                "tokenize_s": tokenize_s,
+                "hash_s": hash_s,
+                "hit_s": hit_s,
+                "tokens_file": str(stream.path),
+            }
+        )
+    )
 
 
 def differing_tokens(corpus: Path, tokens_file: str) -> tuple[int, int]:
@@ -89,18 +100,29 @@ def main() -> None:
                 while f.tell() < mb * 1_000_000:
                     f.write(f"Copy {copy}.\n{source}")
                     copy += 1
-            cmd = [sys.executable, __file__, "--child", str(corpus), str(work / f"cache{mb}"),
-                   "--num-proc", str(args.num_proc)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                str(corpus),
+                str(work / f"cache{mb}"),
+                "--num-proc",
+                str(args.num_proc),
+            ]
             result = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
             rows.append({"mb": corpus.stat().st_size / 1e6, "corpus": corpus, **result})
         print(f"one .txt file, {args.num_proc} tokenizer threads, each size in a fresh process:")
-        print("| file | tokens | peak RSS MiB | above warm-up MiB | tokenize s | xxh3 of the file s "
-              "| hash / tokenize | cache hit s |")
+        print(
+            "| file | tokens | peak RSS MiB | above warm-up MiB | tokenize s | xxh3 of the file s "
+            "| hash / tokenize | cache hit s |"
+        )
         print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in rows:
-            print(f"| {r['mb']:,.0f} MB | {r['tokens']:,} | {r['peak_mib']:,.0f} "
-                  f"| {r['peak_mib'] - r['baseline_mib']:,.1f} | {r['tokenize_s']:.1f} | {r['hash_s']:.3f} "
-                  f"| {r['hash_s'] / r['tokenize_s']:.2%} | {r['hit_s']:.2f} |")
+            print(
+                f"| {r['mb']:,.0f} MB | {r['tokens']:,} | {r['peak_mib']:,.0f} "
+                f"| {r['peak_mib'] - r['baseline_mib']:,.1f} | {r['tokenize_s']:.1f} | {r['hash_s']:.3f} "
+                f"| {r['hash_s'] / r['tokenize_s']:.2%} | {r['hit_s']:.2f} |"
+            )
         ratio = rows[-1]["peak_mib"] / rows[0]["peak_mib"]
         print(f"peak RSS {rows[-1]['mb']:,.0f} MB / {rows[0]['mb']:,.0f} MB: {ratio:.3f} (goal <= 1.10)")
         differing, total = differing_tokens(rows[0]["corpus"], rows[0]["tokens_file"])

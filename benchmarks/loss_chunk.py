@@ -47,6 +47,7 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss.item()
+
         return step
 
     variants = {"plain": make_step(0)} | {f"chunk {c}": make_step(c) for c in args.chunks}
@@ -55,7 +56,7 @@ def main() -> None:
     times = {name: [] for name in variants}
     names = list(variants)
     for r in range(args.rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -64,8 +65,10 @@ def main() -> None:
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
     base = statistics.median(times["plain"])
-    print(f"model {args.model}, batch {args.batch_size} x {ctx}, {device}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
-          f"{args.rounds} rounds")
+    print(
+        f"model {args.model}, batch {args.batch_size} x {ctx}, {device}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
+        f"{args.rounds} rounds"
+    )
     print("| loss | median step (ms) | speed vs plain |")
     print("| --- | ---: | ---: |")
     for name, t in times.items():

@@ -41,8 +41,16 @@ def timed(step, device) -> float:
 
 def compare(layers, dim, heads, context, batch, rounds, device) -> dict:
     torch.manual_seed(0)
-    ours = GPTModel(embedding_dim=dim, num_layers=layers, num_heads=heads, context_len=context,
-                    vocabulary_size=50257, dropout=0.0, qkv_bias=True, tie_weights=True)
+    ours = GPTModel(
+        embedding_dim=dim,
+        num_layers=layers,
+        num_heads=heads,
+        context_len=context,
+        vocabulary_size=50257,
+        dropout=0.0,
+        qkv_bias=True,
+        tie_weights=True,
+    )
     hf = to_hf_model(ours).to(device).train()
     ours = ours.to(device).train()
     x = torch.randint(0, 50257, (batch, context), device=device)
@@ -96,8 +104,10 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | --- |")
     for r in results:
         tps, loss = r["tokens_per_sec"], r["step0_loss"]
-        print(f"| {r['config']} | {tps['accel_gpt']:,.0f} | {tps['hf']:,.0f} | "
-              f"{r['speedup_median_of_round_ratios']:.2f}x | {loss['accel_gpt']:.5f} / {loss['hf']:.5f} |")
+        print(
+            f"| {r['config']} | {tps['accel_gpt']:,.0f} | {tps['hf']:,.0f} | "
+            f"{r['speedup_median_of_round_ratios']:.2f}x | {loss['accel_gpt']:.5f} / {loss['hf']:.5f} |"
+        )
         print(f"  per-round ratios: {r['round_ratios']}")
     if args.json:
         with open(args.json, "w") as f:

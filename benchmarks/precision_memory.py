@@ -54,8 +54,11 @@ def measure(variant: str, model_name: str, rounds: int, device: str) -> dict:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
-            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024)
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device == "cuda"
+        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
+    )
     return {"variant": variant, "step_s": statistics.median(times), "tokens": x.numel(), "peak_mib": peak}
 
 
@@ -73,16 +76,35 @@ def main() -> None:
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for _ in range(args.repeats):
         for variant in VARIANTS:
-            out = subprocess.run([sys.executable, __file__, "--child", variant, "--model", args.model, "--rounds",
-                                  str(args.rounds), "--device", args.device], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    variant,
+                    "--model",
+                    args.model,
+                    "--rounds",
+                    str(args.rounds),
+                    "--device",
+                    args.device,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             results[variant].append(json.loads(out.stdout))
     base = statistics.median(r["step_s"] for r in results["fp32"])
-    print(f"model {args.model}, batch 8, device {args.device}, {args.repeats} processes x {args.rounds} steps per variant")
+    print(
+        f"model {args.model}, batch 8, device {args.device}, {args.repeats} processes x {args.rounds} steps per variant"
+    )
     print("| variant | median step (s) | speed vs fp32 | peak memory growth over the model and batch (MiB) |")
     print("| --- | ---: | ---: | ---: |")
     for variant, rows in results.items():
         step_s = statistics.median(r["step_s"] for r in rows)
-        print(f"| {variant} | {step_s:.3f} | {base / step_s:.2f}x | {statistics.median(r['peak_mib'] for r in rows):.0f} |")
+        print(
+            f"| {variant} | {step_s:.3f} | {base / step_s:.2f}x | {statistics.median(r['peak_mib'] for r in rows):.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -44,9 +44,11 @@ def main() -> None:
             start = time.perf_counter()
             find_checkpoint(root, "latest")
             verified = time.perf_counter() - start
-            print(f"{preset:12s} round {round_} | {model.num_parameters() / 1e6:7.1f}M params | {size:6.2f} GB | "
-                  f"save {saved:6.2f} s ({size / saved:5.2f} GB/s) | verify {verified:6.2f} s ({size / verified:5.2f} GB/s)",
-                  flush=True)
+            print(
+                f"{preset:12s} round {round_} | {model.num_parameters() / 1e6:7.1f}M params | {size:6.2f} GB | "
+                f"save {saved:6.2f} s ({size / saved:5.2f} GB/s) | verify {verified:6.2f} s ({size / verified:5.2f} GB/s)",
+                flush=True,
+            )
         del model, optimizer
     shutil.rmtree(root, ignore_errors=True)
 

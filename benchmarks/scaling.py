@@ -47,17 +47,42 @@ def launch_command(world_size: int, on_gpu: bool, extra: str, fsdp: bool) -> lis
     elif on_gpu:
         base += ["--config_file", str(configs / f"gpu_{world_size}.yaml")]
     else:  # MULTI_GPU without GPUs starts real gloo processes (see accelerate_configs/cpu_2proc_gloo.yaml)
-        base += ["--multi_gpu", "--num_processes", str(world_size), "--num_machines", "1", "--mixed_precision", "no",
-                 "--dynamo_backend", "no"]
+        base += [
+            "--multi_gpu",
+            "--num_processes",
+            str(world_size),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
     return base + shlex.split(extra) + ["-m", "accel_gpt.train"]
 
 
 def run(world_size: int, batch_size: int, args, on_gpu: bool, workdir: Path) -> dict:
     out = workdir / f"n{world_size}-b{batch_size}"
     cmd = launch_command(world_size, on_gpu, args.launch_args, args.fsdp) + [
-        "--model", args.model, "--batch_size", str(batch_size), "--max_steps", str(args.steps),
-        "--warmup_steps", "2", "--eval_freq", str(10**6), "--save_freq", str(10**6), "--output_dir", str(out),
-        "--train_data_path", args.data, "--data_cache_dir", str(workdir / "cache"), *shlex.split(args.train_args),
+        "--model",
+        args.model,
+        "--batch_size",
+        str(batch_size),
+        "--max_steps",
+        str(args.steps),
+        "--warmup_steps",
+        "2",
+        "--eval_freq",
+        str(10**6),
+        "--save_freq",
+        str(10**6),
+        "--output_dir",
+        str(out),
+        "--train_data_path",
+        args.data,
+        "--data_cache_dir",
+        str(workdir / "cache"),
+        *shlex.split(args.train_args),
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
@@ -70,22 +95,30 @@ def run(world_size: int, batch_size: int, args, on_gpu: bool, workdir: Path) -> 
     steady = [r for s, r in sorted(records.items()) if s > args.skip]
     times = sorted(r["step_time"] for r in steady)
     return {
-        "world_size": world_size, "batch_size": batch_size, "global_batch": batch_size * world_size,
+        "world_size": world_size,
+        "batch_size": batch_size,
+        "global_batch": batch_size * world_size,
         "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in steady),
-        "step_time_median": statistics.median(times), "step_time_p90": times[int(0.9 * (len(times) - 1))],
+        "step_time_median": statistics.median(times),
+        "step_time_p90": times[int(0.9 * (len(times) - 1))],
         "peak_memory_mib_rank0": max(r["peak_memory_mib"] for r in steady),
         "mfu": statistics.median(r["mfu"] for r in steady) if "mfu" in steady[0] else None,
     }
 
 
 def table(mode: str, rows: list[dict]) -> str:
-    lines = [f"### {mode} scaling", "",
-             "| processes | batch/rank | global batch | tokens/s | step median (s) | step p90 (s) | peak MiB (rank 0) | efficiency |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"### {mode} scaling",
+        "",
+        "| processes | batch/rank | global batch | tokens/s | step median (s) | step p90 (s) | peak MiB (rank 0) | efficiency |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
-        lines.append(f"| {r['world_size']} | {r['batch_size']} | {r['global_batch']} | {r['tokens_per_sec']:,.0f} | "
-                     f"{r['step_time_median']:.3f} | {r['step_time_p90']:.3f} | {r['peak_memory_mib_rank0']:,.0f} | "
-                     f"{r['efficiency']:.2f} |")
+        lines.append(
+            f"| {r['world_size']} | {r['batch_size']} | {r['global_batch']} | {r['tokens_per_sec']:,.0f} | "
+            f"{r['step_time_median']:.3f} | {r['step_time_p90']:.3f} | {r['peak_memory_mib_rank0']:,.0f} | "
+            f"{r['efficiency']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -146,8 +179,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     device = torch.cuda.get_device_name(0) if on_gpu else f"CPU, {available} cores"
-    meta = {"date": stamp, "device": device, "strategy": "FSDP" if args.fsdp else "DDP", "model": args.model, "steps": args.steps, "skip": args.skip,
-            "torch": torch.__version__, "command": " ".join(shlex.quote(a) for a in sys.argv)}
+    meta = {
+        "date": stamp,
+        "device": device,
+        "strategy": "FSDP" if args.fsdp else "DDP",
+        "model": args.model,
+        "steps": args.steps,
+        "skip": args.skip,
+        "torch": torch.__version__,
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+    }
     (args.out / f"scaling-{stamp}.json").write_text(json.dumps({"meta": meta, **results}, indent=1))
     report = "\n\n".join(table(mode, rows) for mode, rows in results.items())
     header = f"{meta['strategy']} scaling on {device}, model {args.model}, {args.steps} steps ({args.skip} skipped), {stamp}\n\n"

@@ -32,14 +32,42 @@ CASES = [  # (name, who gets the signal, extra environment)
 def run_case(work: Path, who: str, env_extra: dict) -> dict:
     out = work / "run"
     shutil.rmtree(out, ignore_errors=True)
-    args = ["--model", "tiny", "--train_data_path", "the-verdict", "--data_cache_dir", str(work / "cache"),
-            "--output_dir", str(out), "--max_steps", "500", "--save_freq", "1000", "--eval_freq", "1000",
-            "--warmup_steps", "2", "--batch_size", "2", "--val_fraction", "0.6", "--eval_iter", "2"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "accelerate_configs" / "cpu_2proc_gloo.yaml"), "-m", "accel_gpt.train", *args]
+    args = [
+        "--model",
+        "tiny",
+        "--train_data_path",
+        "the-verdict",
+        "--data_cache_dir",
+        str(work / "cache"),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "500",
+        "--save_freq",
+        "1000",
+        "--eval_freq",
+        "1000",
+        "--warmup_steps",
+        "2",
+        "--batch_size",
+        "2",
+        "--val_fraction",
+        "0.6",
+        "--eval_iter",
+        "2",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / "cpu_2proc_gloo.yaml"),
+        "-m",
+        "accel_gpt.train",
+        *args,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **env_extra)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     metrics = out / "metrics.jsonl"
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.01)
@@ -52,9 +80,12 @@ def run_case(work: Path, who: str, env_extra: dict) -> dict:
     for worker in alive:  # orphans that never got the signal: they would train on; stop them
         worker.kill()
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("checkpoint_*")) if out.exists() else []
-    return {"launcher exit": launcher_rc, "workers still training 30 s later": len(alive),
-            "stop took (s)": round(time.monotonic() - sent, 1) if not alive else None,
-            "checkpoint": checkpoints[-1] if checkpoints else "none"}
+    return {
+        "launcher exit": launcher_rc,
+        "workers still training 30 s later": len(alive),
+        "stop took (s)": round(time.monotonic() - sent, 1) if not alive else None,
+        "checkpoint": checkpoints[-1] if checkpoints else "none",
+    }
 
 
 def main() -> None:

@@ -65,15 +65,24 @@ def main() -> None:
 
     def accel_gpt_step():
         step = next(step_no)
-        lr = learning_rate_at(step, total_steps=10**6, warmup_steps=10, initial_lr=1e-5, learning_rate=1e-3, min_lr=1e-4)
+        lr = learning_rate_at(
+            step, total_steps=10**6, warmup_steps=10, initial_lr=1e-5, learning_rate=1e-3, min_lr=1e-4
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
         loss, grad_norm = optimizer_step(model, optimizer, batches, accelerator, 1, 1.0)
         stop_flag = torch.tensor(0.0, device=accelerator.device)
         loss_sum, _ = accelerator.reduce(torch.stack([loss, stop_flag]), reduction="sum").tolist()
-        record = {"step": step, "epoch": 0, "tokens_seen": step * x.numel(), "lr": lr, "loss": loss_sum,
-                  "grad_norm": grad_norm.item(), "tokens_per_sec": x.numel() / (time.perf_counter() - started)}
+        record = {
+            "step": step,
+            "epoch": 0,
+            "tokens_seen": step * x.numel(),
+            "lr": lr,
+            "loss": loss_sum,
+            "grad_norm": grad_norm.item(),
+            "tokens_per_sec": x.numel() / (time.perf_counter() - started),
+        }
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
             logger.log_step(record, 10**9)
 
@@ -89,8 +98,10 @@ def main() -> None:
                 fn()
             times[name].append((time.perf_counter() - start) / args.steps)
     ratios = [a / p for p, a in zip(times["plain"], times["accel_gpt"])]
-    print(f"model {args.model}, batch {args.batch_size} x {ctx}, device {accelerator.device}, "
-          f"{torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps")
+    print(
+        f"model {args.model}, batch {args.batch_size} x {ctx}, device {accelerator.device}, "
+        f"{torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps"
+    )
     print(f"plain PyTorch step : {statistics.median(times['plain']) * 1000:.1f} ms (median)")
     print(f"accel_gpt step     : {statistics.median(times['accel_gpt']) * 1000:.1f} ms (median)")
     print(f"overhead           : {statistics.median(ratios) - 1:+.1%} (median of per-round ratios; goal <= +3%)")

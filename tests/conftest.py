@@ -18,12 +18,23 @@ def cache_dir(tmp_path):
     return tmp_path / "cache"
 
 
-def launch(args: list[str], num_processes: int, timeout: int = 300, config: str | None = None,
-           launcher_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def launch(
+    args: list[str],
+    num_processes: int,
+    timeout: int = 300,
+    config: str | None = None,
+    launcher_args: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess:
     """Run the real trainer through `accelerate launch`, with 1 CPU process or 2 gloo processes (or `config`,
     with `launcher_args` such as `--mixed_precision bf16` on top)."""
     config = config or {1: "cpu_1proc.yaml", 2: "cpu_2proc_gloo.yaml"}[num_processes]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / config)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / config),
+    ]
     cmd += launcher_args
     cmd += ["-m", "accel_gpt.train", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))

@@ -8,15 +8,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO, VERDICT
 from safetensors.torch import load_file
+from test_launch import common_args
 
 from accel_gpt import analysis
 from accel_gpt.errors import UserError
 from accel_gpt.model import GPTModel, generate_text
 from accel_gpt.model import generate as generate_ids
 from accel_gpt.tokenizer import get_tokenizer
-from conftest import REPO, VERDICT
-from test_launch import common_args
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +24,24 @@ def run_dir(tmp_path_factory):
     """A tiny run with checkpoints at 3 and 6, then resumed from 3: steps 4-6 are logged twice. Without biases
     (nanoGPT's default), so that option's path through training, resume and loading is covered too."""
     root = tmp_path_factory.mktemp("analysis")
-    args = common_args(root / "run", root / "cache") + ["--max_steps", "6", "--save_freq", "3", "--eval_freq", "3",
-                                                        "--bias", "false"]
+    args = common_args(root / "run", root / "cache") + [
+        "--max_steps",
+        "6",
+        "--save_freq",
+        "3",
+        "--eval_freq",
+        "3",
+        "--bias",
+        "false",
+    ]
     for extra in ([], ["--checkpoint", "3"]):
-        result = subprocess.run([sys.executable, "-m", "accel_gpt.train", *args, *extra], capture_output=True,
-                                text=True, cwd=REPO, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "-m", "accel_gpt.train", *args, *extra],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr[-2000:]
     return root / "run"
 
@@ -116,8 +129,9 @@ def test_train_is_callable_from_python(tmp_path):
     code = (
         "from accel_gpt.analysis import train\n"
         "from accel_gpt.config import TrainConfig\n"
-        f"summary = train(TrainConfig(model='tiny', train_data_path={str(VERDICT)!r}, output_dir={str(tmp_path / 'r')!r},"
-        f" data_cache_dir={str(tmp_path / 'c')!r}, max_steps=3, warmup_steps=1, eval_freq=3, batch_size=4))\n"
+        f"summary = train(TrainConfig(model='tiny', train_data_path={str(VERDICT)!r},"
+        f" output_dir={str(tmp_path / 'r')!r}, data_cache_dir={str(tmp_path / 'c')!r},"
+        " max_steps=3, warmup_steps=1, eval_freq=3, batch_size=4))\n"
         "print('STEP', summary['step'], 'VAL', summary['val_loss'])\n"
     )
     assert "STEP 3 VAL" in run_python(code).stdout
@@ -142,8 +156,9 @@ def test_notebook_launcher_trains_with_two_processes(tmp_path):
 def write_metrics(run_dir, steps, **extra):
     """A metrics.jsonl as the trainer writes it: one record per logged step, in the order logged."""
     run_dir.mkdir(exist_ok=True)
-    records = [{"step": s, "epoch": 0, "tokens_seen": 256 * s, "lr": 1e-3, "loss": 11.0 - s / 10, **extra}
-               for s in steps]
+    records = [
+        {"step": s, "epoch": 0, "tokens_seen": 256 * s, "lr": 1e-3, "loss": 11.0 - s / 10, **extra} for s in steps
+    ]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return run_dir
 
@@ -164,7 +179,6 @@ def test_a_resume_from_an_earlier_checkpoint_drops_the_abandoned_steps(tmp_path)
         f.write(json.dumps({"step": 4, "epoch": 0, "tokens_seen": 1024, "lr": 1e-5, "loss": 9.0}) + "\n")
     metrics = analysis.load_run(run_dir).metrics
     assert metrics["step"].tolist() == [1, 2, 3, 4] and metrics["lr"].iloc[-1] == 1e-5
-
 
 
 def test_plotting_a_run_with_no_logged_step_yet_is_one_clear_error(tmp_path):

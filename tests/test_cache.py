@@ -8,12 +8,12 @@ import sys
 import time
 
 import pytest
-
-from accel_gpt import cache
-from accel_gpt.data import tokenize_corpus
 from conftest import REPO, VERDICT
 from test_errors import run_cli
 from test_launch import common_args, read_metrics
+
+from accel_gpt import cache
+from accel_gpt.data import tokenize_corpus
 
 EOS = 50256
 
@@ -61,14 +61,22 @@ def test_concurrent_builders_both_finish_with_the_same_valid_cache(tmp_path):
 import json, os, sys, time
 from accel_gpt.data import tokenize_corpus
 open(sys.argv[1] + '.ready', 'w').close()
-while not os.path.exists({str(tmp_path / 'go')!r}):
+while not os.path.exists({str(tmp_path / "go")!r}):
     time.sleep(0.01)
-stream, hit = tokenize_corpus({str(corpus)!r}, 'gpt2', {EOS}, {str(tmp_path / 'cache')!r})
+stream, hit = tokenize_corpus({str(corpus)!r}, 'gpt2', {EOS}, {str(tmp_path / "cache")!r})
 print(json.dumps({{'hit': hit, 'tokens': len(stream), 'head': stream.read(0, 50).tolist()}}))
 """
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    procs = [subprocess.Popen([sys.executable, "-c", child, str(tmp_path / f"p{i}")], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", child, str(tmp_path / f"p{i}")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
     deadline = time.time() + 120
     while not all((tmp_path / f"p{i}.ready").exists() for i in range(2)) and time.time() < deadline:
         time.sleep(0.05)
@@ -91,8 +99,16 @@ def test_two_runs_started_together_share_one_valid_cache_through_the_cli(tmp_pat
         (corpus / f"part{i}.txt").write_text(f"Part {i}.\n{text}", encoding="utf-8")
     runs = [tmp_path / f"run{i}" for i in range(2)]
     args = ["--max_steps", "3", "--eval_freq", "3", "--save_freq", "100", "--train_data_path", str(corpus)]
-    procs = [subprocess.Popen([sys.executable, "-m", "accel_gpt.train", *common_args(run, tmp_path / "cache"), *args],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for run in runs]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "accel_gpt.train", *common_args(run, tmp_path / "cache"), *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for run in runs
+    ]
     outputs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
     (entry,) = cache.scan(tmp_path / "cache")
@@ -137,13 +153,22 @@ def test_the_cache_cli_lists_and_prunes(tmp_path, capsys):
     (root / "hf" / "json").mkdir(parents=True)
     (root / "hf" / "json" / "raw.arrow").write_bytes(b"x" * 5000)
 
-    listing = subprocess.run([sys.executable, "-m", "accel_gpt.cache", "--data_cache_dir", str(root), "list"],
-                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    listing = subprocess.run(
+        [sys.executable, "-m", "accel_gpt.cache", "--data_cache_dir", str(root), "list"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=120,
+    )
     assert listing.returncode == 0, listing.stderr
     lines = listing.stdout.splitlines()
     assert lines[0].startswith(f"{root}: 4 entries")
-    status = {name: line for line in lines for name in ("hf", good.path.parent.name, damaged.path.parent.name,
-                                                        busy.name) if line.strip().startswith(name)}
+    status = {
+        name: line
+        for line in lines
+        for name in ("hf", good.path.parent.name, damaged.path.parent.name, busy.name)
+        if line.strip().startswith(name)
+    }
     assert " ok " in status[good.path.parent.name] and str(VERDICT) in status[good.path.parent.name]
     assert "tokens.arrow has" in status[damaged.path.parent.name] and "busy" in status[busy.name]
     assert "obsolete: raw corpus copies" in status["hf"]

@@ -5,10 +5,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from accel_gpt.checkpoint import find_checkpoint, full_state_dicts, list_checkpoints, load_checkpoint, save_checkpoint
+from accel_gpt.config import TrainConfig
 from accel_gpt.errors import UserError
 from accel_gpt.model import GPTModel
 from accel_gpt.train import build_optimizer
-from accel_gpt.config import TrainConfig
 
 SIZES = dict(vocabulary_size=500, context_len=16, embedding_dim=32, num_heads=2, num_layers=2, dropout=0.0)
 
@@ -84,9 +84,13 @@ def test_optimizer_files_that_do_not_match_the_model_are_one_clear_error(tmp_pat
     path = save_checkpoint(tmp_path, 1, model.config, full_state_dicts(model, opt), {}, {})
     meta = json.loads((path / "optimizer.json").read_text())
     moments = load_file(str(path / "optimizer.safetensors"))
-    save_file({k: v for k, v in moments.items() if not k.startswith("final_norm.bias.")}, str(path / "optimizer.safetensors"))
+    save_file(
+        {k: v for k, v in moments.items() if not k.startswith("final_norm.bias.")}, str(path / "optimizer.safetensors")
+    )
     fresh = GPTModel(**SIZES)
-    with pytest.raises(UserError, match=r"optimizer.safetensors does not match the model: missing \['final_norm.bias'\]"):
+    with pytest.raises(
+        UserError, match=r"optimizer.safetensors does not match the model: missing \['final_norm.bias'\]"
+    ):
         load_checkpoint(path, fresh, build_optimizer(fresh, TrainConfig()))
     # Checkpoints from before optimizer state was keyed by parameter name: refused, with what still works.
     for group in meta["param_groups"]:
@@ -194,7 +198,9 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
         pytest.skip("needs permission to mount a small tmpfs")
     try:
         save_checkpoint(disk, 1, model.config, full_state_dicts(model, opt), {"global_step": 1}, {})
-        with pytest.raises(UserError, match="could not write checkpoint .*checkpoint_000002: .*No space left on device"):
+        with pytest.raises(
+            UserError, match="could not write checkpoint .*checkpoint_000002: .*No space left on device"
+        ):
             save_checkpoint(disk, 2, model.config, full_state_dicts(model, opt), {"global_step": 2}, {})
         assert [p.name for p in disk.iterdir()] == ["checkpoint_000001"]  # no half-written leftovers
         assert find_checkpoint(disk, "latest").name == "checkpoint_000001"

@@ -12,7 +12,9 @@ from accel_gpt.model import GPTModel
 
 def test_defaults_then_yaml_then_command_line(tmp_path):
     cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text("batch_size: 4\nlearning_rate: 3.0e-4\nqkv_bias: true\nstart_context: 孙悟空\n", encoding="utf-8")
+    cfg_file.write_text(
+        "batch_size: 4\nlearning_rate: 3.0e-4\nqkv_bias: true\nstart_context: 孙悟空\n", encoding="utf-8"
+    )
     cfg = parse_config(["--config", str(cfg_file), "--learning_rate", "1e-3", "--max_steps", "none"])
     assert cfg.batch_size == 4 and cfg.qkv_bias is True and cfg.start_context == "孙悟空"
     assert cfg.learning_rate == 1e-3  # the flag beats the file
@@ -43,10 +45,14 @@ def test_bundled_xiyouji_config_resolves_by_name():
         (["--attention", "fast"], "attention must be one of auto, cudnn, flash, efficient, math, got 'fast'"),
         (["--compile_mode", "turbo"], "compile_mode must be one of default, reduce-overhead"),
         (["--log_every", "0"], "log_every must be positive, got 0"),
-        (["--cuda_graph", "true", "--compile", "true", "--compile_mode", "reduce-overhead"],
-         "cuda_graph captures the whole step itself; compile_mode reduce-overhead would graph the model"),
-        (["--cuda_graph", "true", "--activation_checkpointing", "true"],
-         "cuda_graph does not combine with activation_checkpointing"),
+        (
+            ["--cuda_graph", "true", "--compile", "true", "--compile_mode", "reduce-overhead"],
+            "cuda_graph captures the whole step itself; compile_mode reduce-overhead would graph the model",
+        ),
+        (
+            ["--cuda_graph", "true", "--activation_checkpointing", "true"],
+            "cuda_graph does not combine with activation_checkpointing",
+        ),
         (["--vocab_multiple", "0"], "vocab_multiple must be positive, got 0"),
         (["--init_from", "hf", "--bias", "false"], "init_from takes the model's shape from hf; drop bias"),
         (["--eval_freq", "-1"], "eval_freq must be >= 0, got -1"),
@@ -71,14 +77,14 @@ def test_help_lists_every_option_with_default():
         assert f"--{name}" in text
     assert "(default: 0.001)" in text and "(default: mini)" in text
     # A help text that explains its own default is not followed by a second "(default: none)".
-    assert not re.search(r"default[^()]*\) \(default", text), re.findall(r"\([^()]*default[^()]*\) \(default: [^)]*\)", text)
+    assert not re.search(r"default[^()]*\) \(default", text), re.findall(
+        r"\([^()]*default[^()]*\) \(default: [^)]*\)", text
+    )
     assert "(default: the tokenizer's, 50256 for gpt2) --" in text and "(default: none)" in text
 
 
 def test_cli_error_is_one_line_without_traceback():
-    out = subprocess.run(
-        [sys.executable, "-m", "accel_gpt.train", "--batch_size", "x"], capture_output=True, text=True
-    )
+    out = subprocess.run([sys.executable, "-m", "accel_gpt.train", "--batch_size", "x"], capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip() == "accel_gpt: error: command line: batch_size expects an integer, got 'x'"
 
@@ -94,9 +100,20 @@ def test_yaml_numbers_are_read_as_written(tmp_path):
 
 def test_bundled_article_config_is_the_articles_run():
     cfg = parse_config(["--config", "article_gpt2_small", "--max_steps", "2"])
-    assert (cfg.model, cfg.context_len, cfg.stride, cfg.batch_size, cfg.train_data_path) == ("gpt2-small", 1024, 1024, 2, "xiyouji")
+    assert (cfg.model, cfg.context_len, cfg.stride, cfg.batch_size, cfg.train_data_path) == (
+        "gpt2-small",
+        1024,
+        1024,
+        2,
+        "xiyouji",
+    )
     assert (cfg.learning_rate, cfg.initial_lr, cfg.warmup_steps, cfg.min_lr) == (6e-4, 3e-5, 10, 1e-6)
-    assert (cfg.weight_decay, cfg.max_norm, cfg.global_batch_size, cfg.gradient_accumulation_steps) == (0.1, 1.0, None, 1)
+    assert (cfg.weight_decay, cfg.max_norm, cfg.global_batch_size, cfg.gradient_accumulation_steps) == (
+        0.1,
+        1.0,
+        None,
+        1,
+    )
     assert any("\u4e00" <= ch <= "\u9fff" for ch in cfg.start_context)
     with torch.device("meta"):
         model = GPTModel(cfg.model_config(50257))

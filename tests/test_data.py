@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from accelerate.data_loader import prepare_data_loader
+from conftest import REPO
 
 from accel_gpt import data
 from accel_gpt.data import (
@@ -25,7 +26,6 @@ from accel_gpt.data import (
 )
 from accel_gpt.errors import UserError
 from accel_gpt.tokenizer import get_tokenizer
-from conftest import REPO
 
 DOCS = ["The first document.", "Second one, a little longer than the first.", "第三个文件：西游记。"]
 EOS = 50256
@@ -181,14 +181,19 @@ import json
 from accel_gpt.data import tokenize_corpus
 def status(key):
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key + ':')) // 1024
-tokenize_corpus('the-verdict', 'gpt2', {EOS}, {str(tmp_path / 'cache')!r})  # warm: imports, tokenizer, threads
+tokenize_corpus('the-verdict', 'gpt2', {EOS}, {str(tmp_path / "cache")!r})  # warm: imports, tokenizer, threads
 base = status('VmRSS')
 open('/proc/self/clear_refs', 'w').write('5')  # restart the peak (VmHWM) from here
-stream, _ = tokenize_corpus({str(big)!r}, 'gpt2', {EOS}, {str(tmp_path / 'cache')!r})
+stream, _ = tokenize_corpus({str(big)!r}, 'gpt2', {EOS}, {str(tmp_path / "cache")!r})
 print(json.dumps({{'tokens': len(stream), 'growth_mib': status('VmHWM') - base}}))
 """
-    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    result = subprocess.run(
+        [sys.executable, "-c", child],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads(result.stdout)
     assert measured["tokens"] > 5_000_000
@@ -316,7 +321,7 @@ def test_reading_windows_does_not_load_the_corpus_into_ram(tmp_path):
     reopened = TokenStream(stream.path)
     ds = WindowDataset(reopened, context_len=128, stride=128)
     sampler = GlobalBatchSampler(len(ds), batch_size=8, global_batch_size=8, seed=0)
-    for i, (x, _) in enumerate(make_loader(ds, sampler)):
+    for i, _ in enumerate(make_loader(ds, sampler)):
         if i == 2000:
             break
     grown = rss_anon_bytes() - before
@@ -328,6 +333,9 @@ def test_a_json_document_over_several_lines_is_named_as_such(tmp_path, cache_dir
     """A pretty-printed .json file is valid JSON: 'line 1 is not valid JSON' alone would send the user to a
     validator that finds nothing wrong. What is wrong is the layout: one object per line."""
     (tmp_path / "data.json").write_text(document)
-    with pytest.raises(UserError, match=r"data.json line 1 is not valid JSON: .* at column 2 \(one JSON document over "
-                                        r"several lines\? .*one JSON object per line"):
+    with pytest.raises(
+        UserError,
+        match=r"data.json line 1 is not valid JSON: .* at column 2 \(one JSON document over "
+        r"several lines\? .*one JSON object per line",
+    ):
         tokenize_corpus(str(tmp_path / "data.json"), "gpt2", EOS, cache_dir)

@@ -10,15 +10,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
-from accel_gpt.checkpoint import list_checkpoints
 from conftest import REPO, VERDICT
 from test_launch import common_args
 
+from accel_gpt.checkpoint import list_checkpoints
+
 
 def run_cli(*args, timeout=300, prefix=()):
-    return subprocess.run([*prefix, sys.executable, "-m", "accel_gpt.train", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "accel_gpt.train", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def without_read_override(probe) -> list[str]:
@@ -74,8 +79,10 @@ def test_missing_and_empty_data_paths(tmp_path):
 
 def test_empty_data_paths_are_refused_not_searched_from_the_working_directory(tmp_path):
     assert_only_line_error(run_cli("--train_data_path", ""), "train data: the data path is empty")
-    assert_only_line_error(run_cli("--train_data_path", VERDICT, "--val_data_path", "", "--data_cache_dir",
-                                  tmp_path / "c"), "validation data: the data path is empty")
+    assert_only_line_error(
+        run_cli("--train_data_path", VERDICT, "--val_data_path", "", "--data_cache_dir", tmp_path / "c"),
+        "validation data: the data path is empty",
+    )
 
 
 def test_unreadable_files_and_folders_are_one_line(tmp_path):
@@ -109,9 +116,9 @@ def test_parquet_strings_that_are_not_utf8(tmp_path):
 
 def test_invalid_utf8_names_the_file_and_byte_offset(tmp_path):
     bad = tmp_path / "latin1.txt"
-    bad.write_bytes("Ein schönes Haus".encode("utf-8") + " und ein schönes Boot".encode("latin-1"))
+    bad.write_bytes("Ein schönes Haus".encode() + " und ein schönes Boot".encode("latin-1"))
     result = run_cli("--train_data_path", bad, "--data_cache_dir", tmp_path / "c")
-    offset = len("Ein schönes Haus".encode("utf-8")) + len(" und ein sch")  # the latin-1 'ö'
+    offset = len("Ein schönes Haus".encode()) + len(" und ein sch")  # the latin-1 'ö'
     assert_only_line_error(result, "latin1.txt is not valid UTF-8", f"byte offset {offset}")
 
 
@@ -127,9 +134,12 @@ def test_corpus_too_short_for_one_step_and_val_without_batches(tmp_path):
     short.write_text("Only a few words here. " * 20)
     result = run_cli("--train_data_path", short, "--data_cache_dir", tmp_path / "c", "--model", "tiny")
     assert_one_line_error(result, "training data has", "one optimizer step needs 8")
-    result = run_cli("--train_data_path", VERDICT, "--data_cache_dir", tmp_path / "c", "--model", "tiny",
-                     "--val_fraction", "0.05")
-    assert_one_line_error(result, "validation data has 4 windows of 65 tokens; an evaluation needs one global batch of 8")
+    result = run_cli(
+        "--train_data_path", VERDICT, "--data_cache_dir", tmp_path / "c", "--model", "tiny", "--val_fraction", "0.05"
+    )
+    assert_one_line_error(
+        result, "validation data has 4 windows of 65 tokens; an evaluation needs one global batch of 8"
+    )
 
 
 @pytest.mark.parametrize(
@@ -137,11 +147,17 @@ def test_corpus_too_short_for_one_step_and_val_without_batches(tmp_path):
     [
         (["--learning_rat", "1"], ["unrecognized arguments: --learning_rat"]),
         (["--batch_size", "1.5"], ["batch_size expects an integer, got '1.5'"]),
-        (["--warmup_steps", "500", "--max_steps", "100"], ["warmup_steps (500) must be shorter than the run (100 steps)"]),
+        (
+            ["--warmup_steps", "500", "--max_steps", "100"],
+            ["warmup_steps (500) must be shorter than the run (100 steps)"],
+        ),
         (["--min_lr", "0.01", "--learning_rate", "0.001"], ["min_lr (0.01) is larger than learning_rate (0.001)"]),
         (["--special_token_id", "60000"], ["special_token_id 60000 is outside the gpt2 vocabulary"]),
-        pytest.param(["--cuda_graph", "true"], ["cuda_graph needs a CUDA GPU; this run is on cpu"],
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs it")),
+        pytest.param(
+            ["--cuda_graph", "true"],
+            ["cuda_graph needs a CUDA GPU; this run is on cpu"],
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs it"),
+        ),
     ],
 )
 def test_bad_settings(tmp_path, args, fragments):
@@ -168,10 +184,14 @@ def test_corrupt_weights_of_the_requested_checkpoint(trained_run, tmp_path):
 
 def test_checkpoint_from_a_different_model(trained_run):
     args = common_args(trained_run["out"], trained_run["cache"]) + ["--checkpoint", "4", "--max_steps", "6"]
-    assert_one_line_error(run_cli(*args, "--embedding_dim", "32"), "was trained with a different model config",
-                          "'embedding_dim': {'checkpoint': 64, 'requested': 32}")
-    assert_one_line_error(run_cli(*args, "--context_len", "128"), "context_len 128 exceeds the position table",
-                          "(64 positions)")
+    assert_one_line_error(
+        run_cli(*args, "--embedding_dim", "32"),
+        "was trained with a different model config",
+        "'embedding_dim': {'checkpoint': 64, 'requested': 32}",
+    )
+    assert_one_line_error(
+        run_cli(*args, "--context_len", "128"), "context_len 128 exceeds the position table", "(64 positions)"
+    )
 
 
 def test_resume_that_would_change_the_data_order(trained_run):
@@ -183,11 +203,14 @@ def test_resume_that_would_change_the_data_order(trained_run):
 def test_branching_from_an_earlier_checkpoint_sets_later_ones_aside(trained_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(trained_run["out"], out)
-    result = run_cli(*common_args(out, trained_run["cache"]), "--checkpoint", "2", "--max_steps", "3",
-                     "--save_freq", "1")
+    result = run_cli(
+        *common_args(out, trained_run["cache"]), "--checkpoint", "2", "--max_steps", "3", "--save_freq", "1"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "later checkpoints of the abandoned run moved to" in result.stdout
     assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [2, 3]
     aside = [p for p in (out / "checkpoints").iterdir() if p.name.startswith("abandoned-after-000002")]
     assert len(aside) == 1 and (aside[0] / "checkpoint_000004" / "manifest.json").exists()
-    assert json.loads((out / "checkpoints" / "checkpoint_000003" / "trainer_state.json").read_text())["global_step"] == 3
+    assert (
+        json.loads((out / "checkpoints" / "checkpoint_000003" / "trainer_state.json").read_text())["global_step"] == 3
+    )

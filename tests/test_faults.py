@@ -10,11 +10,11 @@ import time
 import psutil
 import pytest
 import torch
+from conftest import REPO, launch
 from safetensors.torch import load_file
+from test_launch import common_args, read_metrics
 
 from accel_gpt.checkpoint import list_checkpoints
-from conftest import REPO, launch
-from test_launch import common_args, read_metrics
 
 
 def start(args, num_processes, env_extra=None):
@@ -23,10 +23,20 @@ def start(args, num_processes, env_extra=None):
         cmd = [sys.executable, "-m", "accel_gpt.train", *args]
     else:
         config = REPO / "accelerate_configs" / "cpu_2proc_gloo.yaml"
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "accel_gpt.train", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(config),
+            "-m",
+            "accel_gpt.train",
+            *args,
+        ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env_extra or {}))
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True
+    )
 
 
 def kill_all(proc):
@@ -83,7 +93,16 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_losses(tm
     seed = random.randrange(10**6)
     rng = random.Random(seed)
     args = common_args(tmp_path / "ref", tmp_path / "cache") + [
-        "--batch_size", "2", "--dropout", "0.1", "--max_steps", "12", "--save_freq", "2", "--eval_freq", "6",
+        "--batch_size",
+        "2",
+        "--dropout",
+        "0.1",
+        "--max_steps",
+        "12",
+        "--save_freq",
+        "2",
+        "--eval_freq",
+        "6",
     ]
     launch(args, num_processes=2)
     reference = read_metrics(tmp_path / "ref")
@@ -100,7 +119,10 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_losses(tm
         proc = start(command, num_processes=2)
         if condition is None:
             target = steps_logged(out) + rng.randint(3, 5)  # at least one save completes first
-            condition = lambda target=target: steps_logged(out) >= target
+
+            def condition(target=target):
+                return steps_logged(out) >= target
+
         caught = wait_for(condition, proc)
         if caught:
             kill_all(proc)
@@ -138,8 +160,22 @@ def test_sigusr1_ahead_of_a_time_limit_saves_and_stops_every_rank(tmp_path):
 def test_non_finite_steps_are_skipped_then_stop_with_a_clear_error(tmp_path):
     out = tmp_path / "run"
     args = common_args(out, tmp_path / "cache") + [
-        "--learning_rate", "1e30", "--initial_lr", "1e30", "--min_lr", "0", "--warmup_steps", "0",
-        "--max_nonfinite_steps", "3", "--save_freq", "1", "--max_steps", "20", "--keep_last", "0",
+        "--learning_rate",
+        "1e30",
+        "--initial_lr",
+        "1e30",
+        "--min_lr",
+        "0",
+        "--warmup_steps",
+        "0",
+        "--max_nonfinite_steps",
+        "3",
+        "--save_freq",
+        "1",
+        "--max_steps",
+        "20",
+        "--keep_last",
+        "0",
     ]
     proc = start(args, num_processes=1)
     stdout, stderr = proc.communicate(timeout=120)

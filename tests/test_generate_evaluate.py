@@ -8,14 +8,14 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO, VERDICT
+from test_errors import assert_one_line_error
+from test_launch import common_args
 
 from accel_gpt import analysis
 from accel_gpt.errors import UserError
 from accel_gpt.evaluate import main as evaluate_main
 from accel_gpt.tokenizer import TextStream, get_tokenizer
-from conftest import REPO, VERDICT
-from test_errors import assert_one_line_error
-from test_launch import common_args
 
 CHINESE = "话说孙悟空，花果山水帘洞美猴王。Every effort moves you 🐒"
 # Loaded under its own name: `import accel_gpt.generate` would rebind the package's `generate` function to the module.
@@ -28,15 +28,22 @@ _spec.loader.exec_module(generate_cli)
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tools")
     args = common_args(root / "run", root / "cache") + ["--max_steps", "4", "--save_freq", "2"]
-    result = subprocess.run([sys.executable, "-m", "accel_gpt.train", *args], capture_output=True, text=True,
-                            cwd=REPO, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "accel_gpt.train", *args], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return {"dir": root / "run", "cache": root / "cache", "root": root}
 
 
 def cli(module, *args, stdin=None):
-    return subprocess.run([sys.executable, "-m", f"accel_gpt.{module}", *map(str, args)], capture_output=True,
-                          text=True, cwd=REPO, timeout=300, input=stdin)
+    return subprocess.run(
+        [sys.executable, "-m", f"accel_gpt.{module}", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        input=stdin,
+    )
 
 
 def test_text_stream_prints_only_complete_characters():
@@ -58,7 +65,9 @@ def test_cli_streams_each_complete_character_as_it_comes(run, monkeypatch):
     ids = get_tokenizer("gpt2").encode_ordinary(CHINESE)
     monkeypatch.setattr(generate_cli, "stream_tokens", lambda **kw: (torch.tensor([[i]]) for i in ids))
     writes = []
-    monkeypatch.setattr(sys, "stdout", type("Out", (), {"write": lambda self, s: writes.append(s), "flush": lambda self: None})())
+    monkeypatch.setattr(
+        sys, "stdout", type("Out", (), {"write": lambda self, s: writes.append(s), "flush": lambda self: None})()
+    )
     generate_cli.main(["--checkpoint", str(run["dir"]), "--prompt", "西游记"])
     assert "".join(writes) == "西游记" + CHINESE + "\n"
     assert writes[1:4] == ["", "话", ""] and not any("\ufffd" in w for w in writes)
@@ -67,12 +76,29 @@ def test_cli_streams_each_complete_character_as_it_comes(run, monkeypatch):
 def test_greedy_cli_output_is_the_notebook_api_output(run):
     model = analysis.load_model(run["dir"])
     expected = analysis.generate(model, "Every effort moves you", max_new_tokens=12)
-    result = cli("generate", "--checkpoint", run["dir"], "--prompt", "Every effort moves you", "--max_new_tokens", 12,
-                 "--temperature", 0)
+    result = cli(
+        "generate",
+        "--checkpoint",
+        run["dir"],
+        "--prompt",
+        "Every effort moves you",
+        "--max_new_tokens",
+        12,
+        "--temperature",
+        0,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == expected + "\n"
-    piped = cli("generate", "--checkpoint", run["dir"] / "checkpoints" / "checkpoint_000004", "--max_new_tokens", 12,
-                "--temperature", 0, stdin="Every effort moves you\n")  # the prompt from stdin; echo's newline dropped
+    piped = cli(
+        "generate",
+        "--checkpoint",
+        run["dir"] / "checkpoints" / "checkpoint_000004",
+        "--max_new_tokens",
+        12,
+        "--temperature",
+        0,
+        stdin="Every effort moves you\n",
+    )  # the prompt from stdin; echo's newline dropped
     assert piped.stdout == expected + "\n"
 
 
@@ -82,8 +108,26 @@ def run_in_process(main, capsys, *args) -> str:
 
 
 def test_seeded_samples_repeat_and_differ_from_each_other(run, capsys):
-    args = ["--checkpoint", run["dir"], "--prompt", "话说", "--max_new_tokens", 15, "--top_k", 50, "--top_p", 0.9,
-            "--temperature", 1.0, "--seed", 5, "--num_samples", 2, "--step", 2]
+    args = [
+        "--checkpoint",
+        run["dir"],
+        "--prompt",
+        "话说",
+        "--max_new_tokens",
+        15,
+        "--top_k",
+        50,
+        "--top_p",
+        0.9,
+        "--temperature",
+        1.0,
+        "--seed",
+        5,
+        "--num_samples",
+        2,
+        "--step",
+        2,
+    ]
     first = run_in_process(generate_cli.main, capsys, *args)
     assert first == run_in_process(generate_cli.main, capsys, *args)
     samples = first.split("\n---\n")
@@ -131,14 +175,16 @@ def test_evaluate_prints_the_notebook_perplexity(run, tmp_path, capsys):
     assert scored["perplexity"] == pytest.approx(math.exp(scored["loss"]), rel=1e-12)
     strided = evaluate(run, capsys, "--data", part, "--stride", 16, "--batch_size", 3)
     assert strided["perplexity"] == pytest.approx(
-        analysis.perplexity(model, str(part), stride=16, batch_size=1, data_cache_dir=run["cache"]), rel=1e-6)
+        analysis.perplexity(model, str(part), stride=16, batch_size=1, data_cache_dir=run["cache"]), rel=1e-6
+    )
     assert strided["tokens"] == scored["tokens"] and strided["loss"] != pytest.approx(scored["loss"], rel=1e-4)
     for spec in (tmp_path / "corpus", tmp_path / "corpus" / "*.txt"):  # the other data path forms
         assert evaluate(run, capsys, "--data", spec, "--stride", 16)["loss"] == pytest.approx(strided["loss"], rel=1e-6)
     bundled = evaluate(run, capsys, "--data", "the-verdict")
     assert bundled["tokens"] == 5145  # 5,145 tokens and the end-of-text after the document: 5,145 targets
-    assert bundled["perplexity"] == pytest.approx(analysis.perplexity(model, VERDICT, stride=64,
-                                                                      data_cache_dir=run["cache"]), rel=1e-6)
+    assert bundled["perplexity"] == pytest.approx(
+        analysis.perplexity(model, VERDICT, stride=64, data_cache_dir=run["cache"]), rel=1e-6
+    )
 
 
 @pytest.mark.parametrize("stride", [65, 256, 0, -3])
@@ -149,12 +195,27 @@ def test_stride_outside_one_to_context_is_rejected(run, stride):
     with pytest.raises(UserError, match=message):
         analysis.perplexity(model, "Some text to score. " * 20, stride=stride)
     with pytest.raises(UserError, match=message):
-        evaluate_main(["--checkpoint", str(run["dir"]), "--data", str(VERDICT), "--stride", str(stride),
-                       "--data_cache_dir", str(run["cache"])])
+        evaluate_main(
+            [
+                "--checkpoint",
+                str(run["dir"]),
+                "--data",
+                str(VERDICT),
+                "--stride",
+                str(stride),
+                "--data_cache_dir",
+                str(run["cache"]),
+            ]
+        )
 
 
 def test_evaluate_errors_are_one_line_through_the_cli(run, tmp_path):
-    assert_one_line_error(cli("evaluate", "--checkpoint", run["dir"], "--data", tmp_path / "none.txt"),
-                          "data path not found")
-    assert_one_line_error(cli("evaluate", "--checkpoint", run["dir"], "--data", VERDICT, "--stride", 256,
-                              "--data_cache_dir", run["cache"]), "stride must be between 1 and the model's context_len")
+    assert_one_line_error(
+        cli("evaluate", "--checkpoint", run["dir"], "--data", tmp_path / "none.txt"), "data path not found"
+    )
+    assert_one_line_error(
+        cli(
+            "evaluate", "--checkpoint", run["dir"], "--data", VERDICT, "--stride", 256, "--data_cache_dir", run["cache"]
+        ),
+        "stride must be between 1 and the model's context_len",
+    )

@@ -5,22 +5,23 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, VERDICT
 from safetensors.torch import load_file
+from test_errors import assert_one_line_error, run_cli
 
 from accel_gpt.checkpoint import full_state_dicts, save_checkpoint
 from accel_gpt.config import TrainConfig
 from accel_gpt.hf import to_hf_state_dict
 from accel_gpt.model import GPTModel
 from accel_gpt.train import build_optimizer
-from conftest import REPO, VERDICT
-from test_errors import assert_one_line_error, run_cli
 
 transformers = pytest.importorskip("transformers")
 SIZES = dict(vocabulary_size=50257, context_len=32, embedding_dim=32, num_heads=2, num_layers=2, dropout=0.0)
 
 
-@pytest.mark.parametrize("qkv_bias, bias, tie", [(False, True, False), (True, True, True), (False, True, True),
-                                                  (False, False, True)])
+@pytest.mark.parametrize(
+    "qkv_bias, bias, tie", [(False, True, False), (True, True, True), (False, True, True), (False, False, True)]
+)
 def test_exported_folder_loads_in_transformers_with_the_same_logits(tmp_path, qkv_bias, bias, tie):
     torch.manual_seed(0)
     model = GPTModel(**SIZES, qkv_bias=qkv_bias, bias=bias, tie_weights=tie).eval()
@@ -28,9 +29,15 @@ def test_exported_folder_loads_in_transformers_with_the_same_logits(tmp_path, qk
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.02)
-    ckpt = save_checkpoint(tmp_path / "ckpts", 7, model.config, full_state_dicts(model, build_optimizer(model, TrainConfig())), {}, {})
-    result = subprocess.run([sys.executable, "-m", "accel_gpt.export", "--checkpoint", str(ckpt), "--out",
-                             str(tmp_path / "hf")], capture_output=True, text=True, cwd=REPO)
+    ckpt = save_checkpoint(
+        tmp_path / "ckpts", 7, model.config, full_state_dicts(model, build_optimizer(model, TrainConfig())), {}, {}
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "accel_gpt.export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.tie_word_embeddings is tie
@@ -40,8 +47,20 @@ def test_exported_folder_loads_in_transformers_with_the_same_logits(tmp_path, qk
 
 
 def test_export_of_a_missing_checkpoint_is_one_clear_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "accel_gpt.export", "--checkpoint", str(tmp_path / "nope"),
-                             "--out", str(tmp_path / "hf")], capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accel_gpt.export",
+            "--checkpoint",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "hf"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "accel_gpt: error: no checkpoints in" in result.stderr
 
@@ -52,9 +71,30 @@ def test_pretraining_starts_from_a_local_hf_gpt2(tmp_path):
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
     out = tmp_path / "run"
-    args = ["--init_from", tmp_path / "hf", "--train_data_path", VERDICT, "--data_cache_dir", tmp_path / "c",
-            "--output_dir", out, "--context_len", "32", "--max_steps", "2", "--warmup_steps", "1",
-            "--initial_lr", "0", "--save_freq", "1", "--dropout", "0", "--batch_size", "4"]
+    args = [
+        "--init_from",
+        tmp_path / "hf",
+        "--train_data_path",
+        VERDICT,
+        "--data_cache_dir",
+        tmp_path / "c",
+        "--output_dir",
+        out,
+        "--context_len",
+        "32",
+        "--max_steps",
+        "2",
+        "--warmup_steps",
+        "1",
+        "--initial_lr",
+        "0",
+        "--save_freq",
+        "1",
+        "--dropout",
+        "0",
+        "--batch_size",
+        "4",
+    ]
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "windows of 32 tokens" in result.stdout  # a window shorter than the 64-position table
@@ -62,8 +102,17 @@ def test_pretraining_starts_from_a_local_hf_gpt2(tmp_path):
     ours = load_file(str(out / "checkpoints" / "checkpoint_000001" / "model.safetensors"))
     # init_from pads the vocabulary to the default multiple of 64 with zero rows, which stay zero.
     assert ours["tok_emb.weight"].shape == (50304, 32) and not ours["tok_emb.weight"][50257:].any()
-    model = GPTModel(vocabulary_size=50257, context_len=64, embedding_dim=32, num_heads=2, num_layers=2,
-                     dropout=0.0, qkv_bias=True, tie_weights=True, vocab_multiple=64)
+    model = GPTModel(
+        vocabulary_size=50257,
+        context_len=64,
+        embedding_dim=32,
+        num_heads=2,
+        num_layers=2,
+        dropout=0.0,
+        qkv_bias=True,
+        tie_weights=True,
+        vocab_multiple=64,
+    )
     model.load_state_dict(ours | {"out_head.weight": ours["tok_emb.weight"]})
     expected = hf.state_dict()
     for name, tensor in to_hf_state_dict(model).items():

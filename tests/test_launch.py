@@ -8,18 +8,40 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, VERDICT, launch
 from safetensors.torch import load_file
 
 from accel_gpt.tokenizer import get_tokenizer
-from conftest import REPO, VERDICT, launch
 
 
 def common_args(out, cache):
     return [
-        "--model", "tiny", "--train_data_path", str(VERDICT), "--data_cache_dir", str(cache),
-        "--output_dir", str(out), "--max_steps", "10", "--eval_freq", "5", "--save_freq", "5", "--eval_iter", "2",
-        "--learning_rate", "1.5e-3", "--warmup_steps", "2", "--dropout", "0.0", "--seed", "11",
-        "--val_fraction", "0.6",  # 32 training windows = 8 steps of 4: the 10 steps cross into epoch 1
+        "--model",
+        "tiny",
+        "--train_data_path",
+        str(VERDICT),
+        "--data_cache_dir",
+        str(cache),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "10",
+        "--eval_freq",
+        "5",
+        "--save_freq",
+        "5",
+        "--eval_iter",
+        "2",
+        "--learning_rate",
+        "1.5e-3",
+        "--warmup_steps",
+        "2",
+        "--dropout",
+        "0.0",
+        "--seed",
+        "11",
+        "--val_fraction",
+        "0.6",  # 32 training windows = 8 steps of 4: the 10 steps cross into epoch 1
     ]
 
 
@@ -37,8 +59,14 @@ def two_process_run(tmp_path_factory):
     out = root / "run2"
     result = launch(common_args(out, root / "cache") + ["--batch_size", "2"], num_processes=2)
     final_weights = load_file(str(out / "checkpoints" / "checkpoint_000010" / "model.safetensors"))
-    return {"out": out, "cache": root / "cache", "stdout": result.stdout, "metrics": read_metrics(out), "root": root,
-            "final_weights": final_weights}  # kept in memory: the resume test rewrites checkpoint 10
+    return {
+        "out": out,
+        "cache": root / "cache",
+        "stdout": result.stdout,
+        "metrics": read_metrics(out),
+        "root": root,
+        "final_weights": final_weights,
+    }  # kept in memory: the resume test rewrites checkpoint 10
 
 
 def test_two_gloo_processes_train_and_write_a_plain_checkpoint(two_process_run):
@@ -98,8 +126,9 @@ def test_resume_onto_more_processes_gives_each_rank_its_own_stream(two_process_r
         pytest.skip("needs the 1-process run of test_one_process_equals_two_processes_at_the_same_global_batch")
     out = tmp_path / "more"
     shutil.copytree(one_process, out)
-    result = launch(common_args(out, two_process_run["cache"]) + ["--batch_size", "2", "--checkpoint", "5"],
-                    num_processes=2)
+    result = launch(
+        common_args(out, two_process_run["cache"]) + ["--batch_size", "2", "--checkpoint", "5"], num_processes=2
+    )
     assert "resumed at step 5" in result.stdout and "(saved by 1 processes: dropout RNG reseeded)" in result.stdout
     rng = load_file(str(out / "checkpoints" / "checkpoint_000010" / "rng.safetensors"))
     assert not torch.equal(rng["rank0.torch"], rng["rank1.torch"])
@@ -153,14 +182,35 @@ def test_two_machines_on_one_box_match_one_machine_with_two_processes(two_proces
     train_args = common_args(out, two_process_run["cache"]) + ["--batch_size", "2"]
     procs = []
     for machine_rank in (0, 1):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
-               "--num_processes", "2", "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1",
-               "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "accel_gpt.train", *train_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_machines",
+            "2",
+            "--num_processes",
+            "2",
+            "--machine_rank",
+            str(machine_rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(port),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "accel_gpt.train",
+            *train_args,
+        ]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO))
+        procs.append(
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        )
     outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (stdout, stderr) in zip(procs, outputs):
+    for p, (_, stderr) in zip(procs, outputs):
         assert p.returncode == 0, stderr[-3000:]
     assert "world_size 2" in outputs[0][0] and "accel_gpt | world_size" not in outputs[1][0]  # machine 1 is silent
     two_machines, one_machine = read_metrics(out), two_process_run["metrics"]
@@ -184,7 +234,10 @@ def test_fsdp_on_two_cpu_processes_matches_ddp_and_writes_one_consolidated_check
     ckpt = out / "checkpoints" / "checkpoint_000010"
     weights = load_file(str(ckpt / "model.safetensors"))  # one file, full shapes, written by the main process
     assert sorted(p.name for p in ckpt.iterdir() if "safetensors" in p.name) == [
-        "model.safetensors", "optimizer.safetensors", "rng.safetensors"]
+        "model.safetensors",
+        "optimizer.safetensors",
+        "rng.safetensors",
+    ]
     for name, tensor in two_process_run["final_weights"].items():
         # Reduce-scatter sums in another order than all-reduce; Adam turns that into rare 1e-5 differences.
         torch.testing.assert_close(weights[name], tensor, atol=1e-4, rtol=0)
@@ -208,8 +261,14 @@ def test_fsdp_with_bf16_trains_both_loss_paths_and_logs_fp32_losses(two_process_
     them, and Accelerate's policy rounded the loss the model returns in fp32 to bf16 (plain loss, 0)."""
     out = two_process_run["root"] / f"run_fsdp_bf16_chunk{loss_chunk}"
     # Steps 1-3 depend only on the warmup, not on the run's length: comparable with the 10-step fp32 run.
-    args = common_args(out, two_process_run["cache"]) + ["--batch_size", "2", "--max_steps", "3",
-                                                         "--loss_chunk", loss_chunk]
+    args = common_args(out, two_process_run["cache"]) + [
+        "--batch_size",
+        "2",
+        "--max_steps",
+        "3",
+        "--loss_chunk",
+        loss_chunk,
+    ]
     result = launch(args, 2, config="cpu_2proc_fsdp.yaml", launcher_args=("--mixed_precision", "bf16"))
     assert "world_size 2 | FSDP (gloo) | device cpu:0 | mixed_precision bf16 |" in result.stdout
     bf16, fp32 = read_metrics(out), two_process_run["metrics"]

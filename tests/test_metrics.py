@@ -46,12 +46,20 @@ def test_the_cpu_peak_is_the_best_measured_on_this_machine_so_far(tmp_path, monk
     assert metrics.peak_flops(torch.device("cpu"), "no", tmp_path) == 90e9
 
 
-@pytest.mark.parametrize("name, bf16_peak", [
-    ("NVIDIA L40", 181e12),  # not an L4 (121): MFU was 1.5x too high
-    ("NVIDIA RTX A1000 6GB Laptop GPU", None),  # not an A100: unknown, so no MFU rather than a wrong one
-    ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362e12), ("NVIDIA A10G", 70e12), ("NVIDIA A100-SXM4-80GB", 312e12),
-    ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA GH200 480GB", 989e12),
-])
+@pytest.mark.parametrize(
+    "name, bf16_peak",
+    [
+        ("NVIDIA L40", 181e12),  # not an L4 (121): MFU was 1.5x too high
+        ("NVIDIA RTX A1000 6GB Laptop GPU", None),  # not an A100: unknown, so no MFU rather than a wrong one
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA A10G", 70e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA GH200 480GB", 989e12),
+    ],
+)
 def test_gpu_peak_is_looked_up_by_the_whole_model_name(monkeypatch, tmp_path, name, bf16_peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert metrics.peak_flops(torch.device("cuda"), "bf16", tmp_path) == bf16_peak

@@ -18,8 +18,9 @@ def test_original_keyword_names_and_submodules():
         assert hasattr(model, name)
     logits = model(torch.randint(0, 1000, (3, 17)))
     assert logits.shape == (3, 17, 1000)
-    from_config = GPTModel(GPTConfig(vocabulary_size=1000, context_len=32, embedding_dim=48, num_heads=4, num_layers=2,
-                                     dropout=0.0))
+    from_config = GPTModel(
+        GPTConfig(vocabulary_size=1000, context_len=32, embedding_dim=48, num_heads=4, num_layers=2, dropout=0.0)
+    )
     assert from_config.config == model.config
     assert from_config.num_parameters() == model.num_parameters()
 
@@ -32,9 +33,13 @@ def test_no_causal_mask_buffer_bloats_the_state_dict():
 
 @pytest.mark.parametrize(
     "qkv_bias, bias, tie, expected",
-    [(False, True, False, 163_009_536), (False, True, True, 124_412_160), (True, True, True, 124_439_808),
-     # nanoGPT's bias=False model: it reports 123.59M = this + 47 padding rows x 768 - 1024 x 768 positions.
-     (False, False, True, 124_337_664)],
+    [
+        (False, True, False, 163_009_536),
+        (False, True, True, 124_412_160),
+        (True, True, True, 124_439_808),
+        # nanoGPT's bias=False model: it reports 123.59M = this + 47 padding rows x 768 - 1024 x 768 positions.
+        (False, False, True, 124_337_664),
+    ],
 )
 def test_gpt2_small_parameter_counts(qkv_bias, bias, tie, expected):
     with torch.device("meta"):  # counts only: no memory for 124M parameters
@@ -126,8 +131,19 @@ def test_cached_greedy_generation_equals_full_recompute(prompt_len, new_tokens):
 def test_seeded_sampling_is_the_same_with_and_without_the_cache():
     model = small().eval()
     idx = torch.randint(0, 1000, (1, 6))
-    runs = [generate(model, idx, 30, temperature=1.0, top_k=50, top_p=0.9, use_cache=use_cache,
-                     generator=torch.Generator().manual_seed(7)) for use_cache in (True, False)]
+    runs = [
+        generate(
+            model,
+            idx,
+            30,
+            temperature=1.0,
+            top_k=50,
+            top_p=0.9,
+            use_cache=use_cache,
+            generator=torch.Generator().manual_seed(7),
+        )
+        for use_cache in (True, False)
+    ]
     assert torch.equal(*runs)
 
 
@@ -200,7 +216,11 @@ def test_chunked_loss_gradients_survive_fp16_parameters_and_a_loss_scale():
 
     torch.manual_seed(0)
     tokens, dim, vocab = 8192, 8, 8000
-    hidden, weight, targets = torch.randn(tokens, dim), torch.randn(vocab, dim) * 0.02, torch.randint(0, vocab, (tokens,))
+    hidden, weight, targets = (
+        torch.randn(tokens, dim),
+        torch.randn(vocab, dim) * 0.02,
+        torch.randint(0, vocab, (tokens,)),
+    )
     h32, w32 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     F.cross_entropy(h32 @ w32.T, targets).backward()
     h16, w16 = hidden.half().requires_grad_(), weight.half().requires_grad_()

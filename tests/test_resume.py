@@ -4,9 +4,8 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import launch
+from safetensors.torch import load_file
 from test_launch import common_args, read_metrics
 
 
@@ -17,8 +16,22 @@ def weights(run_dir, step):
 def test_resume_mid_epoch_with_dropout_and_accumulation_is_bit_identical(tmp_path):
     # 40 training windows / global batch 4 = 10 steps per epoch; checkpoints at 3, 6, 9, 12, keeping the last 2.
     args = common_args(tmp_path / "full", tmp_path / "cache") + [
-        "--dropout", "0.1", "--batch_size", "2", "--global_batch_size", "4", "--val_fraction", "0.5",
-        "--max_steps", "12", "--save_freq", "3", "--keep_last", "2", "--eval_freq", "4",
+        "--dropout",
+        "0.1",
+        "--batch_size",
+        "2",
+        "--global_batch_size",
+        "4",
+        "--val_fraction",
+        "0.5",
+        "--max_steps",
+        "12",
+        "--save_freq",
+        "3",
+        "--keep_last",
+        "2",
+        "--eval_freq",
+        "4",
     ]
     launch(args, num_processes=1)
     full = read_metrics(tmp_path / "full")

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from accel_gpt.rundir import set_aside_run
 from conftest import REPO, VERDICT
 from test_errors import assert_one_line_error, run_cli
+
+from accel_gpt.rundir import set_aside_run
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -19,9 +19,30 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 
 def command(out, cache):  # issue 10's first reproduction, on the small bundled corpus with smaller batches
-    return ["--model", "tiny", "--train_data_path", VERDICT, "--data_cache_dir", cache, "--max_steps", "4",
-            "--warmup_steps", "1", "--eval_freq", "2", "--save_freq", "2", "--output_dir", out,
-            "--batch_size", "4", "--eval_iter", "1", "--sample_tokens", "4"]
+    return [
+        "--model",
+        "tiny",
+        "--train_data_path",
+        VERDICT,
+        "--data_cache_dir",
+        cache,
+        "--max_steps",
+        "4",
+        "--warmup_steps",
+        "1",
+        "--eval_freq",
+        "2",
+        "--save_freq",
+        "2",
+        "--output_dir",
+        out,
+        "--batch_size",
+        "4",
+        "--eval_iter",
+        "1",
+        "--sample_tokens",
+        "4",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +55,13 @@ def finished(tmp_path_factory):
 
 def test_a_second_new_run_is_refused_and_the_first_stays_byte_identical(finished):
     result = run_cli(*command(finished["out"], finished["cache"]), "--seed", "5")
-    assert_one_line_error(result, f"{finished['out']} already holds a run (metrics.jsonl, checkpoint_000002",
-                          "--checkpoint auto|latest|N", "another --output_dir", "--overwrite true")
+    assert_one_line_error(
+        result,
+        f"{finished['out']} already holds a run (metrics.jsonl, checkpoint_000002",
+        "--checkpoint auto|latest|N",
+        "another --output_dir",
+        "--overwrite true",
+    )
     # A fresh output_dir does not make it a new run when its checkpoint_dir holds the first run's checkpoints.
     elsewhere = finished["root"] / "elsewhere"
     result = run_cli(*command(elsewhere, finished["cache"]), "--checkpoint_dir", finished["out"] / "checkpoints")
@@ -48,8 +74,12 @@ def test_rerunning_a_finished_run_with_checkpoint_auto_says_it_is_complete(finis
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     [line] = result.stdout.splitlines()  # that line alone: no header, no step
-    assert line.startswith("accel_gpt: run already complete: ") and line.endswith("at step 4 of 4; nothing left to train")
-    assert_one_line_error(run_cli(*args, "--max_steps", "3"), "checkpoint_000004 is at step 4, beyond this run's 3 steps")
+    assert line.startswith("accel_gpt: run already complete: ") and line.endswith(
+        "at step 4 of 4; nothing left to train"
+    )
+    assert_one_line_error(
+        run_cli(*args, "--max_steps", "3"), "checkpoint_000004 is at step 4, beyond this run's 3 steps"
+    )
     assert snapshot(finished["out"]) == finished["files"]
 
 

@@ -16,7 +16,9 @@ def test_linear_warmup_from_initial_to_peak():
 def test_cosine_reaches_min_lr_at_last_step():
     assert learning_rate_at(109, **KW) == pytest.approx(1e-4)
     mid = 10 + (109 - 10) / 2
-    assert learning_rate_at(int(mid), **KW) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * int(mid - 10) / 99)))
+    assert learning_rate_at(int(mid), **KW) == pytest.approx(
+        1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * int(mid - 10) / 99))
+    )
     lrs = [learning_rate_at(s, **KW) for s in range(10, 110)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay after warmup
 

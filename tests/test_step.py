@@ -44,7 +44,9 @@ def train_steps(accelerator, make, max_norm: float):
     torch.manual_seed(2)  # the same dropout masks for both
     results = []  # tensors, read at the end: a step that handed out its graph's own outputs would show here
     for i in range(STEPS):
-        lr = learning_rate_at(i, total_steps=STEPS, warmup_steps=WARMUP, initial_lr=1e-4, learning_rate=1e-2, min_lr=1e-3)
+        lr = learning_rate_at(
+            i, total_steps=STEPS, warmup_steps=WARMUP, initial_lr=1e-4, learning_rate=1e-2, min_lr=1e-3
+        )
         # The graph's learning rate is an fp32 tensor (what CUDA's fused AdamW reads): the one difference from a
         # Python float, in the last bits of the update. Rounded alike here, the steps must agree bit for bit.
         lr = torch.tensor(lr, dtype=torch.float32).item()
@@ -56,9 +58,11 @@ def test_graph_step_body_equals_the_eager_step(accelerator):
     """Tensor learning rate, direct backward/clip/fused AdamW with found_inf, inputs copied into fixed buffers:
     the same losses, norms, weights and optimizer state as Accelerate's step, bit for bit."""
     eager, eager_model, eager_opt = train_steps(
-        accelerator, lambda m, o: EagerStep(m, o, accelerator, ACCUMULATION, TrainConfig()), max_norm=0.05)
+        accelerator, lambda m, o: EagerStep(m, o, accelerator, ACCUMULATION, TrainConfig()), max_norm=0.05
+    )
     graph, graph_model, graph_opt = train_steps(
-        accelerator, lambda m, o: CudaGraphStep(m, o, accelerator, ACCUMULATION, capture=False), max_norm=0.05)
+        accelerator, lambda m, o: CudaGraphStep(m, o, accelerator, ACCUMULATION, capture=False), max_norm=0.05
+    )
     assert graph == eager
     assert all(norm > 0.05 for _, norm in eager[WARMUP:])  # clipping was active after warmup
     assert eager[-1][0] < eager[0][0]
@@ -115,7 +119,8 @@ class FakeCapture:
 
 def test_graph_step_warms_up_captures_once_per_clipping_threshold_and_replays(accelerator, monkeypatch):
     eager, _, _ = train_steps(
-        accelerator, lambda m, o: EagerStep(m, o, accelerator, ACCUMULATION, TrainConfig()), max_norm=0.05)
+        accelerator, lambda m, o: EagerStep(m, o, accelerator, ACCUMULATION, TrainConfig()), max_norm=0.05
+    )
     fake = FakeCapture(monkeypatch)
 
     def make(model, optimizer):
@@ -155,10 +160,13 @@ def test_a_non_finite_step_changes_no_weight_or_optimizer_state(accelerator, kin
 
 def test_graph_step_checkpoint_stores_its_tensor_learning_rate_as_a_number(accelerator, tmp_path):
     results, model, optimizer = train_steps(
-        accelerator, lambda m, o: CudaGraphStep(m, o, accelerator, ACCUMULATION, capture=False), max_norm=1.0)
+        accelerator, lambda m, o: CudaGraphStep(m, o, accelerator, ACCUMULATION, capture=False), max_norm=1.0
+    )
     lr = optimizer.param_groups[0]["lr"]
     assert torch.is_tensor(lr)
-    path = save_checkpoint(tmp_path, STEPS, MODEL, full_state_dicts(model, optimizer.optimizer), {"global_step": STEPS}, {})
+    path = save_checkpoint(
+        tmp_path, STEPS, MODEL, full_state_dicts(model, optimizer.optimizer), {"global_step": STEPS}, {}
+    )
     fresh = GPTModel(MODEL)
     fresh_opt = build_optimizer(fresh, TrainConfig())
     load_checkpoint(path, fresh, fresh_opt)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, launch
 from test_errors import assert_one_line_error, run_cli
 from test_launch import common_args, read_metrics
@@ -27,8 +26,18 @@ def scalars(log_dir: Path) -> dict[str, dict[int, float]]:
 def test_tensorboard_gets_every_metric_of_a_two_process_run_and_its_resume(tmp_path):
     pytest.importorskip("tensorboard")
     out = tmp_path / "run"
-    args = common_args(out, tmp_path / "cache") + ["--batch_size", "2", "--max_steps", "6", "--save_freq", "3",
-                                                   "--eval_freq", "3", "--report_to", "tensorboard"]
+    args = common_args(out, tmp_path / "cache") + [
+        "--batch_size",
+        "2",
+        "--max_steps",
+        "6",
+        "--save_freq",
+        "3",
+        "--eval_freq",
+        "3",
+        "--report_to",
+        "tensorboard",
+    ]
     launch(args, num_processes=2)
     first = scalars(out / "trackers" / "accel_gpt")
     # Resume from step 3 with another learning rate: steps 4-6 are logged again, with other losses, into the
@@ -38,7 +47,9 @@ def test_tensorboard_gets_every_metric_of_a_two_process_run_and_its_resume(tmp_p
     logged = scalars(out / "trackers" / "accel_gpt")
     assert sorted(logged["loss"]) == list(range(1, 7))
     for step, record in metrics.items():
-        for key in ("loss", "lr", "grad_norm", "tokens_seen", "epoch") + (("train_loss", "val_loss") if step % 3 == 0 else ()):
+        for key in ("loss", "lr", "grad_norm", "tokens_seen", "epoch") + (
+            ("train_loss", "val_loss") if step % 3 == 0 else ()
+        ):
             assert logged[key][step] == pytest.approx(record[key], rel=1e-6), (key, step)
     assert first["loss"][5] != pytest.approx(logged["loss"][5], rel=1e-3)  # the replaced values really differed
     # Written by the main process only: one event file per launch, in one directory.
@@ -79,10 +90,19 @@ def test_wandb_offline_run_holds_the_metrics_and_config(tmp_path):
     pytest.importorskip("wandb")
     out = tmp_path / "run"
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
-    args = common_args(out, tmp_path / "cache") + ["--max_steps", "4", "--report_to", "wandb", "--run_name", "first try",
-                                                   "--project_name", "xiyouji-tests"]
-    result = subprocess.run([sys.executable, "-m", "accel_gpt.train", *args], capture_output=True, text=True,
-                            cwd=REPO, timeout=300, env=env)
+    args = common_args(out, tmp_path / "cache") + [
+        "--max_steps",
+        "4",
+        "--report_to",
+        "wandb",
+        "--run_name",
+        "first try",
+        "--project_name",
+        "xiyouji-tests",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "accel_gpt.train", *args], capture_output=True, text=True, cwd=REPO, timeout=300, env=env
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     [run_file] = (out / "wandb").glob("offline-run-*/run-*.wandb")
     history, config, run = {}, {}, None
@@ -108,9 +128,13 @@ def test_unknown_and_uninstalled_trackers_stop_before_training(tmp_path):
 
     args = common_args(tmp_path / "run", tmp_path / "cache")
     result = run_cli(*args, "--report_to", "tensorbored")
-    assert_one_line_error(result, "unknown tracker 'tensorbored' in report_to; choose none, all, or from", "tensorboard")
+    assert_one_line_error(
+        result, "unknown tracker 'tensorbored' in report_to; choose none, all, or from", "tensorboard"
+    )
     missing = sorted(set(LOGGER_TYPE_TO_CLASS) - {t.value for t in get_available_trackers()})
     if missing:
-        assert_one_line_error(run_cli(*args, "--report_to", f"tensorboard,{missing[0]}"),
-                              f"tracker '{missing[0]}' is not installed here (pip install")
+        assert_one_line_error(
+            run_cli(*args, "--report_to", f"tensorboard,{missing[0]}"),
+            f"tracker '{missing[0]}' is not installed here (pip install",
+        )
     assert not (tmp_path / "run").exists()  # no run directory, no checkpoint: nothing started

@@ -27,7 +27,9 @@ def test_global_batch_is_batch_times_accumulation_times_world(batch, accumulatio
 
 
 def test_global_batch_that_does_not_divide_is_a_clear_error():
-    with pytest.raises(UserError, match=r"global_batch_size 30 is not a multiple of batch_size x processes \(4 x 2 = 8\)"):
+    with pytest.raises(
+        UserError, match=r"global_batch_size 30 is not a multiple of batch_size x processes \(4 x 2 = 8\)"
+    ):
         batch_geometry(TrainConfig(batch_size=4, global_batch_size=30), 2)
 
 
@@ -42,16 +44,41 @@ def test_log_every_keeps_one_exact_record_per_step(tmp_path):
     runs = {}
     for log_every in (1, 4):
         out = tmp_path / f"every{log_every}"
-        args = ["--model", "tiny", "--train_data_path", str(VERDICT), "--data_cache_dir", str(tmp_path / "c"),
-                "--output_dir", str(out), "--max_steps", "6", "--warmup_steps", "1", "--eval_freq", "0",
-                "--save_freq", "100", "--batch_size", "4", "--log_every", str(log_every)]
-        result = subprocess.run([sys.executable, "-m", "accel_gpt.train", *args], capture_output=True, text=True,
-                                timeout=300, cwd=REPO)
+        args = [
+            "--model",
+            "tiny",
+            "--train_data_path",
+            str(VERDICT),
+            "--data_cache_dir",
+            str(tmp_path / "c"),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "6",
+            "--warmup_steps",
+            "1",
+            "--eval_freq",
+            "0",
+            "--save_freq",
+            "100",
+            "--batch_size",
+            "4",
+            "--log_every",
+            str(log_every),
+        ]
+        result = subprocess.run(
+            [sys.executable, "-m", "accel_gpt.train", *args], capture_output=True, text=True, timeout=300, cwd=REPO
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         runs[log_every] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert not (out / "samples.jsonl").read_text()
     assert [r["step"] for r in runs[4]] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(runs[1], runs[4]):
         assert "val_loss" not in b
-        assert (a["loss"], a["grad_norm"], a["lr"], a["tokens_seen"]) == (b["loss"], b["grad_norm"], b["lr"], b["tokens_seen"])
+        assert (a["loss"], a["grad_norm"], a["lr"], a["tokens_seen"]) == (
+            b["loss"],
+            b["grad_norm"],
+            b["lr"],
+            b["tokens_seen"],
+        )
     assert runs[4][0]["step_time"] == runs[4][3]["step_time"]  # one window: its steps share the mean time

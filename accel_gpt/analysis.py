@@ -1,41 +1,23 @@
 """The notebook API: load a finished (or running) run, plot it, and use its checkpoints.
 
 `load_run` -> metrics as a pandas DataFrame; `plot_losses` / `plot_lr` -> matplotlib Figures; `load_model`,
-`generate` and `perplexity` work from checkpoints with no pickle and no network (the generate and evaluate
-command lines are built on them).
+`generate` and `perplexity` (from `accel_gpt.inference`) work from checkpoints with no pickle and no network.
+Training from Python is `accel_gpt.train.train(TrainConfig(...))`.
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import math
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
 import yaml
 
-from accel_gpt.cache import DEFAULT_DIR as DEFAULT_CACHE_DIR
-from accel_gpt.checkpoint import (
-    CONFIG_FILE,
-    MANIFEST,
-    MODEL_FILE,
-    find_checkpoint,
-    list_checkpoints,
-    load_model_weights,
-    verify_checkpoint,
-)
-from accel_gpt.data import BUNDLED_CORPORA, TokenStream, tokenize_corpus
+from accel_gpt.checkpoint import list_checkpoints
 from accel_gpt.errors import UserError
-from accel_gpt.model import GPTConfig, GPTModel
-from accel_gpt.model import generate as generate_ids
-from accel_gpt.tokenizer import get_tokenizer
-from accel_gpt.train import train  # noqa: F401  (re-exported: `from accel_gpt.analysis import train`)
+from accel_gpt.inference import generate, load_model, open_checkpoint, perplexity, run_checkpoint_dir
 
 if TYPE_CHECKING:  # pandas is imported where it is used: `import accel_gpt.analysis` stays light
     import pandas
@@ -54,15 +36,7 @@ class Run:
     @property
     def checkpoint_dir(self) -> Path:
         """Where this run's checkpoints are, wherever the run directory has been moved since."""
-        saved, output_dir = self.config.get("checkpoint_dir"), self.config.get("output_dir")
-        if not saved or not output_dir or Path(saved) == Path(output_dir) / "checkpoints":
-            return self.path / "checkpoints"
-        if Path(saved).is_absolute():
-            return Path(saved)
-        launch_dir = self.path  # a relative path was relative to where training ran: <there>/<output_dir>
-        for _ in Path(output_dir).parts:
-            launch_dir = launch_dir.parent
-        return launch_dir / saved
+        return run_checkpoint_dir(self.path, self.config)
 
     @property
     def checkpoints(self) -> list[Path]:
@@ -171,161 +145,4 @@ def plot_lr(run: Run, path: str | Path | None = None):
     return fig
 
 
-def _checkpoint_path(path: Path, step: int | None) -> Path:
-    if (path / MANIFEST).exists():  # one checkpoint directory
-        if step is not None:
-            raise UserError("step selects a checkpoint of a run directory; this is already one checkpoint")
-        verify_checkpoint(path)
-        return path
-    if (path / "metrics.jsonl").exists():
-        checkpoint_dir = load_run(path).checkpoint_dir
-    elif list_checkpoints(path):  # the folder that holds them, as --checkpoint_dir named it
-        checkpoint_dir = path
-    else:
-        checkpoint_dir = path / "checkpoints"
-    return find_checkpoint(checkpoint_dir, "latest" if step is None else str(step))
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """A device name from the command line (None: cuda when available, else cpu), checked before use."""
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as err:
-        raise UserError(f"unknown device {name!r}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but this torch sees no CUDA GPU")
-    return device
-
-
-class Checkpoint(NamedTuple):
-    model: GPTModel  # in eval mode
-    train_config: dict  # the training config saved with it: tokenizer, special_token_id, ...
-    path: Path  # the checkpoint directory
-
-
-def open_checkpoint(path: str | Path, step: int | None = None, device: str | torch.device = "cpu") -> Checkpoint:
-    """`load_model`, plus the training config saved with the checkpoint and the directory it came from."""
-    checkpoint = _checkpoint_path(Path(path), step)
-    saved = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
-    model = GPTModel(GPTConfig(**saved["model"]))
-    load_model_weights(model, checkpoint / MODEL_FILE)
-    return Checkpoint(model.to(device).eval(), saved.get("train", {}), checkpoint)
-
-
-def load_model(path: str | Path, step: int | None = None, device: str | torch.device = "cpu") -> GPTModel:
-    """The GPTModel of a checkpoint, in eval mode on `device`. `path` is a run directory or the folder holding its
-    checkpoints (then its newest complete checkpoint, or the one at `step`), or a checkpoint directory. Reads
-    safetensors and JSON only."""
-    return open_checkpoint(path, step, device).model
-
-
-def generate(
-    model: GPTModel,
-    prompt: str,
-    max_new_tokens: int = 50,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    seed: int | None = None,
-    tokenizer: str = "gpt2",
-    top_p: float | None = None,
-) -> str:
-    """The prompt plus its continuation: greedy at temperature 0, else sampled (reproducibly with `seed`) from
-    the top_k most likely tokens and/or the smallest set holding top_p of the probability. An empty prompt
-    starts a new document, as the generate command line does."""
-    enc = get_tokenizer(tokenizer)
-    device = next(model.parameters()).device
-    ids = enc.encode(prompt, allowed_special="all")
-    idx = torch.tensor([ids or [enc.eot_token]], device=device)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    was_training = model.training
-    model.eval()
-    out = generate_ids(
-        model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-    )
-    model.train(was_training)
-    return enc.decode(out[0, 0 if ids else 1 :].tolist())  # the end-of-text that stood in for no prompt is not text
-
-
-def is_data_path(text_or_path: str | Path) -> bool:
-    """Whether `perplexity` reads `text_or_path` as a data path (a file, directory, glob or bundled corpus name,
-    as training takes them) rather than as the text itself."""
-    if isinstance(text_or_path, Path):
-        return True
-    spec = str(text_or_path)
-    if "\n" in spec or len(spec) >= 1024:
-        return False
-    return spec in BUNDLED_CORPORA or os.path.exists(spec) or (any(c in spec for c in "*?[") and bool(glob.glob(spec)))
-
-
-def corpus_tokens(
-    spec: str | Path,
-    tokenizer: str = "gpt2",
-    special_token_id: int | None = None,
-    data_cache_dir: str | Path | None = None,
-) -> TokenStream:
-    """A data path's tokens exactly as training reads them: end-of-text after each document, cached on disk."""
-    eot = get_tokenizer(tokenizer).eot_token if special_token_id is None else special_token_id
-    return tokenize_corpus(str(spec), tokenizer, eot, data_cache_dir or DEFAULT_CACHE_DIR)[0]
-
-
-@torch.no_grad()
-def sliding_window_loss(
-    model: GPTModel, tokens: torch.Tensor | TokenStream, stride: int, batch_size: int = 4
-) -> tuple[float, int]:
-    """(mean next-token loss, tokens scored) over `tokens`, with windows of the model's context every `stride`
-    tokens: each target is scored once, by the first window that holds it at its end, so every one after the
-    first window has at least `context_len - stride` tokens of context. `stride == context_len` scores
-    non-overlapping windows. Windows are run `batch_size` at a time; the numbers do not depend on it."""
-    context = model.config.context_len
-    if not 0 < stride <= context:
-        raise UserError(
-            f"stride must be between 1 and the model's context_len {context}, got {stride} "
-            "(a longer stride would skip tokens)"
-        )
-    if batch_size <= 0:
-        raise UserError(f"batch_size must be positive, got {batch_size}")
-    n = len(tokens)
-    if n < 2:
-        raise UserError("scoring needs at least two tokens of text")
-    read = tokens.read if isinstance(tokens, TokenStream) else lambda a, b: tokens[a:b]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    last = max(0, -(-(n - 1 - context) // stride))  # the first window whose end reaches the last target
-    starts = [k * stride for k in range(last + 1)]
-    # Only the last window can be shorter than context + 1; it runs in a batch of its own.
-    full = starts[:-1] if starts[-1] + context + 1 > n else starts
-    groups = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
-    if len(full) < len(starts):
-        groups.append(starts[-1:])
-    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one host sync at the end
-    for group in groups:
-        windows = torch.stack([torch.as_tensor(read(s, min(s + context + 1, n))) for s in group]).to(device)
-        logits = model(windows[:, :-1])
-        losses = F.cross_entropy(logits.flatten(0, 1).float(), windows[:, 1:].flatten(), reduction="none")
-        losses = losses.view(len(group), -1)
-        for row, start in enumerate(group):
-            # Targets up to the previous window's end (start - stride + context) are already scored.
-            new = min(start + context, n - 1) - (start - stride + context if start else 0)
-            total += losses[row, -new:].sum()
-    model.train(was_training)
-    return total.item() / (n - 1), n - 1
-
-
-def perplexity(
-    model: GPTModel,
-    text_or_path: str | Path,
-    stride: int | None = None,
-    tokenizer: str = "gpt2",
-    batch_size: int = 4,
-    data_cache_dir: str | Path | None = None,
-) -> float:
-    """exp(mean next-token loss) over a text, or over a data path (file, directory, glob, bundled corpus name)
-    tokenized as training does it. Sliding windows of the model's context every `stride` tokens (default half
-    the context): see `sliding_window_loss`. `python -m accel_gpt.evaluate` prints the same number."""
-    if is_data_path(text_or_path):
-        tokens = corpus_tokens(text_or_path, tokenizer, data_cache_dir=data_cache_dir)
-    else:
-        tokens = torch.tensor(get_tokenizer(tokenizer).encode_ordinary(str(text_or_path)))
-    stride = model.config.context_len // 2 if stride is None else stride
-    return math.exp(sliding_window_loss(model, tokens, stride, batch_size)[0])
+__all__ = ["Run", "generate", "load_model", "load_run", "open_checkpoint", "perplexity", "plot_losses", "plot_lr"]

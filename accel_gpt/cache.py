@@ -5,11 +5,9 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import xxhash
 
+from accel_gpt.cli import CommandLineParser, run_command
 from accel_gpt.errors import UserError
 
 DEFAULT_DIR = "~/.cache/accel_gpt"
@@ -199,7 +198,7 @@ def prune(cache_dir: Path, unused_days: float | None, everything: bool, dry_run:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m accel_gpt.cache", description=__doc__)
+    parser = CommandLineParser(prog="python -m accel_gpt.cache", description=__doc__)
     parser.add_argument("--data_cache_dir", default=DEFAULT_DIR, help=f"the cache (default: {DEFAULT_DIR})")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="every entry: size, tokens, last use, whether it is usable, its corpus")
@@ -212,8 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cache_dir = Path(args.data_cache_dir).expanduser()
     if not cache_dir.is_dir():
-        print(f"accel_gpt: error: no token cache at {cache_dir}", file=sys.stderr)
-        sys.exit(2)
+        raise UserError(f"no token cache at {cache_dir}")
     if args.command == "list":
         list_cache(cache_dir)
     else:
@@ -221,4 +219,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

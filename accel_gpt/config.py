@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import numbers
+import os
 import re
 import types
 import typing
@@ -18,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from accel_gpt.cache import DEFAULT_DIR as DEFAULT_CACHE_DIR
+from accel_gpt.cli import CommandLineParser
 from accel_gpt.errors import UserError
 from accel_gpt.model import PRESETS, GPTConfig
 
@@ -262,19 +266,11 @@ def load_yaml(name: str) -> dict:
     return data
 
 
-class CommandLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one UserError line instead of usage + message."""
-
-    def error(self, message):
-        raise UserError(f"command line: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     # Defaults are SUPPRESSed so that only flags the user typed override the YAML file; --help still shows them.
     parser = CommandLineParser(
         prog="accelerate launch -m accel_gpt.train",
         description="Pretrain a GPT-2 model. Values come from the defaults, then --config FILE, then the flags below.",
-        allow_abbrev=False,
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", help="YAML file of key: value pairs, or a bundled config name (e.g. xiyouji)")
@@ -305,26 +301,66 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
+# Path options: a notebook passes pathlib.Path objects, the config keeps their text.
+PATH_OPTIONS = ("train_data_path", "val_data_path", "data_cache_dir", "init_from", "output_dir", "checkpoint_dir")
+AT_LEAST_ONE = (
+    "batch_size", "gradient_accumulation_steps", "num_epochs", "eval_iter", "save_freq", "max_nonfinite_steps",
+    "vocab_multiple", "max_steps", "global_batch_size", "context_len", "stride", "cpu_threads", "embedding_dim",
+    "num_layers", "num_heads", "log_every", "num_proc",
+)  # fmt: skip
+AT_LEAST_ZERO = ("warmup_steps", "keep_last", "eval_freq", "loss_chunk", "sample_tokens", "special_token_id")
+# Negative rates run training backwards (gradient ascent) or explode; NaN passes every `<` test, so finiteness too.
+NON_NEGATIVE_FINITE = ("learning_rate", "initial_lr", "min_lr", "weight_decay")
+
+
+def _typed(key: str, value):
+    """`value` as field `key`'s type (an int for a float field, a Path for a path, a step number for checkpoint),
+    or one UserError: the Python API gets the same checks as the command line, whose text _coerce converts."""
+    kind, optional = _TYPES[key], "None" in str(_FIELDS[key].type)
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{key} cannot be None")
+    if key in PATH_OPTIONS and isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, bool):  # a bool is an Integral too
+        if kind is bool:
+            return value
+    elif kind is int and isinstance(value, numbers.Integral):
+        return int(value)
+    elif kind is float and isinstance(value, numbers.Real):
+        return float(value)
+    elif kind is str and isinstance(value, str):
+        return value
+    elif key == "checkpoint" and isinstance(value, numbers.Integral):
+        return str(value)
+    expected = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, "a string")
+    raise UserError(f"{key} expects {expected}, got {value!r} ({type(value).__name__})")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
+    """The checked configuration, with every value in its field's type; the first bad value is one UserError
+    naming its field. Both the command line (`parse_config`) and `train(TrainConfig(...))` come through here."""
+    if not isinstance(cfg, TrainConfig):
+        raise UserError(f"expected a TrainConfig, got {type(cfg).__name__}")
+    cfg = dataclasses.replace(cfg, **{key: _typed(key, getattr(cfg, key)) for key in _FIELDS})
     if cfg.model not in PRESETS:
         raise UserError(f"unknown model preset {cfg.model!r}; choose one of {', '.join(PRESETS)}")
-    positive = ["batch_size", "gradient_accumulation_steps", "num_epochs", "eval_iter", "save_freq"]
-    positive += ["max_nonfinite_steps", "vocab_multiple"]
-    optional_positive = (
-        "max_steps",
-        "global_batch_size",
-        "context_len",
-        "stride",
-        "cpu_threads",
-        "embedding_dim",
-        "num_layers",
-        "num_heads",
-        "log_every",
-    )
-    positive += [k for k in optional_positive if getattr(cfg, k) is not None]
-    for key in positive:
-        if getattr(cfg, key) <= 0:
+    for key in AT_LEAST_ONE:
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise UserError(f"{key} must be positive, got {getattr(cfg, key)}")
+    for key in AT_LEAST_ZERO:
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
+            raise UserError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    for key in NON_NEGATIVE_FINITE:
+        if not 0.0 <= getattr(cfg, key) < math.inf:
+            raise UserError(f"{key} must be a finite number >= 0, got {getattr(cfg, key)}")
+    if not cfg.max_norm > 0.0:
+        raise UserError(f"max_norm must be > 0 (inf turns clipping off), got {cfg.max_norm}")
+    if cfg.peak_flops is not None and not 0.0 < cfg.peak_flops < math.inf:
+        raise UserError(f"peak_flops must be a finite number > 0, got {cfg.peak_flops}")
+    if not 0 <= cfg.seed < 2**32:  # numpy's global seed takes 32 bits
+        raise UserError(f"seed must be in [0, 2**32), got {cfg.seed}")
     if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
         raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.init_from is not None:
@@ -337,8 +373,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.val_data_path is None and cfg.val_fraction == 0.0:
         raise UserError("no validation data: set val_data_path or a val_fraction above 0")
-    if cfg.loss_chunk is not None and cfg.loss_chunk < 0:
-        raise UserError(f"loss_chunk must be >= 0, got {cfg.loss_chunk}")
     choices = {
         "attention": ("auto", "cudnn", "flash", "efficient", "math"),
         "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
@@ -356,11 +390,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             "cuda_graph does not combine with activation_checkpointing yet (its recomputation saves and "
             "restores the RNG state, which is not tested under a capture)"
         )
-    for key in ("keep_last", "eval_freq"):
-        if getattr(cfg, key) < 0:
-            raise UserError(f"{key} must be >= 0, got {getattr(cfg, key)}")
-    if cfg.warmup_steps < 0:
-        raise UserError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
     if cfg.min_lr > cfg.learning_rate:
         raise UserError(f"min_lr ({cfg.min_lr}) is larger than learning_rate ({cfg.learning_rate})")
     if cfg.checkpoint is not None and cfg.checkpoint not in ("latest", "auto") and not cfg.checkpoint.isdecimal():

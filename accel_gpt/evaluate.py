@@ -8,16 +8,13 @@ from __future__ import annotations
 import json
 import math
 
-from accel_gpt.analysis import corpus_tokens, open_checkpoint, resolve_device, sliding_window_loss
 from accel_gpt.cache import DEFAULT_DIR as DEFAULT_CACHE_DIR
-from accel_gpt.config import CommandLineParser
-from accel_gpt.errors import run_command
+from accel_gpt.cli import CommandLineParser, run_command
+from accel_gpt.inference import corpus_tokens, open_checkpoint, resolve_device, sliding_window_loss
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = CommandLineParser(
-        prog="python -m accel_gpt.evaluate", description=__doc__.splitlines()[0], allow_abbrev=False
-    )
+    parser = CommandLineParser(prog="python -m accel_gpt.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--checkpoint",
         required=True,

@@ -7,15 +7,13 @@ The folder loads with `transformers.GPT2LMHeadModel.from_pretrained(HF_DIR)` and
 
 from __future__ import annotations
 
-import argparse
-
-from accel_gpt.analysis import load_model
-from accel_gpt.errors import run_command
+from accel_gpt.cli import CommandLineParser, run_command
 from accel_gpt.hf import export_to_hf
+from accel_gpt.inference import load_model
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m accel_gpt.export", description=__doc__.splitlines()[0])
+    parser = CommandLineParser(prog="python -m accel_gpt.export", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a run directory (newest)")
     parser.add_argument("--step", type=int, help="with a run directory: the checkpoint at this step")
     parser.add_argument("--out", required=True, help="output folder for config.json + model.safetensors")

@@ -259,3 +259,55 @@ class RunLogger:
             self._bar.close()
             self._metrics.close()
             self._samples.close()
+
+
+class StepWindow:
+    """Steps whose loss and gradient norm are still on the device.
+
+    Reading a value on the host makes the host wait for the GPU, which then idles while the next step is
+    launched. So the values wait here and one transfer every `log_every` steps brings them all, exact, one record
+    per step; the same collective says whether any rank was asked to stop. Step times are the window's mean."""
+
+    def __init__(self, accelerator: Accelerator, tokens_per_step: int, step_flops: float, device_peak: float | None):
+        self.accelerator, self.tokens_per_step = accelerator, tokens_per_step
+        self.step_flops, self.device_peak = step_flops, device_peak
+        self.records: list[dict] = []
+        self.losses: list[torch.Tensor] = []
+        self.norms: list[torch.Tensor] = []
+        self.restart_clock()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def restart_clock(self) -> None:
+        """Start timing from now: evaluation, samples and saves between windows are not step time."""
+        self.started = time.perf_counter()
+
+    def add(self, record: dict, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.records.append(record)
+        self.losses.append(loss)
+        self.norms.append(grad_norm)
+
+    def flush(self, stop_requested: bool) -> tuple[list[dict], bool]:
+        """The window's finished records, and whether any rank asked to stop."""
+        accelerator, world_size, steps = self.accelerator, self.accelerator.num_processes, len(self.records)
+        losses = torch.stack(self.losses)
+        stop = torch.full((1,), float(stop_requested), device=losses.device)
+        summed = accelerator.reduce(torch.cat([losses, stop]), reduction="sum")
+        # The norm is taken after the gradient all-reduce, the same on every rank: no need to reduce it.
+        values = torch.cat([summed, torch.stack(self.norms)]).tolist()  # the window's one host sync
+        seconds = (time.perf_counter() - self.started) / steps
+        memory = peak_memory_mib(accelerator.device)
+        records, loss_sums, stops, norms = self.records, values[:steps], values[steps], values[steps + 1 :]
+        for record, loss_sum, norm in zip(records, loss_sums, norms):
+            record |= {
+                "loss": loss_sum / world_size,
+                "grad_norm": norm,
+                "tokens_per_sec": self.tokens_per_step / seconds,
+                "step_time": seconds,
+                "peak_memory_mib": memory,
+            }
+            if self.device_peak:
+                record["mfu"] = self.step_flops / seconds / (self.device_peak * world_size)
+        self.records, self.losses, self.norms = [], [], []
+        return records, stops > 0

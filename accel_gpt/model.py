@@ -405,28 +405,7 @@ def stream_tokens(
         pending = next_id
 
 
-def generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, *args, **kwargs) -> torch.Tensor:
+def generate_ids(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, *args, **kwargs) -> torch.Tensor:
     """`idx` `[batch, seq]` extended by up to `max_new_tokens` tokens; the options are `stream_tokens`'
     (context_size, temperature, top_k, eos_id, generator, top_p, use_cache): greedy by default."""
     return torch.cat([idx, *stream_tokens(model, idx, max_new_tokens, *args, **kwargs)], dim=1)
-
-
-def generate_text(
-    model: GPTModel,
-    start_context: str,
-    max_new_tokens: int,
-    tokenizer,
-    context_size: int | None = None,
-    top_k: int | None = 1,
-    temperature: float = 0.0,
-    top_p: float | None = None,
-) -> str:
-    """Decode `start_context` plus its continuation as text (greedy by default), in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    ids = tokenizer.encode(start_context, allowed_special={"<|endoftext|>"})
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
-    out = generate(model, idx, max_new_tokens, context_size, temperature=temperature, top_k=top_k, top_p=top_p)
-    model.train(was_training)
-    return tokenizer.decode(out[0].tolist())

@@ -16,14 +16,14 @@ import time
 
 import torch
 
-from accel_gpt.model import PRESETS, GPTModel, generate
+from accel_gpt.model import PRESETS, GPTModel, generate_ids
 
 
 def timed_generate(model, idx, new_tokens: int, use_cache: bool, device) -> tuple[float, torch.Tensor]:
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    out = generate(model, idx, new_tokens, use_cache=use_cache)
+    out = generate_ids(model, idx, new_tokens, use_cache=use_cache)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, out
@@ -44,8 +44,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPTModel(**PRESETS[args.model], dropout=0.0).to(device).eval()
     idx = torch.randint(0, model.config.vocabulary_size, (1, args.prompt_tokens), device=device)
-    generate(model, idx, 4)  # warm-up: kernels, allocator
-    generate(model, idx, 4, use_cache=False)
+    generate_ids(model, idx, 4)  # warm-up: kernels, allocator
+    generate_ids(model, idx, 4, use_cache=False)
     cached, uncached, same = [], [], True
     for r in range(args.rounds):
         t_cached, out_cached = timed_generate(model, idx, args.new_tokens, True, device)

@@ -13,9 +13,11 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, accelerate; print('torch', torch.__version__, '| accelerate', accelerate.__version__)"
 
 cat > "$OUT/output_cast_kept.py" <<'PY'
-import accel_gpt.train as t
-t.keep_fsdp_loss_in_fp32 = lambda accelerator: None  # Accelerate's FSDP2 policy as it comes: outputs cast to bf16
-t.main()
+import accel_gpt.launch
+import accel_gpt.train
+# Accelerate's FSDP2 policy as it comes: outputs cast to bf16
+accel_gpt.launch.keep_fsdp_loss_in_fp32 = lambda accelerator: None
+accel_gpt.train.main()
 PY
 
 run() {  # name, mixed precision, entry point, trainer flags...

@@ -74,7 +74,7 @@ if compare_dir is not None:
 #
 # ```python
 # from accelerate import notebook_launcher
-# from accel_gpt.analysis import train
+# from accel_gpt.train import train
 # from accel_gpt.config import TrainConfig
 #
 # cfg = TrainConfig(model="tiny", max_steps=50, output_dir="runs/from-notebook")

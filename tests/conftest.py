@@ -1,6 +1,13 @@
+"""Shared helpers and fixtures: the real trainer through `accelerate launch` or `python -m`, command lines run
+in-process, free ports, and finished runs built once per session that tests only read (a test that changes a
+run copies it first, with `copy_run`). See tests/README.md for which file tests what."""
+
 import os
+import shutil
+import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -13,20 +20,36 @@ REPO = Path(__file__).resolve().parents[1]
 VERDICT = Path(str(resources.files("accel_gpt") / "assets" / "the-verdict.txt"))
 
 
-@pytest.fixture
-def cache_dir(tmp_path):
-    return tmp_path / "cache"
+def free_port() -> int:
+    """A TCP port nothing listens on now: launches never share the default 29500, so tests can run side by side."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
-def launch(
-    args: list[str],
-    num_processes: int,
-    timeout: int = 300,
-    config: str | None = None,
-    launcher_args: tuple[str, ...] = (),
-) -> subprocess.CompletedProcess:
-    """Run the real trainer through `accelerate launch`, with 1 CPU process or 2 gloo processes (or `config`,
-    with `launcher_args` such as `--mixed_precision bf16` on top)."""
+def common_args(out, cache) -> list[str]:
+    """A tiny model on The Verdict: 10 steps that cross into a second epoch, evaluated and saved at 5 and 10."""
+    return [
+        "--model", "tiny", "--train_data_path", str(VERDICT), "--data_cache_dir", str(cache),
+        "--output_dir", str(out), "--max_steps", "10", "--eval_freq", "5", "--save_freq", "5", "--eval_iter", "2",
+        "--learning_rate", "1.5e-3", "--warmup_steps", "2", "--dropout", "0.0", "--seed", "11",
+        "--val_fraction", "0.6",  # 32 training windows = 8 steps of 4: the 10 steps cross into epoch 1
+    ]  # fmt: skip
+
+
+def read_metrics(run_dir) -> dict[int, dict]:
+    """metrics.jsonl by step; a resumed run appends, and the latest record of a step wins."""
+    import json
+
+    records = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records[record["step"]] = record
+    return records
+
+
+def launch_command(num_processes: int = 1, config: str | None = None, launcher_args=()) -> list[str]:
+    """`accelerate launch` with 1 CPU process or 2 gloo processes (or `config`), on a free port."""
     config = config or {1: "cpu_1proc.yaml", 2: "cpu_2proc_gloo.yaml"}[num_processes]
     cmd = [
         sys.executable,
@@ -35,10 +58,145 @@ def launch(
         "--config_file",
         str(REPO / "accelerate_configs" / config),
     ]
-    cmd += launcher_args
-    cmd += ["-m", "accel_gpt.train", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if "--main_process_port" not in launcher_args:
+        cmd += ["--main_process_port", str(free_port())]
+    return cmd + list(launcher_args) + ["-m", "accel_gpt.train"]
+
+
+def launch_env(**extra) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+
+
+def launch(
+    args: list[str], num_processes: int, timeout: int = 300, config: str | None = None, launcher_args=()
+) -> subprocess.CompletedProcess:
+    """Run the real trainer through `accelerate launch` and require it to succeed."""
+    cmd = launch_command(num_processes, config, launcher_args) + list(map(str, args))
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=launch_env(), cwd=REPO)
     if result.returncode != 0:
         raise AssertionError(f"launch failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+def run_module(module: str, *args, stdin: str | None = None, timeout: int = 300, prefix=()):
+    """`python -m accel_gpt.<module> ARGS` in a fresh process, as a user types it."""
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", f"accel_gpt.{module}", *map(str, args)],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=timeout,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+
+
+def train_cli(*args, timeout: int = 300, prefix=()):
+    return run_module("train", *args, timeout=timeout, prefix=prefix)
+
+
+def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=timeout,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@dataclass
+class Ran:
+    """What a command line run in-process returned: the fields of a CompletedProcess that the tests read."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def in_process(main, argv, capfd) -> Ran:
+    """Run a command's `main(argv)` in this process: the same error contract as a subprocess (exit 2 and one
+    `accel_gpt: error:` line, read at the file-descriptor level) without paying for a Python start."""
+    capfd.readouterr()
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 1
+    out, err = capfd.readouterr()
+    return Ran(code, out, err)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("accel_gpt: error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def assert_only_line_error(result, *fragments):
+    """Bad input data: the error line is all there is on stderr (no progress bars or library log lines first)."""
+    assert_one_line_error(result, *fragments)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
+
+
+def without_read_override(probe) -> list[str]:
+    """A command prefix under which file permissions apply: root ignores them, so drop the capabilities that let it
+    (setpriv from util-linux). `probe` is a file with mode 000 that must then be unreadable."""
+    if os.geteuid() != 0:
+        return []
+    prefix = ["setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-dac_override,-dac_read_search"]
+    try:
+        denied = subprocess.run([*prefix, "cat", str(probe)], capture_output=True, timeout=30).returncode != 0
+    except FileNotFoundError:
+        denied = False
+    if not denied:
+        pytest.skip("running as root and cannot drop CAP_DAC_OVERRIDE (no setpriv): permissions would not apply")
+    return prefix
+
+
+@dataclass
+class FinishedRun:
+    out: Path  # the run directory
+    cache: Path  # its token cache
+    root: Path  # the folder holding both
+    stdout: str
+
+
+def copy_run(run: FinishedRun, dest: Path) -> Path:
+    """A copy of a shared run's directory, for a test that writes into it."""
+    shutil.copytree(run.out, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory):
+    """One token cache for the session's shared runs: The Verdict is tokenized once."""
+    return tmp_path_factory.mktemp("shared-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, cache_root) -> FinishedRun:
+    """A finished 4-step run through `python -m accel_gpt.train`: evaluations at 2 and 4, checkpoints at 2 and 4.
+    Read-only: copy it (`copy_run`) to change it."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    args = common_args(root / "run", cache_root) + ["--max_steps", "4", "--save_freq", "2", "--eval_freq", "2"]
+    result = train_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return FinishedRun(root / "run", cache_root, root, result.stdout)
+
+
+@pytest.fixture
+def train_here(capfd):
+    """`python -m accel_gpt.train ARGS` run in this process, as train.main: the same exit status and output,
+    without a Python start. Cases that need a process of their own (signals, dropped capabilities, imports,
+    concurrency, the launcher) use train_cli or launch."""
+    from accel_gpt.train import main
+
+    return lambda *args: in_process(main, args, capfd)
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    return tmp_path / "cache"

@@ -2,20 +2,19 @@
 
 import json
 import math
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, VERDICT
+from conftest import REPO, VERDICT, common_args, free_port, run_python
 from safetensors.torch import load_file
-from test_launch import common_args
 
 from accel_gpt import analysis
 from accel_gpt.errors import UserError
-from accel_gpt.model import GPTModel, generate_text
-from accel_gpt.model import generate as generate_ids
+from accel_gpt.model import GPTModel, generate_ids
 from accel_gpt.tokenizer import get_tokenizer
 
 
@@ -46,6 +45,7 @@ def run_dir(tmp_path_factory):
     return root / "run"
 
 
+@pytest.mark.slow
 def test_load_run_has_one_row_per_step_and_every_metric(run_dir):
     run = analysis.load_run(run_dir)
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 9  # 6 + 3 replayed after the resume
@@ -64,6 +64,7 @@ def _is_png(path):
     return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+@pytest.mark.slow
 def test_plots_return_figures_and_write_pngs(run_dir, tmp_path):
     run = analysis.load_run(run_dir)
     fig = analysis.plot_losses(run, path=tmp_path / "losses.png")
@@ -76,6 +77,7 @@ def test_plots_return_figures_and_write_pngs(run_dir, tmp_path):
         analysis.plot_losses(run, x="time")
 
 
+@pytest.mark.slow
 def test_load_model_from_a_run_or_a_checkpoint(run_dir):
     newest = analysis.load_model(run_dir)
     assert not newest.training and next(newest.parameters()).device.type == "cpu"
@@ -90,15 +92,19 @@ def test_load_model_from_a_run_or_a_checkpoint(run_dir):
         analysis.load_model(run_dir, step=4)
 
 
+@pytest.mark.slow
 def test_generate_greedy_and_seeded_sampling(run_dir):
     model = analysis.load_model(run_dir)
     greedy = analysis.generate(model, "Every effort moves you", max_new_tokens=8)
-    assert greedy == generate_text(model, "Every effort moves you", 8, get_tokenizer("gpt2"))
+    enc = get_tokenizer("gpt2")
+    prompt = enc.encode("Every effort moves you")
+    assert greedy == enc.decode(generate_ids(model, torch.tensor([prompt]), 8)[0].tolist())
     a = analysis.generate(model, "Every effort", 8, temperature=1.0, top_k=40, seed=3)
     b = analysis.generate(model, "Every effort", 8, temperature=1.0, top_k=40, seed=3)
     assert a == b and a.startswith("Every effort")
 
 
+@pytest.mark.slow
 def test_perplexity_scores_every_token_once(run_dir, tmp_path):
     model = analysis.load_model(run_dir)
     ids = torch.tensor(get_tokenizer("gpt2").encode_ordinary(VERDICT.read_text()[:2000]))
@@ -119,34 +125,42 @@ def test_perplexity_scores_every_token_once(run_dir, tmp_path):
     assert analysis.perplexity(model, str(VERDICT), data_cache_dir=tmp_path) > 1.0  # a file path works too
 
 
-def run_python(code: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result
-
-
-def test_train_is_callable_from_python(tmp_path):
+@pytest.mark.slow
+def test_train_is_callable_from_python_and_leaves_the_signal_handlers_as_it_found_them(tmp_path):
+    """The notebook way: Path objects for paths; afterwards SIGTERM ends the process and Ctrl-C raises
+    KeyboardInterrupt, as before train() was called."""
     code = (
-        "from accel_gpt.analysis import train\n"
+        "import os, signal\n"
+        "from pathlib import Path\n"
+        "from accel_gpt.train import train\n"
         "from accel_gpt.config import TrainConfig\n"
-        f"summary = train(TrainConfig(model='tiny', train_data_path={str(VERDICT)!r},"
-        f" output_dir={str(tmp_path / 'r')!r}, data_cache_dir={str(tmp_path / 'c')!r},"
+        "before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}\n"
+        f"summary = train(TrainConfig(model='tiny', train_data_path=Path({str(VERDICT)!r}),"
+        f" output_dir=Path({str(tmp_path / 'r')!r}), data_cache_dir=Path({str(tmp_path / 'c')!r}),"
         " max_steps=3, warmup_steps=1, eval_freq=3, batch_size=4))\n"
         "print('STEP', summary['step'], 'VAL', summary['val_loss'])\n"
+        "assert {s: signal.getsignal(s) for s in before} == before\n"
+        "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler\n"
+        "print('RESTORED', flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "print('SURVIVED SIGTERM')\n"
     )
-    assert "STEP 3 VAL" in run_python(code).stdout
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == -signal.SIGTERM, result.stderr[-3000:]
+    assert "STEP 3 VAL" in result.stdout and "RESTORED" in result.stdout and "SURVIVED" not in result.stdout
     assert [p.name for p in analysis.load_run(tmp_path / "r").checkpoints] == ["checkpoint_000003"]
 
 
+@pytest.mark.slow
 def test_notebook_launcher_trains_with_two_processes(tmp_path):
     """The documented way to train on several processes from a notebook."""
     code = (
         "from accelerate import notebook_launcher\n"
-        "from accel_gpt.analysis import train\n"
+        "from accel_gpt.train import train\n"
         "from accel_gpt.config import TrainConfig\n"
         f"cfg = TrainConfig(model='tiny', train_data_path={str(VERDICT)!r}, output_dir={str(tmp_path / 'r')!r},"
         f" data_cache_dir={str(tmp_path / 'c')!r}, max_steps=3, warmup_steps=1, eval_freq=3, batch_size=2)\n"
-        "notebook_launcher(train, (cfg,), num_processes=2)\n"
+        f"notebook_launcher(train, (cfg,), num_processes=2, use_port={str(free_port())!r})\n"
     )
     result = run_python(code)
     assert "world_size 2" in result.stdout and "global batch 4 = 2 x 1 accumulation x 2 processes" in result.stdout
@@ -193,7 +207,7 @@ def test_plotting_a_run_with_no_logged_step_yet_is_one_clear_error(tmp_path):
 
 
 def test_generate_from_an_empty_prompt_starts_a_new_document():
-    """As `python -m accel_gpt.generate --prompt ''` does: the continuation of an end-of-text token, without it."""
+    """As `python -m accel_gpt.sample --prompt ''` does: the continuation of an end-of-text token, without it."""
     torch.manual_seed(0)
     model = GPTModel(vocabulary_size=50257, context_len=16, embedding_dim=32, num_heads=2, num_layers=1, dropout=0.0)
     enc = get_tokenizer("gpt2")
@@ -201,6 +215,7 @@ def test_generate_from_an_empty_prompt_starts_a_new_document():
     assert analysis.generate(model, "", max_new_tokens=5) == expected != ""
 
 
+@pytest.mark.slow
 def test_load_model_from_the_folder_that_holds_the_checkpoints(run_dir):
     """What --checkpoint_dir names (often outside the run directory) is a natural thing to pass; it was searched
     for a checkpoints/ folder of its own, and the error named a <checkpoint_dir>/checkpoints that nobody made."""

@@ -8,9 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, VERDICT
-from test_errors import run_cli
-from test_launch import common_args, read_metrics
+from conftest import REPO, VERDICT, common_args, read_metrics, train_cli
 
 from accel_gpt import cache
 from accel_gpt.data import tokenize_corpus
@@ -51,6 +49,7 @@ def test_a_damaged_entry_is_reported_once_and_rebuilt(tmp_path, caplog, damage):
     assert not [p for p in again.path.parent.iterdir() if p.name.startswith(".")]  # no temporaries left
 
 
+@pytest.mark.slow
 def test_concurrent_builders_both_finish_with_the_same_valid_cache(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -89,6 +88,7 @@ print(json.dumps({{'hit': hit, 'tokens': len(stream), 'head': stream.read(0, 50)
     assert cache.check(entry) is None and sorted(p.name for p in entry.iterdir()) == [cache.META, cache.TOKENS]
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_share_one_valid_cache_through_the_cli(tmp_path):
     """Two jobs on one corpus and one cache, started at the same moment (an array job, say): both train, one entry
     results, and both trained on the same tokens."""
@@ -118,14 +118,15 @@ def test_two_runs_started_together_share_one_valid_cache_through_the_cli(tmp_pat
     assert first[3]["val_loss"] == second[3]["val_loss"]
 
 
+@pytest.mark.slow
 def test_a_damaged_cache_does_not_stop_a_run_and_changes_no_loss(tmp_path):
     """Issue 10's acceptance: corrupt the cache, run the CLI: one warning, a rebuilt cache, the same losses."""
     args = ["--max_steps", "4", "--eval_freq", "2", "--save_freq", "100"]
-    fresh = run_cli(*common_args(tmp_path / "fresh", tmp_path / "cache"), *args)
+    fresh = train_cli(*common_args(tmp_path / "fresh", tmp_path / "cache"), *args)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     (entry,) = [item.path for item in cache.scan(tmp_path / "cache")]  # beside it: the run's CPU peak record
     random_bytes(entry / cache.TOKENS)
-    healed = run_cli(*common_args(tmp_path / "healed", tmp_path / "cache"), *args)
+    healed = train_cli(*common_args(tmp_path / "healed", tmp_path / "cache"), *args)
     assert healed.returncode == 0 and "Traceback" not in healed.stderr, healed.stderr[-3000:]
     mentions = [line for line in healed.stderr.splitlines() if "token cache" in line]
     assert len(mentions) == 1 and "is damaged" in mentions[0] and "rebuilding it" in mentions[0], healed.stderr
@@ -137,6 +138,7 @@ def test_a_damaged_cache_does_not_stop_a_run_and_changes_no_loss(tmp_path):
     assert len(fresh_losses) == 4 and fresh_losses[1][1] is not None and healed_losses == fresh_losses
 
 
+@pytest.mark.slow
 def test_the_cache_cli_lists_and_prunes(tmp_path, capsys):
     root = tmp_path / "cache"
     good, _ = tokenize_corpus(str(VERDICT), "gpt2", EOS, root)

@@ -1,3 +1,4 @@
+import dataclasses
 import re
 import subprocess
 import sys
@@ -5,9 +6,11 @@ import sys
 import pytest
 import torch
 
-from accel_gpt.config import TrainConfig, parse_config
+from accel_gpt.config import AT_LEAST_ONE, AT_LEAST_ZERO, NON_NEGATIVE_FINITE, TrainConfig, parse_config, validate
 from accel_gpt.errors import UserError
 from accel_gpt.model import GPTModel
+from accel_gpt.train import main as train_main
+from accel_gpt.train import train
 
 
 def test_defaults_then_yaml_then_command_line(tmp_path):
@@ -69,6 +72,7 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
         parse_config(["--config", str(tmp_path / "bad.yaml")])
 
 
+@pytest.mark.slow
 def test_help_lists_every_option_with_default():
     out = subprocess.run([sys.executable, "-m", "accel_gpt.train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
@@ -83,6 +87,7 @@ def test_help_lists_every_option_with_default():
     assert "(default: the tokenizer's, 50256 for gpt2) --" in text and "(default: none)" in text
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line_without_traceback():
     out = subprocess.run([sys.executable, "-m", "accel_gpt.train", "--batch_size", "x"], capture_output=True, text=True)
     assert out.returncode == 2
@@ -118,3 +123,69 @@ def test_bundled_article_config_is_the_articles_run():
     with torch.device("meta"):
         model = GPTModel(cfg.model_config(50257))
     assert model.num_parameters() == 163_009_536 and model.config.context_len == 1024
+
+
+BAD_VALUES = [
+    ({"batch_size": 0}, "batch_size must be positive, got 0"),
+    ({"model": "tinyy"}, "unknown model preset 'tinyy'"),
+    ({"learning_rate": "3e-4"}, "learning_rate expects a number, got '3e-4' (str)"),
+    ({"max_norm": -1.0}, "max_norm must be > 0 (inf turns clipping off), got -1.0"),
+    ({"max_norm": 0}, "max_norm must be > 0 (inf turns clipping off), got 0.0"),
+    ({"max_norm": float("nan")}, "max_norm must be > 0"),
+    ({"learning_rate": -1.0, "min_lr": -2.0}, "learning_rate must be a finite number >= 0, got -1.0"),
+    ({"learning_rate": float("nan")}, "learning_rate must be a finite number >= 0, got nan"),
+    ({"weight_decay": -3.0}, "weight_decay must be a finite number >= 0, got -3.0"),
+    ({"initial_lr": -5.0}, "initial_lr must be a finite number >= 0, got -5.0"),
+    ({"min_lr": -1e-5}, "min_lr must be a finite number >= 0"),
+    ({"num_proc": -1}, "num_proc must be positive, got -1"),
+    ({"num_proc": 0}, "num_proc must be positive, got 0"),
+    ({"seed": -1}, "seed must be in [0, 2**32), got -1"),
+    ({"warmup_steps": -1}, "warmup_steps must be >= 0, got -1"),
+    ({"warmup_steps": 5, "max_steps": 5}, "warmup_steps (5) must be shorter than the run (5 steps)"),
+    ({"special_token_id": 50257}, "special_token_id 50257 is outside the gpt2 vocabulary (0..50256)"),
+    ({"special_token_id": -1}, "special_token_id must be >= 0, got -1"),
+    ({"peak_flops": 0.0}, "peak_flops must be a finite number > 0"),
+    ({"sample_tokens": -1}, "sample_tokens must be >= 0, got -1"),
+    ({"batch_size": 2.0}, "batch_size expects an integer, got 2.0 (float)"),
+    ({"compile": 1}, "compile expects true or false, got 1 (int)"),
+    ({"train_data_path": None}, "train_data_path cannot be None"),
+    ({"output_dir": 3}, "output_dir expects a string, got 3 (int)"),
+    ({"checkpoint": -2, "output_dir": "r"}, "checkpoint must be a step number, 'latest' or 'auto', got '-2'"),
+    ({"global_batch_size": 12, "batch_size": 8}, "global_batch_size 12 is not a multiple of batch_size x processes"),
+    ({"embedding_dim": 30, "num_heads": 4}, "model config:"),
+    ({"tokenizer": "no_such_encoding"}, "unknown tokenizer 'no_such_encoding'"),
+]
+
+
+@pytest.mark.parametrize("values, message", BAD_VALUES, ids=[str(v) for v, _ in BAD_VALUES])
+def test_python_api_refuses_bad_values_before_any_work(values, message, tmp_path, monkeypatch, capsys):
+    """train(TrainConfig(...)) checks exactly what the command line checks: one UserError naming the field,
+    before the run directory or the token cache is touched; the CLI prints the same message as one line."""
+    monkeypatch.chdir(tmp_path)
+    values = {"output_dir": str(tmp_path / "run"), "data_cache_dir": str(tmp_path / "cache")} | values
+    with pytest.raises(UserError) as caught:
+        train(TrainConfig(**values))
+    assert message in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run directory, no cache, nothing tokenized
+    if "expects" in message or "cannot be None" in message:
+        return  # a Python type the command line has no spelling for: its text is converted (test above)
+    argv = [f"--{key}={value}" for key, value in values.items()]  # =: argparse takes -1e-05 for a flag
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"accel_gpt: error: {caught.value}\n"
+
+
+def test_paths_may_be_path_objects_and_checkpoint_a_step_number(tmp_path):
+    cfg = validate(TrainConfig(train_data_path=tmp_path / "corpus.txt", output_dir=tmp_path, checkpoint=200))
+    assert cfg.train_data_path == str(tmp_path / "corpus.txt") and cfg.output_dir == str(tmp_path)
+    assert cfg.checkpoint == "200"
+    assert validate(TrainConfig(learning_rate=1, max_norm=float("inf"))).learning_rate == 1.0  # ints are numbers
+
+
+def test_every_numeric_option_has_a_range_check():
+    """A new numeric option must be given its range (or be listed here with the reason it needs none)."""
+    checked = set(AT_LEAST_ONE) | set(AT_LEAST_ZERO) | set(NON_NEGATIVE_FINITE)
+    checked |= {"max_norm", "peak_flops", "seed", "dropout", "val_fraction"}
+    numeric = {f.name for f in dataclasses.fields(TrainConfig) if re.match(r"(int|float)\b", str(f.type))}
+    assert numeric - checked == set()

@@ -165,9 +165,10 @@ def test_text_without_whitespace_differs_only_at_the_cuts(tmp_path, cache_dir, m
     cuts = len(text) // 300
     opcodes = difflib.SequenceMatcher(a=whole, b=got, autojunk=False).get_opcodes()
     differing = sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in opcodes if tag != "equal")
-    assert 0 < differing <= 2 * cuts, (differing, cuts)  # README states the measured figure
+    assert 0 < differing <= 2 * cuts, (differing, cuts)  # docs/data.md states the measured figure
 
 
+@pytest.mark.slow
 def test_tokenizing_a_large_file_keeps_memory_bounded(tmp_path):
     """Peak RSS growth while tokenizing one 16 MB file, in a fresh process: the whole file read at once would
     cost its text and ~5M tokens (as Python ints ~180 MB); pieces cost a few MiB each."""

@@ -1,90 +1,44 @@
 """Bad input gets one clear line on stderr and a non-zero exit, never a traceback or a damaged checkpoint."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO, VERDICT
-from test_launch import common_args
+from conftest import (
+    VERDICT,
+    assert_one_line_error,
+    assert_only_line_error,
+    common_args,
+    train_cli,
+    without_read_override,
+)
 
 from accel_gpt.checkpoint import list_checkpoints
 
 
-def run_cli(*args, timeout=300, prefix=()):
-    return subprocess.run(
-        [*prefix, sys.executable, "-m", "accel_gpt.train", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
-
-
-def without_read_override(probe) -> list[str]:
-    """A command prefix under which file permissions apply: root ignores them, so drop the capabilities that let it
-    (setpriv from util-linux). `probe` is a file with mode 000 that must then be unreadable."""
-    if os.geteuid() != 0:
-        return []
-    prefix = ["setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-dac_override,-dac_read_search"]
-    try:
-        denied = subprocess.run([*prefix, "cat", str(probe)], capture_output=True, timeout=30).returncode != 0
-    except FileNotFoundError:
-        denied = False
-    if not denied:
-        pytest.skip("running as root and cannot drop CAP_DAC_OVERRIDE (no setpriv): permissions would not apply")
-    return prefix
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("accel_gpt: error:")]
-    assert len(errors) == 1, result.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-
-
-def assert_only_line_error(result, *fragments):
-    """Bad input data: the error line is all there is on stderr (no progress bars or library log lines first)."""
-    assert_one_line_error(result, *fragments)
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """A tiny finished run with checkpoints at steps 2 and 4."""
-    root = tmp_path_factory.mktemp("errors")
-    out = root / "run"
-    result = run_cli(*common_args(out, root / "cache"), "--max_steps", "4", "--save_freq", "2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return {"root": root, "out": out, "cache": root / "cache"}
-
-
-def test_missing_and_empty_data_paths(tmp_path):
-    assert_only_line_error(run_cli("--train_data_path", tmp_path / "nope.txt"), "data path not found", "nope.txt")
+def test_missing_and_empty_data_paths(tmp_path, train_here):
+    assert_only_line_error(train_here("--train_data_path", tmp_path / "nope.txt"), "data path not found", "nope.txt")
     (tmp_path / "empty").mkdir()
-    assert_only_line_error(run_cli("--train_data_path", tmp_path / "empty"), "no .txt, .jsonl or .parquet files")
+    assert_only_line_error(train_here("--train_data_path", tmp_path / "empty"), "no .txt, .jsonl or .parquet files")
     (tmp_path / "blank").mkdir()
     (tmp_path / "blank" / "a.txt").write_text("")
     assert_only_line_error(
-        run_cli("--train_data_path", tmp_path / "blank", "--data_cache_dir", tmp_path / "c"), "contains no text"
+        train_here("--train_data_path", tmp_path / "blank", "--data_cache_dir", tmp_path / "c"), "contains no text"
     )
 
 
-def test_empty_data_paths_are_refused_not_searched_from_the_working_directory(tmp_path):
-    assert_only_line_error(run_cli("--train_data_path", ""), "train data: the data path is empty")
+def test_empty_data_paths_are_refused_not_searched_from_the_working_directory(tmp_path, train_here):
+    assert_only_line_error(train_here("--train_data_path", ""), "train data: the data path is empty")
     assert_only_line_error(
-        run_cli("--train_data_path", VERDICT, "--val_data_path", "", "--data_cache_dir", tmp_path / "c"),
+        train_here("--train_data_path", VERDICT, "--val_data_path", "", "--data_cache_dir", tmp_path / "c"),
         "validation data: the data path is empty",
     )
 
 
+@pytest.mark.slow
 def test_unreadable_files_and_folders_are_one_line(tmp_path):
     corpus = tmp_path / "corpus"
     (corpus / "sub").mkdir(parents=True)
@@ -94,47 +48,47 @@ def test_unreadable_files_and_folders_are_one_line(tmp_path):
         (corpus / name).write_text(text)
         (corpus / name).chmod(0)
         prefix = without_read_override(corpus / name)
-        result = run_cli("--train_data_path", corpus / name, "--data_cache_dir", tmp_path / "c", prefix=prefix)
+        result = train_cli("--train_data_path", corpus / name, "--data_cache_dir", tmp_path / "c", prefix=prefix)
         assert_only_line_error(result, "train data: cannot read", f"{name}: Permission denied")
         (corpus / name).unlink()
     (corpus / "sub").chmod(0)
     try:  # a folder that cannot be listed must stop the run, not leave half the corpus out
-        result = run_cli("--train_data_path", corpus, "--data_cache_dir", tmp_path / "c", prefix=prefix)
+        result = train_cli("--train_data_path", corpus, "--data_cache_dir", tmp_path / "c", prefix=prefix)
     finally:
         (corpus / "sub").chmod(0o755)
     assert_only_line_error(result, "train data: cannot read directory", "corpus/sub: Permission denied")
 
 
-def test_parquet_strings_that_are_not_utf8(tmp_path):
+def test_parquet_strings_that_are_not_utf8(tmp_path, train_here):
     # Arrow trusts the writer; this one wrote the bytes of "ok" and then two that are not UTF-8.
     offsets, values = pa.py_buffer(bytes([0, 0, 0, 0, 2, 0, 0, 0, 6, 0, 0, 0])), pa.py_buffer(b"ok" + b"ab\xff\xfe")
     texts = pa.Array.from_buffers(pa.string(), 2, [None, offsets, values])
     pq.write_table(pa.table({"text": texts}), tmp_path / "bad.parquet")
-    result = run_cli("--train_data_path", tmp_path / "bad.parquet", "--data_cache_dir", tmp_path / "c")
+    result = train_here("--train_data_path", tmp_path / "bad.parquet", "--data_cache_dir", tmp_path / "c")
     assert_only_line_error(result, "train data:", "bad.parquet row index 1: 'text' is not valid UTF-8")
 
 
-def test_invalid_utf8_names_the_file_and_byte_offset(tmp_path):
+def test_invalid_utf8_names_the_file_and_byte_offset(tmp_path, train_here):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("Ein schönes Haus".encode() + " und ein schönes Boot".encode("latin-1"))
-    result = run_cli("--train_data_path", bad, "--data_cache_dir", tmp_path / "c")
+    result = train_here("--train_data_path", bad, "--data_cache_dir", tmp_path / "c")
     offset = len("Ein schönes Haus".encode()) + len(" und ein sch")  # the latin-1 'ö'
     assert_only_line_error(result, "latin1.txt is not valid UTF-8", f"byte offset {offset}")
 
 
-def test_jsonl_rows_without_text(tmp_path):
+def test_jsonl_rows_without_text(tmp_path, train_here):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
-    result = run_cli("--train_data_path", tmp_path / "d", "--data_cache_dir", tmp_path / "c")
+    result = train_here("--train_data_path", tmp_path / "d", "--data_cache_dir", tmp_path / "c")
     assert_only_line_error(result, "train data:", "a.jsonl line 2 has no 'text' value")
 
 
-def test_corpus_too_short_for_one_step_and_val_without_batches(tmp_path):
+def test_corpus_too_short_for_one_step_and_val_without_batches(tmp_path, train_here):
     short = tmp_path / "short.txt"
     short.write_text("Only a few words here. " * 20)
-    result = run_cli("--train_data_path", short, "--data_cache_dir", tmp_path / "c", "--model", "tiny")
+    result = train_here("--train_data_path", short, "--data_cache_dir", tmp_path / "c", "--model", "tiny")
     assert_one_line_error(result, "training data has", "one optimizer step needs 8")
-    result = run_cli(
+    result = train_here(
         "--train_data_path", VERDICT, "--data_cache_dir", tmp_path / "c", "--model", "tiny", "--val_fraction", "0.05"
     )
     assert_one_line_error(
@@ -160,52 +114,55 @@ def test_corpus_too_short_for_one_step_and_val_without_batches(tmp_path):
         ),
     ],
 )
-def test_bad_settings(tmp_path, args, fragments):
+def test_bad_settings(tmp_path, args, fragments, train_here):
     base = ["--model", "tiny", "--train_data_path", VERDICT, "--data_cache_dir", tmp_path / "c"]
-    assert_one_line_error(run_cli(*base, *args), *fragments)
+    assert_one_line_error(train_here(*base, *args), *fragments)
 
 
-def test_checkpoint_that_does_not_exist(trained_run):
-    args = common_args(trained_run["out"], trained_run["cache"]) + ["--checkpoint", "3", "--max_steps", "6"]
-    assert_one_line_error(run_cli(*args), "checkpoint 3 not found", "available: 2, 4")
+@pytest.mark.slow
+def test_checkpoint_that_does_not_exist(tiny_run, train_here):
+    args = common_args(tiny_run.out, tiny_run.cache) + ["--checkpoint", "3", "--max_steps", "6"]
+    assert_one_line_error(train_here(*args), "checkpoint 3 not found", "available: 2, 4")
 
 
-def test_corrupt_weights_of_the_requested_checkpoint(trained_run, tmp_path):
+@pytest.mark.slow
+def test_corrupt_weights_of_the_requested_checkpoint(tiny_run, tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(trained_run["out"], out)
+    shutil.copytree(tiny_run.out, out)
     weights = out / "checkpoints" / "checkpoint_000004" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    args = common_args(out, trained_run["cache"]) + ["--max_steps", "6"]
-    assert_one_line_error(run_cli(*args, "--checkpoint", "4"), "checkpoint_000004 is corrupt: model.safetensors has")
-    fallback = run_cli(*args, "--checkpoint", "latest")  # 'latest' falls back to step 2 with a warning
+    args = common_args(out, tiny_run.cache) + ["--max_steps", "6"]
+    assert_one_line_error(train_cli(*args, "--checkpoint", "4"), "checkpoint_000004 is corrupt: model.safetensors has")
+    fallback = train_cli(*args, "--checkpoint", "latest")  # 'latest' falls back to step 2 with a warning
     assert fallback.returncode == 0, fallback.stderr[-2000:]
     assert "resumed at step 2" in fallback.stdout and "falling back to the previous checkpoint" in fallback.stderr
 
 
-def test_checkpoint_from_a_different_model(trained_run):
-    args = common_args(trained_run["out"], trained_run["cache"]) + ["--checkpoint", "4", "--max_steps", "6"]
+@pytest.mark.slow
+def test_checkpoint_from_a_different_model(tiny_run, train_here):
+    args = common_args(tiny_run.out, tiny_run.cache) + ["--checkpoint", "4", "--max_steps", "6"]
     assert_one_line_error(
-        run_cli(*args, "--embedding_dim", "32"),
+        train_here(*args, "--embedding_dim", "32"),
         "was trained with a different model config",
         "'embedding_dim': {'checkpoint': 64, 'requested': 32}",
     )
     assert_one_line_error(
-        run_cli(*args, "--context_len", "128"), "context_len 128 exceeds the position table", "(64 positions)"
+        train_here(*args, "--context_len", "128"), "context_len 128 exceeds the position table", "(64 positions)"
     )
 
 
-def test_resume_that_would_change_the_data_order(trained_run):
-    args = common_args(trained_run["out"], trained_run["cache"]) + ["--checkpoint", "4", "--max_steps", "6"]
-    assert_one_line_error(run_cli(*args, "--seed", "99"), "the data order would change (seed 11 -> 99)")
-    assert_one_line_error(run_cli(*args, "--batch_size", "4"), "global_batch_size 8 -> 4")
+@pytest.mark.slow
+def test_resume_that_would_change_the_data_order(tiny_run, train_here):
+    args = common_args(tiny_run.out, tiny_run.cache) + ["--checkpoint", "4", "--max_steps", "6"]
+    assert_one_line_error(train_here(*args, "--seed", "99"), "the data order would change (seed 11 -> 99)")
+    assert_one_line_error(train_here(*args, "--batch_size", "4"), "global_batch_size 8 -> 4")
 
 
-def test_branching_from_an_earlier_checkpoint_sets_later_ones_aside(trained_run, tmp_path):
+@pytest.mark.slow
+def test_branching_from_an_earlier_checkpoint_sets_later_ones_aside(tiny_run, tmp_path, train_here):
     out = tmp_path / "run"
-    shutil.copytree(trained_run["out"], out)
-    result = run_cli(
-        *common_args(out, trained_run["cache"]), "--checkpoint", "2", "--max_steps", "3", "--save_freq", "1"
-    )
+    shutil.copytree(tiny_run.out, out)
+    result = train_here(*common_args(out, tiny_run.cache), "--checkpoint", "2", "--max_steps", "3", "--save_freq", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "later checkpoints of the abandoned run moved to" in result.stdout
     assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [2, 3]

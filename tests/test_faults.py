@@ -10,33 +10,21 @@ import time
 import psutil
 import pytest
 import torch
-from conftest import REPO, launch
+from conftest import REPO, common_args, launch, launch_command, launch_env, read_metrics
 from safetensors.torch import load_file
-from test_launch import common_args, read_metrics
 
 from accel_gpt.checkpoint import list_checkpoints
+
+pytestmark = pytest.mark.slow  # every test here starts processes or trains
 
 
 def start(args, num_processes, env_extra=None):
     """Start the trainer (through `accelerate launch` for 2 processes) in its own process group."""
-    if num_processes == 1:
-        cmd = [sys.executable, "-m", "accel_gpt.train", *args]
-    else:
-        config = REPO / "accelerate_configs" / "cpu_2proc_gloo.yaml"
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(config),
-            "-m",
-            "accel_gpt.train",
-            *args,
-        ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env_extra or {}))
+    prefix = [sys.executable, "-m", "accel_gpt.train"] if num_processes == 1 else launch_command(2)
     return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True
-    )
+        [*prefix, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=launch_env(**(env_extra or {})), cwd=REPO, start_new_session=True,
+    )  # fmt: skip
 
 
 def kill_all(proc):
@@ -142,8 +130,8 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_losses(tm
 
 def test_sigusr1_ahead_of_a_time_limit_saves_and_stops_every_rank(tmp_path):
     """Slurm's `--signal=USR1@N` signals every process of the job step, the launcher as well as the workers. Told
-    to handle USR1 (PET_SIGNALS_TO_HANDLE, as the README's job script sets), the launcher forwards it and waits
-    instead of dying at once; every rank stops at the same step boundary, with a checkpoint."""
+    to handle USR1 (PET_SIGNALS_TO_HANDLE, as the job script in docs/checkpoints.md sets), the launcher forwards
+    it and waits instead of dying at once; every rank stops at the same step boundary, with a checkpoint."""
     out = tmp_path / "run"
     args = common_args(out, tmp_path / "cache") + ["--batch_size", "2", "--max_steps", "500", "--save_freq", "1000"]
     proc = start(args, num_processes=2, env_extra={"PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"})

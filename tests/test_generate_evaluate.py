@@ -1,49 +1,41 @@
-"""The generate and evaluate command lines on a real (tiny) checkpoint, and streaming decoding of split characters."""
+"""The sample and evaluate command lines on a real (tiny) checkpoint, and streaming decoding of split characters."""
 
-import importlib.util
 import json
 import math
 import re
-import subprocess
 import sys
 
 import pytest
-from conftest import REPO, VERDICT
-from test_errors import assert_one_line_error
-from test_launch import common_args
+from conftest import VERDICT, assert_one_line_error, in_process, run_module, run_python
 
 from accel_gpt import analysis
+from accel_gpt import sample as sample_cli
+from accel_gpt.cli import run_command
 from accel_gpt.errors import UserError
 from accel_gpt.evaluate import main as evaluate_main
 from accel_gpt.tokenizer import TextStream, get_tokenizer
 
+pytestmark = pytest.mark.slow  # every test here starts processes or trains
+
+
+def sample_main(argv):  # the command as `python -m accel_gpt.sample` runs it, UserError to exit 2 included
+    run_command(lambda: sample_cli.main(argv))
+
+
+def evaluate_command(argv):
+    run_command(lambda: evaluate_main(argv))
+
+
 CHINESE = "话说孙悟空，花果山水帘洞美猴王。Every effort moves you 🐒"
-# Loaded under its own name: `import accel_gpt.generate` would rebind the package's `generate` function to the module.
-_spec = importlib.util.spec_from_file_location("generate_cli", REPO / "accel_gpt" / "generate.py")
-generate_cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(generate_cli)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tools")
-    args = common_args(root / "run", root / "cache") + ["--max_steps", "4", "--save_freq", "2"]
-    result = subprocess.run(
-        [sys.executable, "-m", "accel_gpt.train", *args], capture_output=True, text=True, cwd=REPO, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return {"dir": root / "run", "cache": root / "cache", "root": root}
+@pytest.fixture
+def run(tiny_run):
+    return {"dir": tiny_run.out, "cache": tiny_run.cache}
 
 
 def cli(module, *args, stdin=None):
-    return subprocess.run(
-        [sys.executable, "-m", f"accel_gpt.{module}", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        input=stdin,
-    )
+    return run_module(module, *args, stdin=stdin)
 
 
 def test_text_stream_prints_only_complete_characters():
@@ -63,12 +55,12 @@ def test_cli_streams_each_complete_character_as_it_comes(run, monkeypatch):
     import torch
 
     ids = get_tokenizer("gpt2").encode_ordinary(CHINESE)
-    monkeypatch.setattr(generate_cli, "stream_tokens", lambda **kw: (torch.tensor([[i]]) for i in ids))
+    monkeypatch.setattr(sample_cli, "stream_tokens", lambda **kw: (torch.tensor([[i]]) for i in ids))
     writes = []
     monkeypatch.setattr(
         sys, "stdout", type("Out", (), {"write": lambda self, s: writes.append(s), "flush": lambda self: None})()
     )
-    generate_cli.main(["--checkpoint", str(run["dir"]), "--prompt", "西游记"])
+    sample_cli.main(["--checkpoint", str(run["dir"]), "--prompt", "西游记"])
     assert "".join(writes) == "西游记" + CHINESE + "\n"
     assert writes[1:4] == ["", "话", ""] and not any("\ufffd" in w for w in writes)
 
@@ -77,7 +69,7 @@ def test_greedy_cli_output_is_the_notebook_api_output(run):
     model = analysis.load_model(run["dir"])
     expected = analysis.generate(model, "Every effort moves you", max_new_tokens=12)
     result = cli(
-        "generate",
+        "sample",
         "--checkpoint",
         run["dir"],
         "--prompt",
@@ -90,7 +82,7 @@ def test_greedy_cli_output_is_the_notebook_api_output(run):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == expected + "\n"
     piped = cli(
-        "generate",
+        "sample",
         "--checkpoint",
         run["dir"] / "checkpoints" / "checkpoint_000004",
         "--max_new_tokens",
@@ -128,8 +120,8 @@ def test_seeded_samples_repeat_and_differ_from_each_other(run, capsys):
         "--step",
         2,
     ]
-    first = run_in_process(generate_cli.main, capsys, *args)
-    assert first == run_in_process(generate_cli.main, capsys, *args)
+    first = run_in_process(sample_cli.main, capsys, *args)
+    assert first == run_in_process(sample_cli.main, capsys, *args)
     samples = first.split("\n---\n")
     assert len(samples) == 2 and samples[0] != samples[1] and all(s.startswith("话说") for s in samples)
 
@@ -147,12 +139,13 @@ def test_seeded_samples_repeat_and_differ_from_each_other(run, capsys):
 )
 def test_generate_bad_options(run, args, fragment):
     with pytest.raises(UserError, match=re.escape(fragment)):
-        generate_cli.main(["--checkpoint", str(run["dir"]), "--prompt", "x", *args])
+        sample_cli.main(["--checkpoint", str(run["dir"]), "--prompt", "x", *args])
 
 
-def test_generate_errors_are_one_line_through_the_cli(run, tmp_path):
-    assert_one_line_error(cli("generate", "--checkpoint", tmp_path / "nope", "--prompt", "x"), "no checkpoints in")
-    assert_one_line_error(cli("generate", "--checkpoint", run["dir"], "--top_p", "0"), "top_p must be in (0, 1]")
+def test_generate_errors_are_one_line_through_the_cli(run, tmp_path, capfd):
+    assert_one_line_error(cli("sample", "--checkpoint", tmp_path / "nope", "--prompt", "x"), "no checkpoints in")
+    sampled = in_process(sample_main, ["--checkpoint", run["dir"], "--top_p", "0"], capfd)
+    assert_one_line_error(sampled, "top_p must be in (0, 1]")
 
 
 def evaluate(run, capsys, *args) -> dict:
@@ -209,13 +202,23 @@ def test_stride_outside_one_to_context_is_rejected(run, stride):
         )
 
 
-def test_evaluate_errors_are_one_line_through_the_cli(run, tmp_path):
+def test_evaluate_errors_are_one_line_through_the_cli(run, tmp_path, capfd):
     assert_one_line_error(
         cli("evaluate", "--checkpoint", run["dir"], "--data", tmp_path / "none.txt"), "data path not found"
     )
+    argv = ["--checkpoint", run["dir"], "--data", VERDICT, "--stride", 256, "--data_cache_dir", run["cache"]]
     assert_one_line_error(
-        cli(
-            "evaluate", "--checkpoint", run["dir"], "--data", VERDICT, "--stride", 256, "--data_cache_dir", run["cache"]
-        ),
-        "stride must be between 1 and the model's context_len",
+        in_process(evaluate_command, argv, capfd), "stride must be between 1 and the model's context_len"
     )
+
+
+def test_light_commands_import_no_training_code():
+    """sample, evaluate, export and cache load checkpoints and data without Accelerate or the training loop."""
+    code = (
+        "import sys\n"
+        "import accel_gpt.sample, accel_gpt.evaluate, accel_gpt.export, accel_gpt.cache, accel_gpt.analysis\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('accelerate', 'pandas', 'matplotlib')\n"
+        "               or m in ('accel_gpt.train', 'accel_gpt.launch', 'accel_gpt.rundir', 'accel_gpt.metrics'))\n"
+        "print('HEAVY', heavy)\n"
+    )
+    assert "HEAVY []" in run_python(code).stdout

@@ -5,9 +5,8 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, VERDICT
+from conftest import REPO, VERDICT, assert_one_line_error
 from safetensors.torch import load_file
-from test_errors import assert_one_line_error, run_cli
 
 from accel_gpt.checkpoint import full_state_dicts, save_checkpoint
 from accel_gpt.config import TrainConfig
@@ -19,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 SIZES = dict(vocabulary_size=50257, context_len=32, embedding_dim=32, num_heads=2, num_layers=2, dropout=0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "qkv_bias, bias, tie", [(False, True, False), (True, True, True), (False, True, True), (False, False, True)]
 )
@@ -46,6 +46,7 @@ def test_exported_folder_loads_in_transformers_with_the_same_logits(tmp_path, qk
         torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_export_of_a_missing_checkpoint_is_one_clear_line(tmp_path):
     result = subprocess.run(
         [
@@ -65,7 +66,8 @@ def test_export_of_a_missing_checkpoint_is_one_clear_line(tmp_path):
     assert "accel_gpt: error: no checkpoints in" in result.stderr
 
 
-def test_pretraining_starts_from_a_local_hf_gpt2(tmp_path):
+@pytest.mark.slow
+def test_pretraining_starts_from_a_local_hf_gpt2(tmp_path, train_here):
     torch.manual_seed(1)
     hf_config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)
     hf = transformers.GPT2LMHeadModel(hf_config).eval()
@@ -95,7 +97,7 @@ def test_pretraining_starts_from_a_local_hf_gpt2(tmp_path):
         "--batch_size",
         "4",
     ]
-    result = run_cli(*args)
+    result = train_here(*args)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "windows of 32 tokens" in result.stdout  # a window shorter than the 64-position table
     # Step 1 ran at lr 0: the checkpoint holds exactly the Hugging Face weights.
@@ -120,8 +122,12 @@ def test_pretraining_starts_from_a_local_hf_gpt2(tmp_path):
     idx = torch.randint(0, 50257, (1, 64))
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(idx), hf(idx).logits, atol=1e-4, rtol=0)
-    assert_one_line_error(run_cli(*args, "--embedding_dim", "64"), "init_from takes the model's shape", "embedding_dim")
+    assert_one_line_error(
+        train_here(*args, "--embedding_dim", "64"), "init_from takes the model's shape", "embedding_dim"
+    )
     # In a new run directory: `out` now holds a run, which a new run would be refused before reaching these checks.
     fresh = ["--output_dir", tmp_path / "fresh"]
-    assert_one_line_error(run_cli(*args[2:], *fresh, "--init_from", tmp_path / "nowhere"), "no readable config.json")
-    assert_one_line_error(run_cli(*args, *fresh, "--context_len", "128"), "context_len 128 exceeds the position table")
+    assert_one_line_error(train_here(*args[2:], *fresh, "--init_from", tmp_path / "nowhere"), "no readable config.json")
+    assert_one_line_error(
+        train_here(*args, *fresh, "--context_len", "128"), "context_len 128 exceeds the position table"
+    )

@@ -8,49 +8,12 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, VERDICT, launch
+from conftest import REPO, VERDICT, common_args, free_port, launch, launch_env, read_metrics
 from safetensors.torch import load_file
 
 from accel_gpt.tokenizer import get_tokenizer
 
-
-def common_args(out, cache):
-    return [
-        "--model",
-        "tiny",
-        "--train_data_path",
-        str(VERDICT),
-        "--data_cache_dir",
-        str(cache),
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        "10",
-        "--eval_freq",
-        "5",
-        "--save_freq",
-        "5",
-        "--eval_iter",
-        "2",
-        "--learning_rate",
-        "1.5e-3",
-        "--warmup_steps",
-        "2",
-        "--dropout",
-        "0.0",
-        "--seed",
-        "11",
-        "--val_fraction",
-        "0.6",  # 32 training windows = 8 steps of 4: the 10 steps cross into epoch 1
-    ]
-
-
-def read_metrics(run_dir):
-    records = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        records[record["step"]] = record  # a resumed run appends: the latest record of a step wins
-    return records
+pytestmark = pytest.mark.slow  # every test here starts processes or trains
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +29,15 @@ def two_process_run(tmp_path_factory):
         "metrics": read_metrics(out),
         "root": root,
         "final_weights": final_weights,
-    }  # kept in memory: the resume test rewrites checkpoint 10
+    }
+
+
+@pytest.fixture(scope="module")
+def one_process_run(two_process_run):
+    """The same run on one process, batch 4 instead of 2 x 2: the same global batch."""
+    out = two_process_run["root"] / "run1"
+    launch(common_args(out, two_process_run["cache"]) + ["--batch_size", "4"], num_processes=1)
+    return out
 
 
 def test_two_gloo_processes_train_and_write_a_plain_checkpoint(two_process_run):
@@ -93,8 +64,9 @@ def test_two_gloo_processes_train_and_write_a_plain_checkpoint(two_process_run):
     assert (out / "config.yaml").exists()
 
 
-def test_resume_continues_at_the_right_step_with_the_same_losses(two_process_run):
-    out = two_process_run["out"]
+def test_resume_continues_at_the_right_step_with_the_same_losses(two_process_run, tmp_path):
+    out = tmp_path / "run2"
+    shutil.copytree(two_process_run["out"], out)
     result = launch(
         common_args(out, two_process_run["cache"]) + ["--batch_size", "2", "--checkpoint", "5"], num_processes=2
     )
@@ -105,9 +77,8 @@ def test_resume_continues_at_the_right_step_with_the_same_losses(two_process_run
         assert resumed[step]["loss"] == pytest.approx(original[step]["loss"], abs=1e-5), step
 
 
-def test_one_process_equals_two_processes_at_the_same_global_batch(two_process_run):
-    out1 = two_process_run["root"] / "run1"
-    launch(common_args(out1, two_process_run["cache"]) + ["--batch_size", "4"], num_processes=1)
+def test_one_process_equals_two_processes_at_the_same_global_batch(two_process_run, one_process_run):
+    out1 = one_process_run
     one, two = read_metrics(out1), two_process_run["metrics"]
     for step in range(1, 11):
         assert one[step]["loss"] == pytest.approx(two[step]["loss"], abs=1e-5), step
@@ -118,12 +89,10 @@ def test_one_process_equals_two_processes_at_the_same_global_batch(two_process_r
         torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=0)
 
 
-def test_resume_onto_more_processes_gives_each_rank_its_own_stream(two_process_run, tmp_path):
+def test_resume_onto_more_processes_gives_each_rank_its_own_stream(two_process_run, one_process_run, tmp_path):
     """A 1-process checkpoint resumed by 2 processes: each rank is reseeded from (seed, rank, step), so the ranks'
     dropout streams differ again, and with dropout 0 the losses are the 1-process run's."""
-    one_process = two_process_run["root"] / "run1"  # written by the test above
-    if not (one_process / "checkpoints" / "checkpoint_000005").exists():
-        pytest.skip("needs the 1-process run of test_one_process_equals_two_processes_at_the_same_global_batch")
+    one_process = one_process_run
     out = tmp_path / "more"
     shutil.copytree(one_process, out)
     result = launch(
@@ -172,12 +141,7 @@ def test_python_m_with_a_separate_validation_path(tmp_path):
 
 def test_two_machines_on_one_box_match_one_machine_with_two_processes(two_process_run, tmp_path):
     """The multi-node path: two `accelerate launch` commands as machine 0 and 1 (one process each) over 127.0.0.1."""
-    import os
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "run"
     train_args = common_args(out, two_process_run["cache"]) + ["--batch_size", "2"]
     procs = []
@@ -205,9 +169,8 @@ def test_two_machines_on_one_box_match_one_machine_with_two_processes(two_proces
             "accel_gpt.train",
             *train_args,
         ]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
         procs.append(
-            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch_env(), cwd=REPO)
         )
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, stderr) in zip(procs, outputs):

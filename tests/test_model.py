@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from accel_gpt import generate
 from accel_gpt.hf import to_hf_model
-from accel_gpt.model import PRESETS, GPTConfig, GPTModel, KVCache, generate, generate_text, sample_next
+from accel_gpt.model import PRESETS, GPTConfig, GPTModel, KVCache, generate_ids, sample_next
 from accel_gpt.tokenizer import get_tokenizer
 
 
@@ -84,8 +85,8 @@ def test_attention_is_causal():
 def test_greedy_generation_is_deterministic_and_crops_context():
     model = small().eval()
     idx = torch.randint(0, 1000, (1, 40))  # longer than context_len 32: must be cropped, not crash
-    a = generate(model, idx, max_new_tokens=5, context_size=32, top_k=1)
-    b = generate(model, idx, max_new_tokens=5, context_size=32, temperature=0.0)
+    a = generate_ids(model, idx, max_new_tokens=5, context_size=32, top_k=1)
+    b = generate_ids(model, idx, max_new_tokens=5, context_size=32, temperature=0.0)
     assert a.shape == (1, 45) and torch.equal(a, b)
     expected = model(idx[:, -32:])[:, -1].argmax(-1)
     assert a[0, 40] == expected
@@ -98,7 +99,7 @@ def test_sampled_generation_respects_top_k():
     allowed = set(torch.topk(logits, 3).indices[0].tolist())
     gen = torch.Generator().manual_seed(1)
     for _ in range(10):
-        out = generate(model, idx, 1, top_k=3, temperature=1.5, generator=gen)
+        out = generate_ids(model, idx, 1, top_k=3, temperature=1.5, generator=gen)
         assert out[0, -1].item() in allowed
 
 
@@ -121,18 +122,18 @@ def test_cached_greedy_generation_equals_full_recompute(prompt_len, new_tokens):
     model = small(num_layers=3).eval()
     torch.manual_seed(prompt_len)
     idx = torch.randint(0, 1000, (2, prompt_len))
-    cached = generate(model, idx, new_tokens)
+    cached = generate_ids(model, idx, new_tokens)
     assert cached.shape == (2, prompt_len + new_tokens)
-    assert torch.equal(cached, generate(model, idx, new_tokens, use_cache=False))
-    shorter_window = generate(model, idx, new_tokens, context_size=16)
-    assert torch.equal(shorter_window, generate(model, idx, new_tokens, context_size=16, use_cache=False))
+    assert torch.equal(cached, generate_ids(model, idx, new_tokens, use_cache=False))
+    shorter_window = generate_ids(model, idx, new_tokens, context_size=16)
+    assert torch.equal(shorter_window, generate_ids(model, idx, new_tokens, context_size=16, use_cache=False))
 
 
 def test_seeded_sampling_is_the_same_with_and_without_the_cache():
     model = small().eval()
     idx = torch.randint(0, 1000, (1, 6))
     runs = [
-        generate(
+        generate_ids(
             model,
             idx,
             30,
@@ -159,9 +160,9 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert draws == {0, 2, 3}  # top_k first, then top_p over the renormalised rest
 
 
-def test_generate_text_returns_prompt_plus_continuation():
+def test_generate_returns_prompt_plus_continuation():
     model = GPTModel(**PRESETS["tiny"])
-    text = generate_text(model, "Every effort moves you", 5, get_tokenizer("gpt2"))
+    text = generate(model, "Every effort moves you", 5, tokenizer=get_tokenizer("gpt2"))
     assert text.startswith("Every effort moves you") and len(text) > len("Every effort moves you")
     assert model.training  # mode restored
 
@@ -207,6 +208,7 @@ def test_chunked_loss_and_gradients_equal_the_plain_ones(tie, chunk):
         torch.testing.assert_close(model(idx, targets), plain, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_chunked_loss_gradients_survive_fp16_parameters_and_a_loss_scale():
     """fp16 parameters (FSDP's mixed precision) and GradScaler's loss scale: the gradient of a mean over 8,192
     tokens, a small probability over 8,192, lies below fp16's smallest number; scaled first, it does not."""
@@ -265,5 +267,6 @@ def test_sampling_never_draws_a_padding_id():
     model = small(vocab_multiple=64).eval()
     with torch.no_grad():
         model.out_head.weight[1000:] = 100.0  # padding rows that would win every draw if they were not masked
-    out = generate(model, torch.tensor([[1, 2, 3]]), 20, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    out = generate_ids(model, torch.tensor([[1, 2, 3]]), 20, temperature=1.0, generator=generator)
     assert int(out.max()) < 1000

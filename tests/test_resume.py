@@ -4,9 +4,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import launch
+from conftest import common_args, launch, read_metrics
 from safetensors.torch import load_file
-from test_launch import common_args, read_metrics
+
+pytestmark = pytest.mark.slow  # every test here starts processes or trains
 
 
 def weights(run_dir, step):

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, VERDICT
-from test_errors import assert_one_line_error, run_cli
+from conftest import REPO, VERDICT, assert_one_line_error, train_cli
 
+from accel_gpt.config import parse_config
 from accel_gpt.rundir import set_aside_run
+from accel_gpt.train import train
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -48,13 +49,13 @@ def command(out, cache):  # issue 10's first reproduction, on the small bundled 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     root = tmp_path_factory.mktemp("rundir")
-    result = run_cli(*command(root / "same", root / "cache"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    train(parse_config([str(a) for a in command(root / "same", root / "cache")]))
     return {"root": root, "out": root / "same", "cache": root / "cache", "files": snapshot(root / "same")}
 
 
-def test_a_second_new_run_is_refused_and_the_first_stays_byte_identical(finished):
-    result = run_cli(*command(finished["out"], finished["cache"]), "--seed", "5")
+@pytest.mark.slow
+def test_a_second_new_run_is_refused_and_the_first_stays_byte_identical(finished, train_here):
+    result = train_here(*command(finished["out"], finished["cache"]), "--seed", "5")
     assert_one_line_error(
         result,
         f"{finished['out']} already holds a run (metrics.jsonl, checkpoint_000002",
@@ -64,29 +65,31 @@ def test_a_second_new_run_is_refused_and_the_first_stays_byte_identical(finished
     )
     # A fresh output_dir does not make it a new run when its checkpoint_dir holds the first run's checkpoints.
     elsewhere = finished["root"] / "elsewhere"
-    result = run_cli(*command(elsewhere, finished["cache"]), "--checkpoint_dir", finished["out"] / "checkpoints")
+    result = train_here(*command(elsewhere, finished["cache"]), "--checkpoint_dir", finished["out"] / "checkpoints")
     assert_one_line_error(result, "already holds a run (checkpoint_000002", "--overwrite true")
     assert snapshot(finished["out"]) == finished["files"] and not (elsewhere / "metrics.jsonl").exists()
 
 
-def test_rerunning_a_finished_run_with_checkpoint_auto_says_it_is_complete(finished):
+@pytest.mark.slow
+def test_rerunning_a_finished_run_with_checkpoint_auto_says_it_is_complete(finished, train_here):
     args = command(finished["out"], finished["cache"]) + ["--checkpoint", "auto"]
-    result = run_cli(*args)
+    result = train_here(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     [line] = result.stdout.splitlines()  # that line alone: no header, no step
     assert line.startswith("accel_gpt: run already complete: ") and line.endswith(
         "at step 4 of 4; nothing left to train"
     )
     assert_one_line_error(
-        run_cli(*args, "--max_steps", "3"), "checkpoint_000004 is at step 4, beyond this run's 3 steps"
+        train_here(*args, "--max_steps", "3"), "checkpoint_000004 is at step 4, beyond this run's 3 steps"
     )
     assert snapshot(finished["out"]) == finished["files"]
 
 
-def test_overwrite_moves_the_earlier_run_aside_and_deletes_nothing(finished, tmp_path):
+@pytest.mark.slow
+def test_overwrite_moves_the_earlier_run_aside_and_deletes_nothing(finished, tmp_path, train_here):
     out = tmp_path / "same"
     shutil.copytree(finished["out"], out)
-    result = run_cli(*command(out, finished["cache"]), "--seed", "5", "--overwrite", "true")
+    result = train_here(*command(out, finished["cache"]), "--seed", "5", "--overwrite", "true")
     assert result.returncode == 0, result.stderr[-3000:]
     [aside] = [p for p in out.iterdir() if p.name.startswith("overwritten-")]
     assert f"moved the earlier run in {out} to {aside} (nothing deleted)" in result.stdout
@@ -95,7 +98,7 @@ def test_overwrite_moves_the_earlier_run_aside_and_deletes_nothing(finished, tmp
     assert "seed: 5" in (out / "config.yaml").read_text()
 
 
-def test_overwrite_with_checkpoints_kept_elsewhere(tmp_path):
+def test_overwrite_with_checkpoints_kept_elsewhere(tmp_path, train_here):
     out, ckpts = tmp_path / "run", tmp_path / "ckpts"
     for path in (out / "metrics.jsonl", ckpts / "checkpoint_000002" / "manifest.json", ckpts / "notes.txt"):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,6 +115,7 @@ def drop_dac_override(*args):  # root writes through permission bits unless it g
     return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=REPO)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", ["output_dir", "checkpoint_dir", "data_cache_dir", "read-only output_dir"])
 def test_unusable_directories_stop_the_run_before_any_work(tmp_path, option):
     (tmp_path / "a_file").write_text("a file where a directory should go")
@@ -125,13 +129,13 @@ def test_unusable_directories_stop_the_run_before_any_work(tmp_path, option):
         assert_one_line_error(result, f"output_dir {bad} cannot be created in {tmp_path / 'ro'}: Permission denied")
     else:
         dirs[option] = bad = tmp_path / "a_file" / "sub"
-        result = run_cli(*[a for k, v in dirs.items() for a in (f"--{k}", v)], "--model", "tiny")
+        result = train_cli(*[a for k, v in dirs.items() for a in (f"--{k}", v)], "--model", "tiny")
         assert_one_line_error(result, f"{option} {bad} cannot be created: {tmp_path / 'a_file'} is a file")
     # Found before tokenizing (no token cache) and before anything was written.
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 
-def test_overwrite_with_checkpoints_in_the_output_dir_itself(tmp_path):
+def test_overwrite_with_checkpoints_in_the_output_dir_itself(tmp_path, train_here):
     """--checkpoint_dir equal to --output_dir: one folder set aside, named once in the note."""
     out = tmp_path / "run"
     for path in (out / "metrics.jsonl", out / "checkpoint_000002" / "manifest.json"):

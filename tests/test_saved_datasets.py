@@ -7,8 +7,7 @@ import sys
 
 import datasets
 import pytest
-from conftest import REPO, VERDICT
-from test_errors import assert_only_line_error, run_cli
+from conftest import REPO, VERDICT, assert_only_line_error
 
 from accel_gpt import analysis
 from accel_gpt.data import TokenStream, resolve_files, tokenize_corpus
@@ -41,7 +40,8 @@ def cached_tokens(cache_dir, spec) -> list[int]:
     raise AssertionError(f"no cache entry for {spec} in {cache_dir}")
 
 
-def test_training_and_evaluate_read_a_dataset_and_a_dataset_dict_split_as_jsonl(tmp_path, capsys):
+@pytest.mark.slow
+def test_training_and_evaluate_read_a_dataset_and_a_dataset_dict_split_as_jsonl(tmp_path, capfd, train_here):
     """Through the command lines: a Dataset folder (three shards) and a DatasetDict's split folder give the same ids,
     in the same order, as the same texts in a .jsonl file (end-of-text after every row)."""
     train_texts, val_texts = PARAGRAPHS[:60], PARAGRAPHS[60:]
@@ -52,7 +52,7 @@ def test_training_and_evaluate_read_a_dataset_and_a_dataset_dict_split_as_jsonl(
     )
     splits.save_to_disk(str(tmp_path / "dict"))
     cache, out = tmp_path / "cache", tmp_path / "run"
-    result = run_cli(
+    result = train_here(
         "--model",
         "tiny",
         "--train_data_path",
@@ -83,11 +83,12 @@ def test_training_and_evaluate_read_a_dataset_and_a_dataset_dict_split_as_jsonl(
         assert expected.count(EOS) == len(texts)
 
     # The evaluate command in process (its own process would add seconds of imports, not coverage).
+    capfd.readouterr()
     evaluate_main(["--checkpoint", str(out), "--data", str(train), "--data_cache_dir", str(cache)])
     expected = analysis.perplexity(
         analysis.load_model(out), tmp_path / "train_ds.jsonl", stride=64, data_cache_dir=cache
     )
-    assert json.loads(capsys.readouterr().out)["perplexity"] == pytest.approx(expected, rel=1e-6)
+    assert json.loads(capfd.readouterr().out)["perplexity"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_the_cache_key_is_the_shards_content(tmp_path, cache_dir):
@@ -105,6 +106,7 @@ def test_the_cache_key_is_the_shards_content(tmp_path, cache_dir):
     assert not hit and tokens(changed) != tokens(first)
 
 
+@pytest.mark.slow
 def test_datasets_is_imported_only_to_read_a_dataset(tmp_path):
     """A .txt corpus, and a dataset whose tokens are cached, do not pay seconds for importing `datasets`."""
     folder = save_dataset(tmp_path / "ds", PARAGRAPHS[:3])
@@ -145,12 +147,12 @@ def test_a_dataset_dict_folder_names_its_splits_and_a_nested_dataset_is_not_sear
         tokenize_corpus(str(save_dataset(tmp_path / "numbers", [1, 2])), "gpt2", EOS, cache_dir)
 
 
-def test_a_dataset_without_text_or_with_nulls_is_one_line_through_the_cli(tmp_path):
+def test_a_dataset_without_text_or_with_nulls_is_one_line_through_the_cli(tmp_path, train_here):
     folder = tmp_path / "no_text"
     datasets.Dataset.from_dict({"body": ["x"], "id": [1]}).save_to_disk(str(folder))
-    result = run_cli("--train_data_path", folder, "--data_cache_dir", tmp_path / "c")
+    result = train_here("--train_data_path", folder, "--data_cache_dir", tmp_path / "c")
     assert_only_line_error(result, f"train data: {folder} has no 'text' column (columns: body, id)")
     texts = ["fine"] * 300 + [None, "fine", None]  # past the first batch of rows read at once
     folder = save_dataset(tmp_path / "nulls", texts)
-    result = run_cli("--train_data_path", VERDICT, "--val_data_path", folder, "--data_cache_dir", tmp_path / "c")
+    result = train_here("--train_data_path", VERDICT, "--val_data_path", folder, "--data_cache_dir", tmp_path / "c")
     assert_only_line_error(result, f"validation data: {folder}: 2 rows from row index 300 have no 'text' value (null)")

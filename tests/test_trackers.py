@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, launch
-from test_errors import assert_one_line_error, run_cli
-from test_launch import common_args, read_metrics
+from conftest import REPO, assert_one_line_error, common_args, launch, read_metrics, train_cli
+
+pytestmark = pytest.mark.slow  # every test here starts processes or trains
 
 
 def scalars(log_dir: Path) -> dict[str, dict[int, float]]:
@@ -127,14 +127,14 @@ def test_unknown_and_uninstalled_trackers_stop_before_training(tmp_path):
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
     args = common_args(tmp_path / "run", tmp_path / "cache")
-    result = run_cli(*args, "--report_to", "tensorbored")
+    result = train_cli(*args, "--report_to", "tensorbored")
     assert_one_line_error(
         result, "unknown tracker 'tensorbored' in report_to; choose none, all, or from", "tensorboard"
     )
     missing = sorted(set(LOGGER_TYPE_TO_CLASS) - {t.value for t in get_available_trackers()})
     if missing:
         assert_one_line_error(
-            run_cli(*args, "--report_to", f"tensorboard,{missing[0]}"),
+            train_cli(*args, "--report_to", f"tensorboard,{missing[0]}"),
             f"tracker '{missing[0]}' is not installed here (pip install",
         )
     assert not (tmp_path / "run").exists()  # no run directory, no checkpoint: nothing started

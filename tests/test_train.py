@@ -1,9 +1,17 @@
-import pytest
+import json
+import signal
 
+import pytest
+from accelerate import Accelerator
+from conftest import VERDICT
+
+import accel_gpt.train as train_module
 from accel_gpt.config import TrainConfig
 from accel_gpt.errors import UserError
+from accel_gpt.metrics import RunLogger
 from accel_gpt.model import PRESETS, GPTModel
-from accel_gpt.train import batch_geometry, build_optimizer
+from accel_gpt.plan import batch_geometry
+from accel_gpt.train import StopSignal, build_optimizer, train
 
 
 def test_weight_decay_only_on_matrices():
@@ -33,43 +41,21 @@ def test_global_batch_that_does_not_divide_is_a_clear_error():
         batch_geometry(TrainConfig(batch_size=4, global_batch_size=30), 2)
 
 
+def tiny_config(tmp_path, name: str, **values) -> TrainConfig:
+    """A few steps of the tiny model, trained in this process (as a notebook does)."""
+    defaults = dict(
+        model="tiny", train_data_path=VERDICT, data_cache_dir=tmp_path / "c", output_dir=tmp_path / name,
+        max_steps=6, warmup_steps=1, eval_freq=0, save_freq=100, batch_size=4,
+    )  # fmt: skip
+    return TrainConfig(**(defaults | values))
+
+
 def test_log_every_keeps_one_exact_record_per_step(tmp_path):
     """Deferring the host sync to every 4th step changes no logged value, and eval_freq 0 never evaluates."""
-    import json
-    import subprocess
-    import sys
-
-    from conftest import REPO, VERDICT
-
     runs = {}
     for log_every in (1, 4):
         out = tmp_path / f"every{log_every}"
-        args = [
-            "--model",
-            "tiny",
-            "--train_data_path",
-            str(VERDICT),
-            "--data_cache_dir",
-            str(tmp_path / "c"),
-            "--output_dir",
-            str(out),
-            "--max_steps",
-            "6",
-            "--warmup_steps",
-            "1",
-            "--eval_freq",
-            "0",
-            "--save_freq",
-            "100",
-            "--batch_size",
-            "4",
-            "--log_every",
-            str(log_every),
-        ]
-        result = subprocess.run(
-            [sys.executable, "-m", "accel_gpt.train", *args], capture_output=True, text=True, timeout=300, cwd=REPO
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
+        train(tiny_config(tmp_path, out.name, log_every=log_every))
         runs[log_every] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert not (out / "samples.jsonl").read_text()
     assert [r["step"] for r in runs[4]] == [1, 2, 3, 4, 5, 6]
@@ -82,3 +68,22 @@ def test_log_every_keeps_one_exact_record_per_step(tmp_path):
             b["tokens_seen"],
         )
     assert runs[4][0]["step_time"] == runs[4][3]["step_time"]  # one window: its steps share the mean time
+
+
+def test_a_loop_that_raises_restores_the_signal_handlers_and_closes_the_logger_and_trackers(tmp_path, monkeypatch):
+    """After train() raises in a notebook, Ctrl-C and SIGTERM work as before it, and the run's files and
+    trackers are closed."""
+    before = {sig: signal.getsignal(sig) for sig in StopSignal.SIGNALS}
+    closed = []
+    monkeypatch.setattr(RunLogger, "close", lambda self: closed.append("logger"))
+    monkeypatch.setattr(Accelerator, "end_training", lambda self: closed.append("trackers"))
+
+    def fail(*args):
+        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]  # the loop's own handler is in
+        raise RuntimeError("a failure inside the loop")
+
+    monkeypatch.setattr(train_module, "count_nonfinite", fail)
+    with pytest.raises(RuntimeError, match="a failure inside the loop"):
+        train(tiny_config(tmp_path, "fails", max_steps=3))
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    assert closed == ["logger", "trackers"]

@@ -1,6 +1,6 @@
 """Sample text from a checkpoint, printed as it is generated:
 
-python -m accel_gpt.generate --checkpoint RUN_OR_CHECKPOINT_DIR [--prompt TEXT] [--max_new_tokens N] ...
+python -m accel_gpt.sample --checkpoint RUN_OR_CHECKPOINT_DIR [--prompt TEXT] [--max_new_tokens N] ...
 """
 
 from __future__ import annotations
@@ -10,17 +10,15 @@ import sys
 
 import torch
 
-from accel_gpt.analysis import open_checkpoint, resolve_device
-from accel_gpt.config import CommandLineParser
-from accel_gpt.errors import UserError, run_command
+from accel_gpt.cli import CommandLineParser, run_command
+from accel_gpt.errors import UserError
+from accel_gpt.inference import encode_prompt, open_checkpoint, resolve_device
 from accel_gpt.model import stream_tokens
 from accel_gpt.tokenizer import TextStream, get_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CommandLineParser(
-        prog="python -m accel_gpt.generate", description=__doc__.splitlines()[0], allow_abbrev=False
-    )
+    parser = CommandLineParser(prog="python -m accel_gpt.sample", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--checkpoint",
         required=True,
@@ -74,9 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     eot = checkpoint.train_config.get("special_token_id")
     eot = tokenizer.eot_token if eot is None else eot
     prompt = read_prompt(args)
-    # An empty prompt starts a fresh document, as GPT-2's unconditional samples do.
-    ids = tokenizer.encode(prompt, allowed_special="all") or [eot]
-    idx = torch.tensor([ids], device=device)
+    idx = torch.tensor([encode_prompt(tokenizer, prompt, eot)], device=device)
     generator = torch.Generator(device=device)
     if args.seed is None:
         generator.seed()

@@ -1,0 +1,32 @@
+"""What every command line shares: a parser whose mistakes are one line, and the entry point that turns a
+UserError into `accel_gpt: error: ...` on stderr and exit status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from accel_gpt.errors import UserError
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown flag, a missing or malformed value) are one UserError line instead of
+    usage + message; abbreviated flags are refused, so a new option never changes what an old command means."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise UserError(f"command line: {message}")
+
+
+def run_command(main: Callable[[], None]) -> None:
+    """Run a command-line entry point: a UserError becomes one `accel_gpt: error:` line on stderr and exit 2."""
+    try:
+        main()
+    except UserError as err:
+        print(f"accel_gpt: error: {err}", file=sys.stderr)
+        sys.exit(2)

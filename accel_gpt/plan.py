@@ -1,0 +1,121 @@
+"""What a run will do, derived once from its checked config and the launch's world size: the batch geometry, the
+model's shape, the window, the end-of-text id and, once the data is tokenized, the run's length.
+
+`plan_run` is the one validation point: every bad value is a UserError here, before any tokenizing or model
+building; only what needs the data (`RunPlan.with_data`) or the device (`step.check_cuda_graph`) waits for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from accel_gpt.config import TrainConfig, validate
+from accel_gpt.errors import UserError
+from accel_gpt.hf import read_hf_gpt2_config
+from accel_gpt.model import GPTConfig
+from accel_gpt.tokenizer import get_tokenizer
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    cfg: TrainConfig  # validated: every value in its field's type and range
+    world_size: int
+    gradient_accumulation_steps: int
+    global_batch_size: int  # windows per optimizer step = batch_size x accumulation x world_size
+    model_config: GPTConfig
+    context_len: int  # tokens per training window; at most the model's position table
+    stride: int  # tokens between window starts
+    eot_id: int  # appended after every document
+    # Known once the data is tokenized (`with_data`); 0 before.
+    train_windows: int = 0
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.context_len
+
+    @property
+    def data_identity(self) -> dict:
+        """What fixes the order of global batches: a checkpoint's data position means nothing if any of these
+        change, so a resume refuses that."""
+        return {
+            "global_batch_size": self.global_batch_size,
+            "seed": self.cfg.seed,
+            "context_len": self.context_len,
+            "stride": self.stride,
+            "train_windows": self.train_windows,
+        }
+
+    def with_data(self, train_windows: int, val_windows: int) -> RunPlan:
+        """The plan for data of this many training and validation windows, or the line saying why it cannot train."""
+        steps_per_epoch = train_windows // self.global_batch_size
+        window, batch = self.context_len + 1, self.global_batch_size
+        if steps_per_epoch == 0:
+            raise UserError(
+                f"training data has {train_windows} windows of {window} tokens; one optimizer step needs "
+                f"{batch} (lower batch_size/context_len or add text)"
+            )
+        if val_windows < batch:  # an evaluation reads whole global batches, like a step
+            raise UserError(
+                f"validation data has {val_windows} windows of {window} tokens; an evaluation needs one "
+                f"global batch of {batch} (raise val_fraction, add validation text or lower batch_size)"
+            )
+        total_steps = self.cfg.max_steps or self.cfg.num_epochs * steps_per_epoch
+        check_warmup(self.cfg.warmup_steps, total_steps)
+        return dataclasses.replace(
+            self, train_windows=train_windows, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+        )
+
+
+def check_warmup(warmup_steps: int, total_steps: int) -> None:
+    if warmup_steps >= total_steps:
+        raise UserError(f"warmup_steps ({warmup_steps}) must be shorter than the run ({total_steps} steps)")
+
+
+def batch_geometry(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(gradient_accumulation_steps, global_batch_size) so that global = batch * accumulation * world."""
+    if cfg.global_batch_size is None:
+        return cfg.gradient_accumulation_steps, cfg.batch_size * cfg.gradient_accumulation_steps * world_size
+    per_step = cfg.batch_size * world_size
+    if cfg.global_batch_size % per_step:
+        raise UserError(
+            f"global_batch_size {cfg.global_batch_size} is not a multiple of batch_size x processes "
+            f"({cfg.batch_size} x {world_size} = {per_step})"
+        )
+    return cfg.global_batch_size // per_step, cfg.global_batch_size
+
+
+def model_config_for(cfg: TrainConfig, vocabulary_size: int) -> GPTConfig:
+    """The preset with the config's shape options on top, or the shape of the `init_from` folder."""
+    if not cfg.init_from:
+        return cfg.model_config(vocabulary_size)
+    model_cfg = read_hf_gpt2_config(cfg.init_from, cfg.dropout, cfg.vocab_multiple)
+    if model_cfg.vocabulary_size != vocabulary_size:
+        raise UserError(
+            f"init_from model has {model_cfg.vocabulary_size} tokens, the {cfg.tokenizer} tokenizer {vocabulary_size}"
+        )
+    return model_cfg
+
+
+def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
+    """Check `cfg` and derive everything that does not need the data; the first problem is one UserError."""
+    cfg = validate(cfg)
+    accumulation, global_batch = batch_geometry(cfg, world_size)
+    if cfg.max_steps is not None:
+        check_warmup(cfg.warmup_steps, cfg.max_steps)
+    tokenizer = get_tokenizer(cfg.tokenizer)
+    model_cfg = model_config_for(cfg, tokenizer.n_vocab)
+    context_len = cfg.context_len or model_cfg.context_len
+    if context_len > model_cfg.context_len:
+        where = cfg.init_from or f"the {cfg.model} preset"
+        raise UserError(f"context_len {context_len} exceeds the position table of {where} ({model_cfg.context_len})")
+    eot_id = tokenizer.eot_token if cfg.special_token_id is None else cfg.special_token_id
+    if eot_id >= tokenizer.n_vocab:
+        raise UserError(
+            f"special_token_id {eot_id} is outside the {cfg.tokenizer} vocabulary (0..{tokenizer.n_vocab - 1})"
+        )
+    return RunPlan(
+        cfg, world_size, accumulation, global_batch, model_cfg, context_len, cfg.stride or context_len, eot_id
+    )

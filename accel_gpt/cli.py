@@ -23,6 +23,16 @@ class CommandLineParser(argparse.ArgumentParser):
         raise UserError(f"command line: {message}")
 
 
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint and --step, as every command that reads a checkpoint takes them."""
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint directory, or a run directory or its checkpoint_dir (the newest checkpoint that verifies)",
+    )
+    parser.add_argument("--step", type=int, help="with a run directory: the checkpoint at this step")
+
+
 def run_command(main: Callable[[], None]) -> None:
     """Run a command-line entry point: a UserError becomes one `accel_gpt: error:` line on stderr and exit 2."""
     try:

@@ -9,18 +9,13 @@ import json
 import math
 
 from accel_gpt.cache import DEFAULT_DIR as DEFAULT_CACHE_DIR
-from accel_gpt.cli import CommandLineParser, run_command
+from accel_gpt.cli import CommandLineParser, add_checkpoint_arguments, run_command
 from accel_gpt.inference import corpus_tokens, open_checkpoint, resolve_device, sliding_window_loss
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = CommandLineParser(prog="python -m accel_gpt.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="a checkpoint directory, or a run directory or its checkpoint_dir (the newest checkpoint that verifies)",
-    )
-    parser.add_argument("--step", type=int, help="with a run directory: the checkpoint at this step")
+    add_checkpoint_arguments(parser)
     parser.add_argument(
         "--data",
         required=True,

@@ -7,15 +7,14 @@ The folder loads with `transformers.GPT2LMHeadModel.from_pretrained(HF_DIR)` and
 
 from __future__ import annotations
 
-from accel_gpt.cli import CommandLineParser, run_command
+from accel_gpt.cli import CommandLineParser, add_checkpoint_arguments, run_command
 from accel_gpt.hf import export_to_hf
 from accel_gpt.inference import load_model
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = CommandLineParser(prog="python -m accel_gpt.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a run directory (newest)")
-    parser.add_argument("--step", type=int, help="with a run directory: the checkpoint at this step")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder for config.json + model.safetensors")
     args = parser.parse_args(argv)
     out = export_to_hf(load_model(args.checkpoint, step=args.step), args.out)

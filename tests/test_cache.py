@@ -119,14 +119,16 @@ def test_two_runs_started_together_share_one_valid_cache_through_the_cli(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_damaged_cache_does_not_stop_a_run_and_changes_no_loss(tmp_path):
+def test_a_damaged_cache_does_not_stop_a_run_and_changes_no_loss(tmp_path, train_here):
     """Issue 10's acceptance: corrupt the cache, run the CLI: one warning, a rebuilt cache, the same losses."""
     args = ["--max_steps", "4", "--eval_freq", "2", "--save_freq", "100"]
-    fresh = train_cli(*common_args(tmp_path / "fresh", tmp_path / "cache"), *args)
+    fresh = train_here(*common_args(tmp_path / "fresh", tmp_path / "cache"), *args)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     (entry,) = [item.path for item in cache.scan(tmp_path / "cache")]  # beside it: the run's CPU peak record
     random_bytes(entry / cache.TOKENS)
-    healed = train_cli(*common_args(tmp_path / "healed", tmp_path / "cache"), *args)
+    healed = train_cli(  # its own process: the warning is what a user sees on stderr
+        *common_args(tmp_path / "healed", tmp_path / "cache"), *args
+    )
     assert healed.returncode == 0 and "Traceback" not in healed.stderr, healed.stderr[-3000:]
     mentions = [line for line in healed.stderr.splitlines() if "token cache" in line]
     assert len(mentions) == 1 and "is damaged" in mentions[0] and "rebuilding it" in mentions[0], healed.stderr

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from conftest import in_process
 
 from accel_gpt.config import AT_LEAST_ONE, AT_LEAST_ZERO, NON_NEGATIVE_FINITE, TrainConfig, parse_config, validate
 from accel_gpt.errors import UserError
@@ -72,9 +73,8 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
         parse_config(["--config", str(tmp_path / "bad.yaml")])
 
 
-@pytest.mark.slow
-def test_help_lists_every_option_with_default():
-    out = subprocess.run([sys.executable, "-m", "accel_gpt.train", "--help"], capture_output=True, text=True)
+def test_help_lists_every_option_with_default(capfd):
+    out = in_process(train_main, ["--help"], capfd)
     assert out.returncode == 0
     text = " ".join(out.stdout.split())
     for name in TrainConfig.__dataclass_fields__:

@@ -126,14 +126,14 @@ def test_checkpoint_that_does_not_exist(tiny_run, train_here):
 
 
 @pytest.mark.slow
-def test_corrupt_weights_of_the_requested_checkpoint(tiny_run, tmp_path):
+def test_corrupt_weights_of_the_requested_checkpoint(tiny_run, tmp_path, train_here):
     out = tmp_path / "run"
     shutil.copytree(tiny_run.out, out)
     weights = out / "checkpoints" / "checkpoint_000004" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     args = common_args(out, tiny_run.cache) + ["--max_steps", "6"]
-    assert_one_line_error(train_cli(*args, "--checkpoint", "4"), "checkpoint_000004 is corrupt: model.safetensors has")
-    fallback = train_cli(*args, "--checkpoint", "latest")  # 'latest' falls back to step 2 with a warning
+    assert_one_line_error(train_here(*args, "--checkpoint", "4"), "checkpoint_000004 is corrupt: model.safetensors has")
+    fallback = train_cli(*args, "--checkpoint", "latest")  # 'latest' falls back to step 2 with a warning on stderr
     assert fallback.returncode == 0, fallback.stderr[-2000:]
     assert "resumed at step 2" in fallback.stdout and "falling back to the previous checkpoint" in fallback.stderr
 

@@ -21,13 +21,6 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from accel_gpt.errors import UserError
 from accel_gpt.model import VOCABULARY_PARAMETERS, GPTConfig, GPTModel, fit_vocabulary_rows
@@ -178,6 +171,10 @@ def full_state_dicts(model: GPTModel, optimizer: torch.optim.Optimizer) -> tuple
     collective under FSDP, so call it on every rank: the main process receives the full state, the others may
     receive empty dicts. On one process the tensors may alias the live parameters: write them out before the
     next step."""
+    # Imported here: torch's distributed state-dict helpers take about a second to import, which the inference
+    # commands (they only read model weights) should not pay.
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
 
@@ -429,6 +426,8 @@ def load_checkpoint(path: str | Path, model: GPTModel, optimizer: torch.optim.Op
     check_model_file(path / MODEL_FILE, model)
     if optimizer is not None:
         meta = check_optimizer_files(path, model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
     broadcast = dist.is_initialized() and dist.get_world_size() > 1
     reads = not broadcast or dist.get_rank() == 0
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast)

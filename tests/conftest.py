@@ -201,3 +201,14 @@ def train_here(capfd):
 @pytest.fixture
 def cache_dir(tmp_path):
     return tmp_path / "cache"
+
+
+# The files that take longest, first: pytest-xdist hands each worker one file at a time (--dist loadfile), so
+# the long ones then run side by side instead of one of them alone at the end while the other core idles.
+LONGEST_FIRST = ("test_launch.py", "test_faults.py", "test_resume.py", "test_trackers.py", "test_sample_evaluate.py",
+                 "test_cache.py", "test_notebook.py", "test_analysis.py", "test_errors.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order

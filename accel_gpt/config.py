@@ -39,10 +39,16 @@ class TrainConfig:
     # --- data
     train_data_path: str = _opt(
         "tinyshakespeare",
-        "training text: a .txt/.jsonl/.parquet file, a folder written by datasets' save_to_disk (a DatasetDict's "
-        "split: FOLDER/train), a directory, a glob, or a bundled corpus name (the-verdict, tinyshakespeare, xiyouji)",
+        "training text: a .txt/.jsonl/.parquet file (.txt and .jsonl also as .gz/.bz2/.xz), a folder written by "
+        "datasets' save_to_disk (a DatasetDict's split: FOLDER/train), a directory or glob (laid out in hub splits: "
+        "its train files), or a bundled corpus name (the-verdict, tinyshakespeare, xiyouji)",
     )
-    val_data_path: str | None = _opt(None, "validation text (same forms); if unset, val_fraction of the training text")
+    val_data_path: str | None = _opt(
+        None,
+        "validation text (same forms); if unset, the validation files of a folder laid out in hub splits "
+        "(validation-*.parquet, ...), else val_fraction of the training text",
+    )
+    text_column: str = _opt("text", "the column (.parquet, saved datasets) or field (.jsonl) that holds the text")
     val_fraction: float = _opt(0.1, "share of the training tokens held out for validation when val_data_path is unset")
     tokenizer: str = _opt("gpt2", "tokenizer: gpt2 (bundled, offline) or any tiktoken encoding name")
     special_token_id: int | None = _opt(
@@ -367,6 +373,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         shaped = [k for k in MODEL_SHAPE_OPTIONS if getattr(cfg, k) is not None]
         if shaped:
             raise UserError(f"init_from takes the model's shape from {cfg.init_from}; drop {', '.join(shaped)}")
+    if not cfg.text_column:
+        raise UserError("text_column must name a column")
     if not cfg.start_context:
         raise UserError("start_context must not be empty: the sample needs a prompt to continue")
     if not 0.0 <= cfg.val_fraction < 1.0:

@@ -10,17 +10,21 @@ deals those batches out to ranks.
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import glob
+import gzip
 import io
 import json
 import logging
+import lzma
 import os
 import re
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -39,6 +43,8 @@ log = logging.getLogger(__name__)
 
 BUNDLED_CORPORA = {"the-verdict": "the-verdict.txt", "tinyshakespeare": "tinyshakespeare.txt", "xiyouji": "xiyouji.txt"}
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# Text and JSON lines may come compressed, as hub datasets often ship them (parquet compresses its own pages).
+COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 CHUNK_TOKENS = 1 << 20  # tokens per Arrow record batch: bounds memory while writing and reading
 PIECE_CHARS = 1 << 20  # most characters tokenized at once: a longer document is cut into pieces of this size
 TABLE_ROWS = 256  # rows decoded at once from a parquet file or saved dataset (parquet: and its row-group size)
@@ -74,12 +80,119 @@ def resolve_files(spec: str) -> list[Path]:
                 f"{spec} matches only directories ({matches[0]}, ...): pass a directory, or a pattern "
                 "that matches files"
             )
-    files = sorted(p for p in candidates if p.suffix.lower() in FORMATS)
+    files = _once(sorted(p for p in candidates if _file_format(p)))
     if not files:
-        raise UserError(f"no .txt, .jsonl or .parquet files in {spec}")
-    if len({FORMATS[p.suffix.lower()] for p in files}) > 1:
-        raise UserError(f"{spec} mixes file formats; use one of .txt, .jsonl or .parquet per data path")
+        raise UserError(f"no .txt, .jsonl or .parquet files (or .txt/.jsonl compressed as .gz, .bz2, .xz) in {spec}")
     return files
+
+
+def _file_format(path: Path) -> str | None:
+    """ "text", "json" or "parquet" for a corpus file's name (compressed text and JSON lines too), else None."""
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        return {".txt": "text", ".jsonl": "json", ".json": "json"}.get(suffixes[0]) if len(suffixes) == 2 else None
+    return FORMATS.get(suffixes[-1]) if suffixes else None
+
+
+def one_format(spec: str, files: list[Path]) -> list[Path]:
+    """`files`, if they share a format; else the error that names a file of each."""
+    formats = {}
+    for path in files:
+        formats.setdefault(_file_format(path) or "dataset", path)
+    if len(formats) > 1:
+        examples = ", ".join(f"{fmt}: {path}" for fmt, path in sorted(formats.items()))
+        raise UserError(f"{spec} mixes file formats ({examples}); use one format per data path")
+    return files
+
+
+def _open(path: Path):
+    """A corpus file as bytes, decompressed as its name says."""
+    return COMPRESSIONS.get(path.suffix.lower(), open)(path, "rb")
+
+
+# Hugging Face's split names, as `datasets` reads them from a repository's folder and file names: a keyword between
+# separators (`data/train-00000-of-00002.parquet`, `validation.jsonl`, `data/test/part.txt`).
+SPLIT_KEYWORDS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "dev", "val"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
+_SEP = "[-._ 0-9]"
+_IN_FOLDER = {s: re.compile(f"(?:^|{_SEP})(?:{'|'.join(w)})(?:{_SEP}|$)") for s, w in SPLIT_KEYWORDS.items()}
+_IN_FILE_NAME = {s: re.compile(f"(?:^|{_SEP})(?:{'|'.join(w)}){_SEP}") for s, w in SPLIT_KEYWORDS.items()}
+
+
+def hub_splits(files: list[Path], root: Path) -> dict[str, list[Path]] | None:
+    """The files of each split if their folders (first) or file names below `root` carry split names, as
+    `datasets` resolves a repository's layout; None if none do. Files of no split are under "". A file named for
+    two splits is an error: it would be trained and validated on."""
+    for scheme in ("folder", "file name"):
+        splits: dict[str, list[Path]] = {}
+        for path in files:
+            relative = path.relative_to(root) if path.is_relative_to(root) else Path(path.name)
+            if scheme == "folder":
+                named = {s for s, pattern in _IN_FOLDER.items() for part in relative.parts[:-1] if pattern.search(part)}
+            else:
+                named = {s for s, pattern in _IN_FILE_NAME.items() if pattern.search(relative.name)}
+            if len(named) > 1:
+                raise UserError(f"{path} is named for two splits ({' and '.join(sorted(named))}) by its {scheme}")
+            splits.setdefault(named.pop() if named else "", []).append(path)
+        if set(splits) - {""}:
+            return splits
+    return None
+
+
+def _search_root(spec: str) -> Path:
+    """The folder a directory or glob names files below: the glob's leading part without wildcards."""
+    parts = Path(spec).expanduser().parts
+    wild = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+    return Path(*parts[:wild]) if wild else Path(".")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what} file{'s' * (n != 1)}"
+
+
+@dataclass
+class DataFiles:
+    train: list[Path]
+    validation: list[Path] | None  # None: the run holds out val_fraction of the training tokens
+    note: str  # what a split layout decided, for the console; "" when there was nothing to decide
+
+
+def resolve_data(train_spec: str, val_spec: str | None) -> DataFiles:
+    """The training and validation files of a run. A directory or glob laid out in hub splits trains on its train
+    files and, unless `val_spec` is given, validates on its validation files; a file in both is refused."""
+    train, note = _files_for("train", train_spec), ""
+    validation = None if val_spec is None else _files_for("validation", val_spec)
+    one_file = len(train) == 1 and Path(train_spec).expanduser().is_file()
+    splits = None if one_file else hub_splits(train, _search_root(train_spec))
+    if splits is not None:
+        if "train" not in splits:
+            named = ", ".join(sorted(set(splits) - {""}))
+            raise UserError(f"train data: {train_spec} is laid out in splits ({named}) but has no train files")
+        train = splits.pop("train")
+        note = f"train data: {train_spec} is laid out in splits: training on its {_count(len(train), 'train')}"
+        if validation is None and "validation" in splits:
+            validation = splits.pop("validation")
+            note += f", validating on its {_count(len(validation), 'validation')}"
+        if splits:
+            note += f" ({', '.join(_count(len(f), s or 'other') for s, f in sorted(splits.items()))} not used)"
+    if validation is not None:
+        in_train = {os.path.realpath(p) for p in train}
+        if shared := [p for p in validation if os.path.realpath(p) in in_train]:
+            raise UserError(
+                f"validation data: {shared[0]} is in the training data too ({_count(len(shared), 'such')}): "
+                "train and validate on separate files"
+            )
+    return DataFiles(train, validation, note)
+
+
+def _files_for(role: str, spec: str) -> list[Path]:
+    try:
+        return resolve_files(spec)
+    except UserError as err:
+        raise UserError(f"{role} data: {err}") from None
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -98,15 +211,30 @@ def _search(root: Path) -> list[Path]:
     def unreadable(err: OSError):  # os.walk would skip the folder and train on the rest
         raise UserError(f"cannot read directory {err.filename}: {err.strerror}")
 
-    found = []
+    found, seen = [], set()
     for folder, subfolders, names in os.walk(root, onerror=unreadable, followlinks=True):
         if _is_saved_dataset(Path(folder)):  # else its state.json would be read as JSON lines
             raise UserError(
                 f"{folder} is a saved Hugging Face dataset inside {root}: pass it as a data path of its own"
             )
-        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        # Links are followed, but each real folder is walked once: a link back up (a cycle) or a second link to
+        # the same folder would put its files into the corpus again.
+        seen.add(os.path.realpath(folder))
+        kept = []
+        for name in sorted(subfolders):
+            real = os.path.realpath(Path(folder, name))
+            if not name.startswith(".") and real not in seen:
+                seen.add(real)
+                kept.append(name)
+        subfolders[:] = kept
         found += [Path(folder, n) for n in names if not n.startswith(".")]
     return [p for p in found if p.is_file()]
+
+
+def _once(files: list[Path]) -> list[Path]:
+    """`files` in order with each real file once: two links to one file are one file of the corpus."""
+    seen: set[str] = set()
+    return [p for p in files if not (os.path.realpath(p) in seen or seen.add(os.path.realpath(p)))]
 
 
 # ----------------------------------------------------------------------------------------------- token stream
@@ -183,16 +311,17 @@ def _pieces(blocks: Iterable[str]) -> Iterator[tuple[str, bool]]:
 
 
 def _not_utf8(path: Path, reason: str, offset: int) -> UserError:
-    with open(path, "rb") as f:
+    with _open(path) as f:
         head = f.read(2)
     if head in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
         hint = "it starts with a UTF-16 byte-order mark: convert it, e.g. iconv -f UTF-16 -t UTF-8"
     else:
         hint = "convert it, e.g. iconv -f GB18030 -t UTF-8"
-    return UserError(f"{path} is not valid UTF-8: {reason} at byte offset {offset} ({hint})")
+    where = f"byte offset {offset}" + (" of the decompressed text" if path.suffix.lower() in COMPRESSIONS else "")
+    return UserError(f"{path} is not valid UTF-8: {reason} at {where} ({hint})")
 
 
-def _read_text(path: Path) -> Iterator[tuple[str, bool]]:
+def _read_text(path: Path, column: str) -> Iterator[tuple[str, bool]]:
     """A .txt file is one document, decoded and cut as it is read, so memory does not grow with the file."""
     return _pieces(_decode_blocks(path))
 
@@ -201,7 +330,7 @@ def _decode_blocks(path: Path) -> Iterator[str]:
     # Line ends become "\n", as in Python's text mode, through which earlier versions read .txt files.
     decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(), translate=True)
     offset, first = 0, True
-    with open(path, "rb") as f:
+    with _open(path) as f:
         while True:
             block = f.read(PIECE_CHARS)
             held = len(decoder.getstate()[0])  # bytes of a character split across blocks
@@ -220,10 +349,10 @@ def _decode_blocks(path: Path) -> Iterator[str]:
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 
 
-def _read_json_lines(path: Path) -> Iterator[tuple[str, bool]]:
-    """One document per line: the 'text' field of a JSON object. Blank lines are skipped."""
+def _read_json_lines(path: Path, column: str) -> Iterator[tuple[str, bool]]:
+    """One document per line: the `column` field of a JSON object. Blank lines are skipped."""
     offset = 0
-    with open(path, "rb") as f:
+    with _open(path) as f:
         for number, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
@@ -249,29 +378,29 @@ def _read_json_lines(path: Path) -> Iterator[tuple[str, bool]]:
             if not isinstance(row, dict):
                 raise UserError(
                     f"{path} line {number} is a JSON {_JSON_TYPES.get(type(row), 'null')}, not an object "
-                    "with a 'text' field (one JSON object per line)"
+                    f"with a '{column}' field (one JSON object per line)"
                 )
-            text = row.get("text")
+            text = row.get(column)
             if not isinstance(text, str):
-                held = (
-                    "no 'text' value (missing or null)"
-                    if text is None
-                    else f"a 'text' {_JSON_TYPES[type(text)]}, not a string"
-                )
+                if text is None:
+                    fields = ", ".join(row)
+                    held = f"no '{column}' value (missing or null; fields: {fields}; --text_column names another)"
+                else:
+                    held = f"a '{column}' {_JSON_TYPES[type(text)]}, not a string"
                 raise UserError(f"{path} line {number} has {held}")
             yield from _pieces([text])
 
 
-def _read_parquet(path: Path) -> Iterator[tuple[str, bool]]:
-    """One document per row of the 'text' column, decoded TABLE_ROWS rows at a time."""
+def _read_parquet(path: Path, column: str) -> Iterator[tuple[str, bool]]:
+    """One document per row of the `column` column, decoded TABLE_ROWS rows at a time."""
     parquet = pq.ParquetFile(path)
-    _check_text_column(path, parquet.schema_arrow)
-    batches = parquet.iter_batches(batch_size=TABLE_ROWS, columns=["text"])
-    return _text_rows(path, (batch.column(0) for batch in batches))
+    _check_text_column(path, parquet.schema_arrow, column)
+    batches = parquet.iter_batches(batch_size=TABLE_ROWS, columns=[column])
+    return _text_rows(path, (batch.column(0) for batch in batches), column)
 
 
-def _read_dataset(folder: Path) -> Iterator[tuple[str, bool]]:
-    """One document per row of a saved Dataset's 'text' column, TABLE_ROWS rows at a time from its memory-mapped
+def _read_dataset(folder: Path, column: str) -> Iterator[tuple[str, bool]]:
+    """One document per row of a saved Dataset's `column` column, TABLE_ROWS rows at a time from its memory-mapped
     shards (`datasets` copies nothing into RAM)."""
     import datasets  # here only: importing it takes seconds, which a run on text files should not pay
 
@@ -279,31 +408,33 @@ def _read_dataset(folder: Path) -> Iterator[tuple[str, bool]]:
         dataset = datasets.load_from_disk(str(folder), keep_in_memory=False)
     except (KeyError, ValueError) as err:  # a state.json or dataset_info.json that save_to_disk did not write
         raise UserError(f"{folder} is not a readable saved dataset ({type(err).__name__}: {err})") from None
-    _check_text_column(folder, dataset.data.schema)
-    batches = dataset.select_columns(["text"]).with_format("arrow").iter(batch_size=TABLE_ROWS)
-    return _text_rows(folder, (batch.column(0) for batch in batches))
+    _check_text_column(folder, dataset.data.schema, column)
+    batches = dataset.select_columns([column]).with_format("arrow").iter(batch_size=TABLE_ROWS)
+    return _text_rows(folder, (batch.column(0) for batch in batches), column)
 
 
-def _check_text_column(path: Path, schema: pa.Schema) -> None:
-    if "text" not in schema.names:
-        raise UserError(f"{path} has no 'text' column (columns: {', '.join(schema.names)})")
-    kind = schema.field("text").type
+def _check_text_column(path: Path, schema: pa.Schema, column: str) -> None:
+    if column not in schema.names:
+        raise UserError(
+            f"{path} has no '{column}' column (columns: {', '.join(schema.names)}; --text_column names another)"
+        )
+    kind = schema.field(column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise UserError(f"the 'text' column of {path} holds {kind}, not strings")
+        raise UserError(f"the '{column}' column of {path} holds {kind}, not strings")
 
 
-def _text_rows(path: Path, columns: Iterable[pa.Array | pa.ChunkedArray]) -> Iterator[tuple[str, bool]]:
-    """Each string of consecutive slices of a 'text' column as one document."""
+def _text_rows(path: Path, columns: Iterable[pa.Array | pa.ChunkedArray], name: str) -> Iterator[tuple[str, bool]]:
+    """Each string of consecutive slices of the text column `name` as one document."""
     row = 0
     for column in columns:
         if column.null_count:
             first = row + column.is_null().to_pylist().index(True)
-            raise UserError(f"{path}: {column.null_count} rows from row index {first} have no 'text' value (null)")
+            raise UserError(f"{path}: {column.null_count} rows from row index {first} have no '{name}' value (null)")
         try:
             texts = column.to_pylist()
         except UnicodeDecodeError as err:  # Arrow writers do not all check that strings are UTF-8
             bad = next(i for i in range(len(column)) if not _decodes(column[i]))
-            raise UserError(f"{path} row index {row + bad}: 'text' is not valid UTF-8 ({err.reason})") from None
+            raise UserError(f"{path} row index {row + bad}: '{name}' is not valid UTF-8 ({err.reason})") from None
         for text in texts:
             yield from _pieces([text])
         row += len(column)
@@ -321,7 +452,7 @@ READERS = {"text": _read_text, "json": _read_json_lines, "parquet": _read_parque
 
 
 def _format(files: list[Path]) -> str:
-    return "dataset" if files[0].is_dir() else FORMATS[files[0].suffix.lower()]
+    return "dataset" if files[0].is_dir() else _file_format(files[0])
 
 
 def _dataset_shards(folder: Path) -> list[Path]:
@@ -337,12 +468,12 @@ def _dataset_shards(folder: Path) -> list[Path]:
         raise UserError(f"{state} does not list the dataset's shards ({type(err).__name__}: {err})") from None
 
 
-def _batches(files: list[Path], fmt: str, progress: tqdm) -> Iterator[list[tuple[str, bool]]]:
+def _batches(files: list[Path], fmt: str, column: str, progress: tqdm) -> Iterator[list[tuple[str, bool]]]:
     """Pieces of every document in corpus order, grouped into batches of about PIECE_CHARS characters."""
     batch, size = [], 0
     for path in files:
         try:
-            for piece in READERS[fmt](path):
+            for piece in READERS[fmt](path, column):
                 batch.append(piece)
                 size += len(piece[0])
                 if size >= PIECE_CHARS:
@@ -417,20 +548,25 @@ def tokenize_corpus(
     cache_dir: str | Path | None = None,
     num_proc: int | None = None,
     role: str = "train",
+    text_column: str = "text",
+    files: list[Path] | None = None,
 ) -> tuple[TokenStream, bool]:
-    """Tokenize the corpus at `spec` into the cache (default ~/.cache/accel_gpt) unless its tokens are there and
-    check out. Returns (stream, whether the cache was hit). Errors name `role` ("train", "validation") and the file."""
+    """Tokenize the corpus at `spec` (or its `files`, as `resolve_data` chose them) into the cache (default
+    ~/.cache/accel_gpt) unless its tokens are there and check out. Returns (stream, whether the cache was hit).
+    Errors name `role` ("train", "validation") and the file."""
     try:
-        return _tokenize(spec, tokenizer, special_token_id, cache_dir, num_proc, role)
+        files = one_format(spec, files or resolve_files(spec))
+        return _tokenize(files, spec, tokenizer, special_token_id, cache_dir, num_proc, role, text_column)
     except UserError as err:
         raise UserError(f"{role} data: {err}") from None
 
 
-def _tokenize(spec, tokenizer, special_token_id, cache_dir, num_proc, role) -> tuple[TokenStream, bool]:
-    files = resolve_files(spec)
+def _tokenize(files, spec, tokenizer, special_token_id, cache_dir, num_proc, role, column) -> tuple[TokenStream, bool]:
     fmt = _format(files)
     encoding = get_tokenizer(tokenizer)
     settings = {"format": fmt, "tokenizer": tokenizer, "special_token_id": special_token_id}
+    if fmt != "text" and column != "text":  # the default stays out of the key: entries made before it still hit
+        settings["text_column"] = column
     entry = cache.entry_for(cache_dir, _dataset_shards(files[0]) if fmt == "dataset" else files, settings)
     problem = cache.check(entry)
     if problem is None:
@@ -449,7 +585,8 @@ def _tokenize(spec, tokenizer, special_token_id, cache_dir, num_proc, role) -> t
     )
     try:
         with progress:
-            arrays = _token_arrays(_batches(files, fmt, progress), encoding, special_token_id, dtype, threads)
+            batches = _batches(files, fmt, column, progress)
+            arrays = _token_arrays(batches, encoding, special_token_id, dtype, threads)
             num_tokens = _write_tokens(arrays, tmp, dtype)
         if num_tokens == 0:
             raise UserError(f"data path {spec} contains no text")

@@ -31,14 +31,18 @@ def main(argv: list[str] | None = None) -> None:
         "non-overlapping windows)",
     )
     parser.add_argument("--batch_size", type=int, default=4, help="windows per forward pass (default: 4)")
+    parser.add_argument(
+        "--text_column", help="the column or .jsonl field holding the text (default: the one the checkpoint trained on)"
+    )
     parser.add_argument("--data_cache_dir", help=f"where tokenized corpora are cached (default: {DEFAULT_CACHE_DIR})")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     args = parser.parse_args(argv)
     checkpoint = open_checkpoint(args.checkpoint, args.step, resolve_device(args.device))
     settings = checkpoint.train_config
     # The corpus is tokenized as the checkpoint's run tokenized its own: same tokenizer, same end-of-text id.
+    column = args.text_column or settings.get("text_column", "text")
     tokens = corpus_tokens(
-        args.data, settings.get("tokenizer", "gpt2"), settings.get("special_token_id"), args.data_cache_dir
+        args.data, settings.get("tokenizer", "gpt2"), settings.get("special_token_id"), args.data_cache_dir, column
     )
     context = checkpoint.model.config.context_len
     stride = context if args.stride is None else args.stride

@@ -151,10 +151,11 @@ def corpus_tokens(
     tokenizer: str = "gpt2",
     special_token_id: int | None = None,
     data_cache_dir: str | Path | None = None,
+    text_column: str = "text",
 ) -> TokenStream:
     """A data path's tokens exactly as training reads them: end-of-text after each document, cached on disk."""
     eot = get_tokenizer(tokenizer).eot_token if special_token_id is None else special_token_id
-    return tokenize_corpus(str(spec), tokenizer, eot, data_cache_dir or DEFAULT_CACHE_DIR)[0]
+    return tokenize_corpus(str(spec), tokenizer, eot, data_cache_dir or DEFAULT_CACHE_DIR, text_column=text_column)[0]
 
 
 @torch.no_grad()

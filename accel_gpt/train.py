@@ -34,7 +34,14 @@ from accel_gpt.checkpoint import (
 )
 from accel_gpt.cli import run_command
 from accel_gpt.config import TrainConfig, parse_config
-from accel_gpt.data import GlobalBatchSampler, TokenStream, WindowDataset, make_loader, tokenize_corpus
+from accel_gpt.data import (
+    GlobalBatchSampler,
+    TokenStream,
+    WindowDataset,
+    make_loader,
+    resolve_data,
+    tokenize_corpus,
+)
 from accel_gpt.errors import UserError
 from accel_gpt.hf import load_hf_gpt2
 from accel_gpt.inference import generate
@@ -108,10 +115,17 @@ def build_model(cfg: TrainConfig, model_cfg: GPTConfig) -> GPTModel:
 
 def load_token_streams(plan: RunPlan, accelerator: Accelerator) -> tuple[TokenStream, TokenStream]:
     cfg, cache_dir = plan.cfg, plan.cfg.token_cache_dir()
+    files = resolve_data(cfg.train_data_path, cfg.val_data_path)
+    if files.note and accelerator.is_main_process:
+        print(files.note, flush=True)
+    settings = dict(cache_dir=cache_dir, num_proc=cfg.num_proc, text_column=cfg.text_column)
     with accelerator.local_main_process_first():  # one rank per machine tokenizes; the others hit its cache
-        train = tokenize_corpus(cfg.train_data_path, cfg.tokenizer, plan.eot_id, cache_dir, cfg.num_proc)[0]
-        if cfg.val_data_path is not None:
-            val = tokenize_corpus(cfg.val_data_path, cfg.tokenizer, plan.eot_id, cache_dir, cfg.num_proc, "validation")
+        train = tokenize_corpus(cfg.train_data_path, cfg.tokenizer, plan.eot_id, files=files.train, **settings)[0]
+        if files.validation is not None:
+            val_spec = cfg.val_data_path or cfg.train_data_path
+            val = tokenize_corpus(
+                val_spec, cfg.tokenizer, plan.eot_id, role="validation", files=files.validation, **settings
+            )
             return train, val[0]
     split = int(len(train) * (1.0 - cfg.val_fraction))
     return train.view(0, split), train.view(split, len(train))

@@ -151,7 +151,8 @@ def test_a_dataset_without_text_or_with_nulls_is_one_line_through_the_cli(tmp_pa
     folder = tmp_path / "no_text"
     datasets.Dataset.from_dict({"body": ["x"], "id": [1]}).save_to_disk(str(folder))
     result = train_here("--train_data_path", folder, "--data_cache_dir", tmp_path / "c")
-    assert_only_line_error(result, f"train data: {folder} has no 'text' column (columns: body, id)")
+    expected = f"train data: {folder} has no 'text' column (columns: body, id; --text_column names another)"
+    assert_only_line_error(result, expected)
     texts = ["fine"] * 300 + [None, "fine", None]  # past the first batch of rows read at once
     folder = save_dataset(tmp_path / "nulls", texts)
     result = train_here("--train_data_path", VERDICT, "--val_data_path", folder, "--data_cache_dir", tmp_path / "c")

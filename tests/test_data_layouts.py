@@ -1,0 +1,195 @@
+"""Data paths as people hold corpora: folders laid out in hub splits, links and link cycles, another text column."""
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import VERDICT, assert_one_line_error
+
+from accel_gpt.data import hub_splits, resolve_data, resolve_files, tokenize_corpus
+from accel_gpt.errors import UserError
+
+EOS = 50256
+
+
+def parquet(path: Path, texts: list[str], column: str = "text") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({column: texts}), path)
+    return path
+
+
+def hub_layout(root: Path) -> Path:
+    """A snapshot of a hub dataset repository: sharded train, one validation and one test shard, a README."""
+    words = VERDICT.read_text().split()
+    part = len(words) // 5
+    texts = [" ".join(words[i * part : (i + 1) * part]) for i in range(5)]
+    parquet(root / "data" / "train-00000-of-00002.parquet", texts[0:1])
+    parquet(root / "data" / "train-00001-of-00002.parquet", texts[1:2] + texts[2:3])
+    parquet(root / "data" / "validation-00000-of-00001.parquet", texts[3:4])
+    parquet(root / "data" / "test-00000-of-00001.parquet", texts[4:5])
+    (root / "README.md").write_text("---\nlicense: public domain\n---\n")
+    return root
+
+
+def tokens(stream) -> list[int]:
+    return stream.read(0, len(stream)).tolist()
+
+
+def names(files) -> list[str]:
+    return [Path(f).name for f in files]
+
+
+def test_a_hub_layout_trains_on_train_validates_on_validation_and_says_so(tmp_path):
+    root = hub_layout(tmp_path / "hub")
+    files = resolve_data(str(root), None)
+    assert names(files.train) == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+    assert names(files.validation) == ["validation-00000-of-00001.parquet"]
+    assert files.note == (
+        f"train data: {root} is laid out in splits: training on its 2 train files, validating on its 1 validation "
+        "file (1 test file not used)"
+    )
+    # A validation path of its own wins; the layout's validation file is then left out, and said to be.
+    other = parquet(tmp_path / "other.parquet", ["Some other text to validate on."])
+    files = resolve_data(str(root / "data"), str(other))
+    assert names(files.validation) == ["other.parquet"] and "(1 test file, 1 validation file not used)" in files.note
+    # A glob is read the same way.
+    assert names(resolve_data(str(root / "data" / "*.parquet"), None).train) == names(files.train)
+
+
+@pytest.mark.slow  # imports datasets
+def test_splits_are_the_ones_datasets_resolves(tmp_path):
+    """The same layouts `datasets.load_dataset(folder)` reads: split names in folders first, then in file names."""
+    data_files = pytest.importorskip("datasets.data_files")
+    layouts = {
+        "by_file_name": ["data/train-00000-of-00001.parquet", "data/validation-00000-of-00001.parquet",
+                         "data/test-00000-of-00001.parquet"],
+        "by_folder": ["train/a.parquet", "train/b.parquet", "dev/c.parquet", "testing/d.parquet"],
+        "plain_names": ["my_train.parquet", "val.parquet", "eval_set.parquet"],
+    }  # fmt: skip
+    for name, paths in layouts.items():
+        root = tmp_path / name
+        for relative in paths:
+            parquet(root / relative, ["text"])
+        ours = hub_splits(resolve_files(str(root)), root)
+        patterns = data_files.get_data_patterns(str(root))
+        theirs = data_files.DataFilesDict.from_patterns(patterns, base_path=str(root))
+        assert {split: sorted(names(files)) for split, files in ours.items()} == {
+            split: sorted(names(files)) for split, files in theirs.items()
+        }, name
+    assert hub_splits(resolve_files(str(VERDICT.parent)), VERDICT.parent) is None  # no split names: all train
+
+
+def test_a_file_in_both_training_and_validation_is_refused(tmp_path):
+    root = hub_layout(tmp_path / "hub")
+    shard = root / "data" / "train-00000-of-00002.parquet"
+    with pytest.raises(UserError, match="validation data: .*train-00000-of-00002.parquet is in the training data too"):
+        resolve_data(str(root), str(shard))
+    with pytest.raises(UserError, match=r"is in the training data too \(1 such file\)"):
+        resolve_data(str(VERDICT), str(VERDICT))
+    os.symlink(VERDICT, tmp_path / "verdict-link.txt")  # the same file under another name is still the same file
+    with pytest.raises(UserError, match="is in the training data too"):
+        resolve_data(str(VERDICT), str(tmp_path / "verdict-link.txt"))
+    parquet(tmp_path / "both" / "train_and_validation.parquet", ["x"])
+    parquet(tmp_path / "both" / "test.parquet", ["y"])
+    with pytest.raises(UserError, match="train_and_validation.parquet is named for two splits"):
+        resolve_data(str(tmp_path / "both"), None)
+    with pytest.raises(UserError, match="is laid out in splits .test. but has no train files"):
+        resolve_data(str(tmp_path / "both" / "test.parquet").replace("test.parquet", "te*.parquet"), None)
+
+
+def test_a_link_cycle_and_links_to_one_file_read_each_file_once(tmp_path):
+    corpus = tmp_path / "loop"
+    (corpus / "a").mkdir(parents=True)
+    (corpus / "a" / "one.txt").write_text("one")
+    (corpus / "two.txt").write_text("two")
+    os.symlink("..", corpus / "a" / "up")  # a cycle: loop/a/up/a/up/... is loop again
+    os.symlink(corpus / "a", corpus / "a-again")  # a second way into the same folder
+    os.symlink(corpus / "two.txt", corpus / "a" / "also-two.txt")  # a second name for one file
+    found = resolve_files(str(corpus))
+    assert sorted(os.path.realpath(p) for p in found) == sorted(
+        os.path.realpath(p) for p in (corpus / "a" / "one.txt", corpus / "two.txt")
+    )
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_text_column_reads_another_column_or_field(tmp_path, suffix):
+    texts = ["The first document.", "Der zweite, mit Umlauten: äöü.", "第三个文件。"]
+    if suffix == ".jsonl":
+        (tmp_path / f"content{suffix}").write_text(
+            "".join(json.dumps({"id": i, "content": t}) + "\n" for i, t in enumerate(texts))
+        )
+    else:
+        parquet(tmp_path / f"content{suffix}", texts, column="content")
+    expected = []
+    for text in texts:
+        (tmp_path / "one.txt").write_text(text)
+        expected += tokens(tokenize_corpus(str(tmp_path / "one.txt"), "gpt2", EOS, tmp_path / "c1")[0])
+    path = str(tmp_path / f"content{suffix}")
+    assert tokens(tokenize_corpus(path, "gpt2", EOS, tmp_path / "c2", text_column="content")[0]) == expected
+    with pytest.raises(UserError, match="--text_column names another"):
+        tokenize_corpus(str(tmp_path / f"content{suffix}"), "gpt2", EOS, tmp_path / "c3")
+
+
+@pytest.mark.slow
+def test_training_on_a_hub_layout_through_the_command_line(tmp_path, train_here):
+    root = hub_layout(tmp_path / "hub")
+    args = ["--model", "tiny", "--train_data_path", root, "--data_cache_dir", tmp_path / "c", "--output_dir",
+            tmp_path / "run", "--max_steps", 2, "--warmup_steps", 1, "--eval_freq", 2, "--eval_iter", 1]  # fmt: skip
+    result = train_here(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "is laid out in splits: training on its 2 train files, validating on its 1 validation file" in result.stdout
+    entries = sorted((tmp_path / "c").glob("tokens-*/meta.json"))
+    listed = sorted(name for entry in entries for name in names(json.loads(entry.read_text())["files"]))
+    assert listed == [
+        "train-00000-of-00002.parquet", "train-00001-of-00002.parquet", "validation-00000-of-00001.parquet"
+    ]  # fmt: skip
+    refused = train_here(
+        *args, "--output_dir", tmp_path / "refused", "--val_data_path", root / "data" / "train-00001-of-00002.parquet"
+    )
+    assert_one_line_error(refused, "validation data:", "train-00001-of-00002.parquet is in the training data too")
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+def test_compressed_text_and_json_lines_read_as_the_plain_files(tmp_path, suffix):
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[suffix]
+    plain = {"a.jsonl": '{"text": "Erste Zeile."}\n{"text": "第二行。"}\n', "b.txt": VERDICT.read_text()[:3000]}
+    for name, text in plain.items():
+        (tmp_path / "plain").mkdir(exist_ok=True)
+        (tmp_path / "plain" / name).write_text(text)
+        (tmp_path / "packed").mkdir(exist_ok=True)
+        with opener(tmp_path / "packed" / f"{name}{suffix}", "wt", encoding="utf-8") as f:
+            f.write(text)
+        expected = tokens(tokenize_corpus(str(tmp_path / "plain" / name), "gpt2", EOS, tmp_path / "c")[0])
+        got = tokenize_corpus(str(tmp_path / "packed" / f"{name}{suffix}"), "gpt2", EOS, tmp_path / "c")[0]
+        assert tokens(got) == expected, name
+    with pytest.raises(UserError, match=r"mixes file formats \(json: .*a.jsonl.*, text: .*b.txt"):
+        tokenize_corpus(str(tmp_path / "packed"), "gpt2", EOS, tmp_path / "c")
+    with opener(tmp_path / f"latin1.txt{suffix}", "wb") as f:
+        f.write("schön".encode("latin-1"))
+    with pytest.raises(UserError, match="byte offset 3 of the decompressed text"):
+        tokenize_corpus(str(tmp_path / f"latin1.txt{suffix}"), "gpt2", EOS, tmp_path / "c")
+
+
+def test_a_hub_snapshot_with_metadata_and_compressed_json_shards(tmp_path):
+    """As a downloaded repository holds it: .jsonl.gz shards per split beside dataset_infos.json and a README."""
+    import gzip
+
+    root = tmp_path / "snapshot"
+    (root / "data").mkdir(parents=True)
+    for split, text in (("train", "Training text. " * 40), ("validation", "Held-out text. " * 10), ("test", "No.")):
+        with gzip.open(root / "data" / f"{split}-00000-of-00001.jsonl.gz", "wt") as f:
+            f.write(json.dumps({"content": text}) + "\n")
+    (root / "dataset_infos.json").write_text('{"default": {"features": {"content": {"dtype": "string"}}}}')
+    files = resolve_data(str(root), None)
+    assert names(files.train) == ["train-00000-of-00001.jsonl.gz"]
+    assert names(files.validation) == ["validation-00000-of-00001.jsonl.gz"]
+    assert "(1 other file, 1 test file not used)" in files.note
+    stream = tokenize_corpus(str(root), "gpt2", EOS, tmp_path / "c", text_column="content", files=files.train)[0]
+    assert tokens(stream)[-1] == EOS and len(tokens(stream)) > 40

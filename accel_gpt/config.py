@@ -48,7 +48,20 @@ class TrainConfig:
         "validation text (same forms); if unset, the validation files of a folder laid out in hub splits "
         "(validation-*.parquet, ...), else val_fraction of the training text",
     )
-    text_column: str = _opt("text", "the column (.parquet, saved datasets) or field (.jsonl) that holds the text")
+    text_column: str = _opt("text", "the column (.parquet, datasets) or field (.jsonl) that holds the text")
+    dataset: str | None = _opt(
+        None,
+        "a Hugging Face dataset, read with datasets.load_dataset instead of train_data_path: a local folder "
+        "laid out like a hub repository, or a hub name already in the local Hugging Face cache "
+        "(HF_DATASETS_OFFLINE=1: never reach the Hub)",
+    )
+    dataset_config: str | None = _opt(None, "the dataset's configuration name (e.g. wikitext-2-raw-v1)")
+    train_split: str = _opt("train", "the dataset split to train on")
+    val_split: str | None = _opt(
+        None,
+        "the dataset split to validate on (default: validation when the dataset has one, else val_fraction of "
+        "the training split)",
+    )
     val_fraction: float = _opt(0.1, "share of the training tokens held out for validation when val_data_path is unset")
     tokenizer: str = _opt("gpt2", "tokenizer: gpt2 (bundled, offline) or any tiktoken encoding name")
     special_token_id: int | None = _opt(
@@ -308,7 +321,9 @@ CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
 # Path options: a notebook passes pathlib.Path objects, the config keeps their text.
-PATH_OPTIONS = ("train_data_path", "val_data_path", "data_cache_dir", "init_from", "output_dir", "checkpoint_dir")
+PATH_OPTIONS = (
+    "train_data_path", "val_data_path", "dataset", "data_cache_dir", "init_from", "output_dir", "checkpoint_dir"
+)  # fmt: skip
 AT_LEAST_ONE = (
     "batch_size", "gradient_accumulation_steps", "num_epochs", "eval_iter", "save_freq", "max_nonfinite_steps",
     "vocab_multiple", "max_steps", "global_batch_size", "context_len", "stride", "cpu_threads", "embedding_dim",
@@ -373,13 +388,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         shaped = [k for k in MODEL_SHAPE_OPTIONS if getattr(cfg, k) is not None]
         if shaped:
             raise UserError(f"init_from takes the model's shape from {cfg.init_from}; drop {', '.join(shaped)}")
-    if not cfg.text_column:
-        raise UserError("text_column must name a column")
+    for key in ("text_column", "train_split", "val_split", "dataset", "dataset_config"):
+        if getattr(cfg, key) == "":
+            raise UserError(f"{key} must not be empty")
     if not cfg.start_context:
         raise UserError("start_context must not be empty: the sample needs a prompt to continue")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    if cfg.val_data_path is None and cfg.val_fraction == 0.0:
+    if cfg.dataset is not None and cfg.val_data_path is not None:
+        raise UserError("dataset brings its own splits: choose the validation one with val_split, not val_data_path")
+    if cfg.dataset is None and cfg.val_data_path is None and cfg.val_fraction == 0.0:
         raise UserError("no validation data: set val_data_path or a val_fraction above 0")
     choices = {
         "attention": ("auto", "cudnn", "flash", "efficient", "math"),

@@ -188,6 +188,44 @@ def resolve_data(train_spec: str, val_spec: str | None) -> DataFiles:
     return DataFiles(train, validation, note)
 
 
+def load_dataset_splits(name: str, config: str | None, train_split: str, val_split: str | None) -> DataFiles:
+    """The Arrow files `datasets.load_dataset` prepares in its cache for a dataset's training split and validation
+    split (None: hold out val_fraction of the training tokens), and the line that says which splits were taken.
+    Reads them as they are (memory-mapped, no copy); their content keys the token cache like any file's."""
+    import datasets  # here only: importing it takes seconds
+
+    if not sys.stderr.isatty():  # as for tokenizing: for bad input the error is the only line
+        datasets.disable_progress_bars()
+    try:
+        splits = datasets.load_dataset(name, config)
+    except ConnectionError as err:  # offline, or no network: what `datasets` says when nothing is cached
+        how = f"datasets.load_dataset({name!r}{f', {config!r}' if config else ''})"
+        raise UserError(
+            f"dataset {name!r} is not in the local Hugging Face cache and the Hub cannot be reached ({err}); fetch "
+            f'it once where there is network: python -c "import datasets; {how}"'
+        ) from None
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetsError) as err:
+        raise UserError(f"dataset {name!r}: {str(err).splitlines()[0]}") from None
+    available = ", ".join(splits)
+    if train_split not in splits:
+        raise UserError(f"dataset {name!r} has no split {train_split!r} (splits: {available}): pass --train_split")
+    if val_split is not None and val_split not in splits:
+        raise UserError(f"dataset {name!r} has no split {val_split!r} (splits: {available}): pass --val_split")
+    val_split = val_split or ("validation" if "validation" in splits else None)
+    if val_split == train_split:
+        raise UserError(f"dataset {name!r}: train_split and val_split are both {train_split!r}")
+
+    def arrow_files(split: str) -> list[Path]:
+        if splits[split]._indices is not None:  # a selection over the table: its files hold other rows too
+            raise UserError(f"dataset {name!r} split {split!r} is a selection of its table, not whole Arrow files")
+        return [Path(f["filename"]) for f in splits[split].cache_files]
+
+    note = f"dataset {name}: training on its {train_split} split ({splits[train_split].num_rows:,} rows)"
+    if val_split is not None:
+        note += f", validating on its {val_split} split ({splits[val_split].num_rows:,} rows)"
+    return DataFiles(arrow_files(train_split), arrow_files(val_split) if val_split else None, note)
+
+
 def _files_for(role: str, spec: str) -> list[Path]:
     try:
         return resolve_files(spec)
@@ -399,6 +437,14 @@ def _read_parquet(path: Path, column: str) -> Iterator[tuple[str, bool]]:
     return _text_rows(path, (batch.column(0) for batch in batches), column)
 
 
+def _read_arrow(path: Path, column: str) -> Iterator[tuple[str, bool]]:
+    """One document per row of a `datasets` cache file (the Arrow stream format), memory-mapped."""
+    reader = pa.ipc.open_stream(pa.memory_map(str(path)))
+    _check_text_column(path, reader.schema, column)
+    index = reader.schema.get_field_index(column)
+    return _text_rows(path, (batch.column(index) for batch in reader), column)
+
+
 def _read_dataset(folder: Path, column: str) -> Iterator[tuple[str, bool]]:
     """One document per row of a saved Dataset's `column` column, TABLE_ROWS rows at a time from its memory-mapped
     shards (`datasets` copies nothing into RAM)."""
@@ -448,11 +494,16 @@ def _decodes(value: pa.Scalar) -> bool:
     return True
 
 
-READERS = {"text": _read_text, "json": _read_json_lines, "parquet": _read_parquet, "dataset": _read_dataset}
+READERS = {
+    "text": _read_text, "json": _read_json_lines, "parquet": _read_parquet, "dataset": _read_dataset,
+    "arrow": _read_arrow,
+}  # fmt: skip
 
 
 def _format(files: list[Path]) -> str:
-    return "dataset" if files[0].is_dir() else _file_format(files[0])
+    if files[0].is_dir():
+        return "dataset"
+    return "arrow" if files[0].suffix == ".arrow" else _file_format(files[0])  # arrow: from load_dataset_splits
 
 
 def _dataset_shards(folder: Path) -> list[Path]:

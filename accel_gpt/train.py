@@ -38,6 +38,7 @@ from accel_gpt.data import (
     GlobalBatchSampler,
     TokenStream,
     WindowDataset,
+    load_dataset_splits,
     make_loader,
     resolve_data,
     tokenize_corpus,
@@ -115,14 +116,19 @@ def build_model(cfg: TrainConfig, model_cfg: GPTConfig) -> GPTModel:
 
 def load_token_streams(plan: RunPlan, accelerator: Accelerator) -> tuple[TokenStream, TokenStream]:
     cfg, cache_dir = plan.cfg, plan.cfg.token_cache_dir()
-    files = resolve_data(cfg.train_data_path, cfg.val_data_path)
-    if files.note and accelerator.is_main_process:
-        print(files.note, flush=True)
     settings = dict(cache_dir=cache_dir, num_proc=cfg.num_proc, text_column=cfg.text_column)
-    with accelerator.local_main_process_first():  # one rank per machine tokenizes; the others hit its cache
-        train = tokenize_corpus(cfg.train_data_path, cfg.tokenizer, plan.eot_id, files=files.train, **settings)[0]
+    # Files are resolved on every rank, so a bad path stops them all. One rank per machine prepares a dataset in
+    # datasets' cache and tokenizes first; the others then hit its caches.
+    files = None if cfg.dataset else resolve_data(cfg.train_data_path, cfg.val_data_path)
+    with accelerator.local_main_process_first():
+        if files is None:
+            files = load_dataset_splits(cfg.dataset, cfg.dataset_config, cfg.train_split, cfg.val_split)
+        if files.note and accelerator.is_main_process:
+            print(files.note, flush=True)
+        train_spec = cfg.dataset or cfg.train_data_path
+        train = tokenize_corpus(train_spec, cfg.tokenizer, plan.eot_id, files=files.train, **settings)[0]
         if files.validation is not None:
-            val_spec = cfg.val_data_path or cfg.train_data_path
+            val_spec = cfg.val_data_path or train_spec
             val = tokenize_corpus(
                 val_spec, cfg.tokenizer, plan.eot_id, role="validation", files=files.validation, **settings
             )

@@ -7,14 +7,18 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import pytest
 
-# Tests never touch the network: transformers must work from local files only.
+# Tests never touch the network: transformers and datasets work from local files only, and datasets prepares
+# what it loads in a cache of this session's own (set before anything imports datasets, which reads it then).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="accel-gpt-tests-hf-datasets-"))
 
 REPO = Path(__file__).resolve().parents[1]
 VERDICT = Path(str(resources.files("accel_gpt") / "assets" / "the-verdict.txt"))

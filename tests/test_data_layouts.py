@@ -193,3 +193,43 @@ def test_a_hub_snapshot_with_metadata_and_compressed_json_shards(tmp_path):
     assert "(1 other file, 1 test file not used)" in files.note
     stream = tokenize_corpus(str(root), "gpt2", EOS, tmp_path / "c", text_column="content", files=files.train)[0]
     assert tokens(stream)[-1] == EOS and len(tokens(stream)) > 40
+
+
+@pytest.mark.slow
+def test_dataset_through_load_dataset_gives_the_losses_of_the_same_files(tmp_path, train_here):
+    """`--dataset FOLDER` reads the splits `datasets.load_dataset` makes of a hub layout; its tokens, and so the
+    run's losses, are those of the same folder as a data path."""
+    root = hub_layout(tmp_path / "hub")
+    common = ["--model", "tiny", "--data_cache_dir", tmp_path / "c", "--max_steps", 3, "--warmup_steps", 1,
+              "--eval_freq", 3, "--eval_iter", 1, "--dropout", 0.0]  # fmt: skip
+    as_dataset = train_here(*common, "--dataset", root, "--output_dir", tmp_path / "ds")
+    assert as_dataset.returncode == 0, as_dataset.stderr[-3000:]
+    assert f"dataset {root}: training on its train split (3 rows), validating on its validation split (1 rows)" in (
+        as_dataset.stdout
+    )
+    as_files = train_here(*common, "--train_data_path", root, "--output_dir", tmp_path / "files")
+    assert as_files.returncode == 0, as_files.stderr[-3000:]
+    runs = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("ds", "files")]  # fmt: skip
+    assert [(r["loss"], r.get("val_loss")) for r in runs[0]] == [(r["loss"], r.get("val_loss")) for r in runs[1]]
+
+
+@pytest.mark.slow
+def test_dataset_errors_are_one_line(tmp_path, train_here):
+    root = hub_layout(tmp_path / "hub")
+    base = ["--model", "tiny", "--data_cache_dir", tmp_path / "c", "--output_dir", tmp_path / "run"]
+    assert_one_line_error(
+        train_here(*base, "--dataset", "someone/not-cached-here"),
+        "dataset 'someone/not-cached-here' is not in the local Hugging Face cache",
+        "fetch it once where there is network",
+    )
+    assert_one_line_error(
+        train_here(*base, "--dataset", root, "--train_split", "training"),
+        "has no split 'training' (splits: train, validation, test): pass --train_split",
+    )
+    assert_one_line_error(
+        train_here(*base, "--dataset", root, "--val_data_path", VERDICT), "choose the validation one with val_split"
+    )
+    assert_one_line_error(
+        train_here(*base, "--dataset", root, "--text_column", "content"), "has no 'content' column", "--text_column"
+    )

@@ -73,7 +73,9 @@ def resolve_files(spec: str) -> list[Path]:
     else:
         matches = [Path(p) for p in glob.glob(str(path), recursive=True)]  # wildcards never match hidden names
         if not matches:
-            raise UserError(f"data path not found: {spec}")
+            by_name = not path.suffix and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec)  # e.g. Salesforce/wikitext
+            hint = " (a Hugging Face dataset by name goes to --dataset)" if by_name else ""
+            raise UserError(f"data path not found: {spec}{hint}")
         candidates = [p for p in matches if p.is_file()]
         if not candidates:
             raise UserError(
@@ -254,6 +256,11 @@ def _search(root: Path) -> list[Path]:
         if _is_saved_dataset(Path(folder)):  # else its state.json would be read as JSON lines
             raise UserError(
                 f"{folder} is a saved Hugging Face dataset inside {root}: pass it as a data path of its own"
+            )
+        if "dataset_info.json" in names and any(n.endswith(".arrow") for n in names):
+            raise UserError(
+                f"{folder} holds the Arrow files of a `datasets` cache, not corpus files: pass the dataset's name "
+                "or folder with --dataset"
             )
         # Links are followed, but each real folder is walked once: a link back up (a cycle) or a second link to
         # the same folder would put its files into the corpus again.
@@ -645,6 +652,10 @@ def _tokenize(files, spec, tokenizer, special_token_id, cache_dir, num_proc, rol
         cache.install(entry, tmp, meta)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        try:  # a failed first build leaves no empty tokens-* folder behind; a concurrent builder's stays
+            entry.rmdir()
+        except OSError:
+            pass
         raise
     return TokenStream(entry / cache.TOKENS), False
 

@@ -233,3 +233,24 @@ def test_dataset_errors_are_one_line(tmp_path, train_here):
     assert_one_line_error(
         train_here(*base, "--dataset", root, "--text_column", "content"), "has no 'content' column", "--text_column"
     )
+
+
+def test_failed_tokenization_leaves_nothing_in_the_cache(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine text, then " + "schön".encode("latin-1"))
+    with pytest.raises(UserError, match="is not valid UTF-8"):
+        tokenize_corpus(str(bad), "gpt2", EOS, tmp_path / "cache")
+    assert list((tmp_path / "cache").glob("tokens-*")) == []
+
+
+def test_what_is_not_a_corpus_folder_says_what_to_pass_instead(tmp_path):
+    cached = tmp_path / "hf-cache" / "someone___corpus" / "default" / "0.0.0" / "abc123"
+    cached.mkdir(parents=True)
+    (cached / "dataset_info.json").write_text("{}")
+    (cached / "corpus-train.arrow").write_bytes(b"")
+    with pytest.raises(UserError, match="holds the Arrow files of a `datasets` cache.*--dataset"):
+        resolve_files(str(tmp_path / "hf-cache"))
+    with pytest.raises(UserError, match=r"data path not found: Salesforce/wikitext \(a Hugging Face dataset by name"):
+        resolve_files("Salesforce/wikitext")
+    with pytest.raises(UserError, match=r"data path not found: nope\.txt$"):
+        resolve_files("nope.txt")

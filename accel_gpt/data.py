@@ -21,6 +21,7 @@ import lzma
 import os
 import re
 import sys
+import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -124,23 +125,33 @@ _IN_FOLDER = {s: re.compile(f"(?:^|{_SEP})(?:{'|'.join(w)})(?:{_SEP}|$)") for s,
 _IN_FILE_NAME = {s: re.compile(f"(?:^|{_SEP})(?:{'|'.join(w)}){_SEP}") for s, w in SPLIT_KEYWORDS.items()}
 
 
+# What a hub repository holds beside its split files: metadata, never corpus text.
+HUB_METADATA = ("dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json")
+
+
 def hub_splits(files: list[Path], root: Path) -> dict[str, list[Path]] | None:
-    """The files of each split if their folders (first) or file names below `root` carry split names, as
-    `datasets` resolves a repository's layout; None if none do. Files of no split are under "". A file named for
-    two splits is an error: it would be trained and validated on."""
+    """The files of each split when `files` are laid out like a hub repository (split names in their folders,
+    else in their file names, below `root`, as `datasets` reads them), else None.
+
+    Laid out means: a train split, and every corpus file in some split (metadata such as dataset_infos.json
+    aside). A plain folder whose names only happen to hold a keyword (`test-driven-development.txt` beside
+    `novel.txt`) is not a layout, and trains on all its files as before. In a layout, a file named for two splits
+    is an error: it would be trained and validated on."""
+    corpus = [p for p in files if p.name not in HUB_METADATA]
     for scheme in ("folder", "file name"):
         splits: dict[str, list[Path]] = {}
-        for path in files:
+        for path in corpus:
             relative = path.relative_to(root) if path.is_relative_to(root) else Path(path.name)
             if scheme == "folder":
                 named = {s for s, pattern in _IN_FOLDER.items() for part in relative.parts[:-1] if pattern.search(part)}
             else:
                 named = {s for s, pattern in _IN_FILE_NAME.items() if pattern.search(relative.name)}
-            if len(named) > 1:
-                raise UserError(f"{path} is named for two splits ({' and '.join(sorted(named))}) by its {scheme}")
-            splits.setdefault(named.pop() if named else "", []).append(path)
-        if set(splits) - {""}:
-            return splits
+            splits.setdefault("+".join(sorted(named)), []).append(path)  # "": no split; "a+b": named for two
+        if "" in splits or not any("train" in split for split in splits):
+            continue
+        if two := next((split for split in splits if "+" in split), None):
+            raise UserError(f"{splits[two][0]} is named for two splits ({two.replace('+', ' and ')}) by its {scheme}")
+        return splits
     return None
 
 
@@ -170,16 +181,13 @@ def resolve_data(train_spec: str, val_spec: str | None) -> DataFiles:
     one_file = len(train) == 1 and Path(train_spec).expanduser().is_file()
     splits = None if one_file else hub_splits(train, _search_root(train_spec))
     if splits is not None:
-        if "train" not in splits:
-            named = ", ".join(sorted(set(splits) - {""}))
-            raise UserError(f"train data: {train_spec} is laid out in splits ({named}) but has no train files")
         train = splits.pop("train")
         note = f"train data: {train_spec} is laid out in splits: training on its {_count(len(train), 'train')}"
         if validation is None and "validation" in splits:
             validation = splits.pop("validation")
             note += f", validating on its {_count(len(validation), 'validation')}"
         if splits:
-            note += f" ({', '.join(_count(len(f), s or 'other') for s, f in sorted(splits.items()))} not used)"
+            note += f" ({', '.join(_count(len(f), s) for s, f in sorted(splits.items()))} not used)"
     if validation is not None:
         in_train = {os.path.realpath(p) for p in train}
         if shared := [p for p in validation if os.path.realpath(p) in in_train]:
@@ -199,7 +207,7 @@ def load_dataset_splits(name: str, config: str | None, train_split: str, val_spl
     if not sys.stderr.isatty():  # as for tokenizing: for bad input the error is the only line
         datasets.disable_progress_bars()
     try:
-        splits = datasets.load_dataset(name, config)
+        splits = datasets.load_dataset(name, config, keep_in_memory=False)
     except ConnectionError as err:  # offline, or no network: what `datasets` says when nothing is cached
         how = f"datasets.load_dataset({name!r}{f', {config!r}' if config else ''})"
         raise UserError(
@@ -220,9 +228,14 @@ def load_dataset_splits(name: str, config: str | None, train_split: str, val_spl
     def arrow_files(split: str) -> list[Path]:
         if splits[split]._indices is not None:  # a selection over the table: its files hold other rows too
             raise UserError(f"dataset {name!r} split {split!r} is a selection of its table, not whole Arrow files")
-        return [Path(f["filename"]) for f in splits[split].cache_files]
+        files = [Path(f["filename"]) for f in splits[split].cache_files]
+        if not files:  # held in memory (HF_DATASETS_IN_MEMORY_MAX_SIZE): no files to read or to key the cache on
+            raise UserError(f"dataset {name!r} split {split!r} is held in memory, not in Arrow files")
+        return files
 
     note = f"dataset {name}: training on its {train_split} split ({splits[train_split].num_rows:,} rows)"
+    if splits[train_split].info.builder_name == "text":  # datasets' text builder makes a row of every line
+        note += " (.txt files through datasets: one document per line; --train_data_path reads one per file)"
     if val_split is not None:
         note += f", validating on its {val_split} split ({splits[val_split].num_rows:,} rows)"
     return DataFiles(arrow_files(train_split), arrow_files(val_split) if val_split else None, note)
@@ -542,6 +555,8 @@ def _batches(files: list[Path], fmt: str, column: str, progress: tqdm) -> Iterat
             raise UserError(f"cannot read {path}: {err.strerror or err}") from None
         except pa.ArrowException as err:
             raise UserError(f"could not read {path}: {err}") from None
+        except (EOFError, zlib.error, lzma.LZMAError) as err:  # a compressed file cut short or damaged
+            raise UserError(f"{path} is damaged or truncated ({type(err).__name__}: {err})") from None
     if batch:
         yield batch
 
@@ -613,7 +628,7 @@ def tokenize_corpus(
     ~/.cache/accel_gpt) unless its tokens are there and check out. Returns (stream, whether the cache was hit).
     Errors name `role` ("train", "validation") and the file."""
     try:
-        files = one_format(spec, files or resolve_files(spec))
+        files = one_format(spec, resolve_files(spec) if files is None else files)
         return _tokenize(files, spec, tokenizer, special_token_id, cache_dir, num_proc, role, text_column)
     except UserError as err:
         raise UserError(f"{role} data: {err}") from None

@@ -35,6 +35,7 @@ from accel_gpt.checkpoint import (
 from accel_gpt.cli import run_command
 from accel_gpt.config import TrainConfig, parse_config
 from accel_gpt.data import (
+    DataFiles,
     GlobalBatchSampler,
     TokenStream,
     WindowDataset,
@@ -50,7 +51,7 @@ from accel_gpt.launch import launch_world_size, start_accelerator, strategy_name
 from accel_gpt.metrics import RunLogger, StepWindow, flops_per_token, peak_flops
 from accel_gpt.model import GPTConfig, GPTModel, attention_backends
 from accel_gpt.plan import RunPlan, plan_run
-from accel_gpt.rundir import RunDirs, complete_already, resolve_run_dirs
+from accel_gpt.rundir import RunDirs, agree, complete_already, resolve_run_dirs
 from accel_gpt.schedule import clips_gradients_at, learning_rate_at
 from accel_gpt.step import make_step
 
@@ -118,11 +119,17 @@ def load_token_streams(plan: RunPlan, accelerator: Accelerator) -> tuple[TokenSt
     cfg, cache_dir = plan.cfg, plan.cfg.token_cache_dir()
     settings = dict(cache_dir=cache_dir, num_proc=cfg.num_proc, text_column=cfg.text_column)
     # Files are resolved on every rank, so a bad path stops them all. One rank per machine prepares a dataset in
-    # datasets' cache and tokenizes first; the others then hit its caches.
-    files = None if cfg.dataset else resolve_data(cfg.train_data_path, cfg.val_data_path)
-    with accelerator.local_main_process_first():
-        if files is None:
-            files = load_dataset_splits(cfg.dataset, cfg.dataset_config, cfg.train_split, cfg.val_split)
+    # datasets' cache first (its errors, too, reach every rank); the others then load what it prepared.
+    if cfg.dataset is None:
+        files = resolve_data(cfg.train_data_path, cfg.val_data_path)
+    else:
+
+        def load() -> DataFiles:
+            return load_dataset_splits(cfg.dataset, cfg.dataset_config, cfg.train_split, cfg.val_split)
+
+        prepared = agree(accelerator, lambda: load() if accelerator.is_local_main_process else None)
+        files = prepared[accelerator.process_index] if accelerator.is_local_main_process else load()
+    with accelerator.local_main_process_first():  # one rank per machine tokenizes; the others hit its cache
         if files.note and accelerator.is_main_process:
             print(files.note, flush=True)
         train_spec = cfg.dataset or cfg.train_data_path

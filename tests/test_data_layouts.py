@@ -93,11 +93,24 @@ def test_a_file_in_both_training_and_validation_is_refused(tmp_path):
     with pytest.raises(UserError, match="is in the training data too"):
         resolve_data(str(VERDICT), str(tmp_path / "verdict-link.txt"))
     parquet(tmp_path / "both" / "train_and_validation.parquet", ["x"])
-    parquet(tmp_path / "both" / "test.parquet", ["y"])
+    parquet(tmp_path / "both" / "train.parquet", ["y"])
     with pytest.raises(UserError, match="train_and_validation.parquet is named for two splits"):
         resolve_data(str(tmp_path / "both"), None)
-    with pytest.raises(UserError, match="is laid out in splits .test. but has no train files"):
-        resolve_data(str(tmp_path / "both" / "test.parquet").replace("test.parquet", "te*.parquet"), None)
+
+
+def test_a_plain_folder_whose_names_hold_a_keyword_trains_on_every_file(tmp_path):
+    """Only a layout where every corpus file is in a split, with a train split, is read as one."""
+    for folder, names_ in {
+        "books": ["novel.txt", "test-driven-development.txt"],  # no train split
+        "manuals": ["novel.txt", "training-manual.txt", "poems.txt"],  # files in no split
+        "notes": ["dev-notes/a.txt", "essays/b.txt"],
+    }.items():
+        for name in names_:
+            (tmp_path / folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / folder / name).write_text(f"The text of {name}.")
+        files = resolve_data(str(tmp_path / folder), None)
+        assert sorted(names(files.train)) == sorted(Path(n).name for n in names_), folder
+        assert files.validation is None and files.note == "", folder
 
 
 def test_a_link_cycle_and_links_to_one_file_read_each_file_once(tmp_path):
@@ -190,7 +203,7 @@ def test_a_hub_snapshot_with_metadata_and_compressed_json_shards(tmp_path):
     files = resolve_data(str(root), None)
     assert names(files.train) == ["train-00000-of-00001.jsonl.gz"]
     assert names(files.validation) == ["validation-00000-of-00001.jsonl.gz"]
-    assert "(1 other file, 1 test file not used)" in files.note
+    assert files.note.endswith("(1 test file not used)")  # dataset_infos.json is metadata, not a split
     stream = tokenize_corpus(str(root), "gpt2", EOS, tmp_path / "c", text_column="content", files=files.train)[0]
     assert tokens(stream)[-1] == EOS and len(tokens(stream)) > 40
 
@@ -233,6 +246,17 @@ def test_dataset_errors_are_one_line(tmp_path, train_here):
     assert_one_line_error(
         train_here(*base, "--dataset", root, "--text_column", "content"), "has no 'content' column", "--text_column"
     )
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_a_damaged_compressed_file_is_one_line(tmp_path, damage):
+    import gzip
+
+    packed = gzip.compress(VERDICT.read_bytes())
+    path = tmp_path / "verdict.txt.gz"
+    path.write_bytes(packed[: len(packed) // 2] if damage == "truncated" else packed[:20] + b"\xff" * 40 + packed[60:])
+    with pytest.raises(UserError, match="verdict.txt.gz is damaged or truncated"):
+        tokenize_corpus(str(path), "gpt2", EOS, tmp_path / "cache")
 
 
 def test_failed_tokenization_leaves_nothing_in_the_cache(tmp_path):

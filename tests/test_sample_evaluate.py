@@ -222,3 +222,9 @@ def test_light_commands_import_no_training_code():
         "print('HEAVY', heavy)\n"
     )
     assert "HEAVY []" in run_python(code).stdout
+
+
+def test_the_cache_command_runs_without_warnings(tmp_path):
+    (tmp_path / "cache").mkdir()
+    result = run_module("cache", "--data_cache_dir", tmp_path / "cache", "list")
+    assert result.returncode == 0 and result.stderr == "", result.stderr  # no runpy RuntimeWarning

@@ -13,11 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
 from accel_gpt.checkpoint import list_checkpoints
 from accel_gpt.errors import UserError
-from accel_gpt.inference import generate, load_model, open_checkpoint, perplexity, run_checkpoint_dir
+from accel_gpt.inference import generate, load_model, open_checkpoint, perplexity, read_run_config, run_checkpoint_dir
 
 if TYPE_CHECKING:  # pandas is imported where it is used: `import accel_gpt.analysis` stays light
     import pandas
@@ -70,9 +68,7 @@ def load_run(run_dir: str | Path) -> Run:
                 records.popitem()
             records[record["step"]] = record
     metrics = pd.DataFrame(list(records.values()))
-    config_file = path / "config.yaml"
-    config = yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
-    return Run(path=path, config=config, metrics=metrics)
+    return Run(path=path, config=read_run_config(path), metrics=metrics)
 
 
 def _logged(run: Run) -> pandas.DataFrame:

@@ -208,13 +208,14 @@ def _base_type(annotation) -> type:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = {name: _base_type(name) for name in _FIELDS}
+_OPTIONAL = {name for name, f in _FIELDS.items() if "None" in str(f.type)}  # fields that may be unset
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 _TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
 
 
 def _coerce(key: str, value, source: str):
     """Convert a YAML or command-line value to the field's type, or raise one clear line."""
-    kind = _TYPES[key]
-    optional = "None" in str(_FIELDS[key].type)
+    kind, optional = _TYPES[key], key in _OPTIONAL
     if value is None or (isinstance(value, str) and value.lower() in {"none", "null"} and optional):
         if optional:
             return None
@@ -236,8 +237,7 @@ def _coerce(key: str, value, source: str):
             return float(value)
         return str(value)
     except ValueError:
-        expected = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, "a string")
-        raise UserError(f"{source}: {key} expects {expected}, got {value!r}") from None
+        raise UserError(f"{source}: {key} expects {_EXPECTED[kind]}, got {value!r}") from None
 
 
 def _resolve_config_file(name: str) -> Path:
@@ -337,9 +337,9 @@ NON_NEGATIVE_FINITE = ("learning_rate", "initial_lr", "min_lr", "weight_decay")
 def _typed(key: str, value):
     """`value` as field `key`'s type (an int for a float field, a Path for a path, a step number for checkpoint),
     or one UserError: the Python API gets the same checks as the command line, whose text _coerce converts."""
-    kind, optional = _TYPES[key], "None" in str(_FIELDS[key].type)
+    kind = _TYPES[key]
     if value is None:
-        if optional:
+        if key in _OPTIONAL:
             return None
         raise UserError(f"{key} cannot be None")
     if key in PATH_OPTIONS and isinstance(value, os.PathLike):
@@ -355,8 +355,7 @@ def _typed(key: str, value):
         return value
     elif key == "checkpoint" and isinstance(value, numbers.Integral):
         return str(value)
-    expected = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, "a string")
-    raise UserError(f"{key} expects {expected}, got {value!r} ({type(value).__name__})")
+    raise UserError(f"{key} expects {_EXPECTED[kind]}, got {value!r} ({type(value).__name__})")
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:

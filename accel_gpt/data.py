@@ -46,6 +46,7 @@ BUNDLED_CORPORA = {"the-verdict": "the-verdict.txt", "tinyshakespeare": "tinysha
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 # Text and JSON lines may come compressed, as hub datasets often ship them (parquet compresses its own pages).
 COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+COMPRESSIBLE = ("text", "json")
 CHUNK_TOKENS = 1 << 20  # tokens per Arrow record batch: bounds memory while writing and reading
 PIECE_CHARS = 1 << 20  # most characters tokenized at once: a longer document is cut into pieces of this size
 TABLE_ROWS = 256  # rows decoded at once from a parquet file or saved dataset (parquet: and its row-group size)
@@ -93,15 +94,20 @@ def _file_format(path: Path) -> str | None:
     """ "text", "json" or "parquet" for a corpus file's name (compressed text and JSON lines too), else None."""
     suffixes = [s.lower() for s in path.suffixes[-2:]]
     if suffixes and suffixes[-1] in COMPRESSIONS:
-        return {".txt": "text", ".jsonl": "json", ".json": "json"}.get(suffixes[0]) if len(suffixes) == 2 else None
+        inner = FORMATS.get(suffixes[0]) if len(suffixes) == 2 else None
+        return inner if inner in COMPRESSIBLE else None
     return FORMATS.get(suffixes[-1]) if suffixes else None
+
+
+def has_wildcards(spec: str) -> bool:
+    return any(c in spec for c in "*?[")
 
 
 def one_format(spec: str, files: list[Path]) -> list[Path]:
     """`files`, if they share a format; else the error that names a file of each."""
     formats = {}
     for path in files:
-        formats.setdefault(_file_format(path) or "dataset", path)
+        formats.setdefault(_format_of(path), path)
     if len(formats) > 1:
         examples = ", ".join(f"{fmt}: {path}" for fmt, path in sorted(formats.items()))
         raise UserError(f"{spec} mixes file formats ({examples}); use one format per data path")
@@ -158,7 +164,7 @@ def hub_splits(files: list[Path], root: Path) -> dict[str, list[Path]] | None:
 def _search_root(spec: str) -> Path:
     """The folder a directory or glob names files below: the glob's leading part without wildcards."""
     parts = Path(spec).expanduser().parts
-    wild = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+    wild = next((i for i, part in enumerate(parts) if has_wildcards(part)), len(parts))
     return Path(*parts[:wild]) if wild else Path(".")
 
 
@@ -291,8 +297,13 @@ def _search(root: Path) -> list[Path]:
 
 def _once(files: list[Path]) -> list[Path]:
     """`files` in order with each real file once: two links to one file are one file of the corpus."""
-    seen: set[str] = set()
-    return [p for p in files if not (os.path.realpath(p) in seen or seen.add(os.path.realpath(p)))]
+    seen, once = set(), []
+    for path in files:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            once.append(path)
+    return once
 
 
 # ----------------------------------------------------------------------------------------------- token stream
@@ -520,10 +531,15 @@ READERS = {
 }  # fmt: skip
 
 
-def _format(files: list[Path]) -> str:
-    if files[0].is_dir():
+def _format_of(path: Path) -> str:
+    """Which reader a corpus file (or a saved dataset's folder) takes; arrow files come from load_dataset_splits."""
+    if path.is_dir():
         return "dataset"
-    return "arrow" if files[0].suffix == ".arrow" else _file_format(files[0])  # arrow: from load_dataset_splits
+    return "arrow" if path.suffix == ".arrow" else _file_format(path)
+
+
+def _format(files: list[Path]) -> str:
+    return _format_of(files[0])  # one_format has checked that the others share it
 
 
 def _dataset_shards(folder: Path) -> list[Path]:

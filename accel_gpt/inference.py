@@ -27,10 +27,16 @@ from accel_gpt.checkpoint import (
     load_model_weights,
     verify_checkpoint,
 )
-from accel_gpt.data import BUNDLED_CORPORA, TokenStream, tokenize_corpus
+from accel_gpt.data import BUNDLED_CORPORA, TokenStream, has_wildcards, tokenize_corpus
 from accel_gpt.errors import UserError
 from accel_gpt.model import GPTConfig, GPTModel, generate_ids
 from accel_gpt.tokenizer import get_tokenizer
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """The resolved config.yaml a run wrote into its directory ({} if it has none)."""
+    config_file = run_dir / "config.yaml"
+    return (yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.exists() else None) or {}
 
 
 def run_checkpoint_dir(run_dir: Path, config: dict) -> Path:
@@ -54,9 +60,7 @@ def _checkpoint_path(path: Path, step: int | None) -> Path:
         verify_checkpoint(path)
         return path
     if (path / "metrics.jsonl").exists():
-        config_file = path / "config.yaml"
-        config = yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
-        checkpoint_dir = run_checkpoint_dir(path, config or {})
+        checkpoint_dir = run_checkpoint_dir(path, read_run_config(path))
     elif list_checkpoints(path):  # the folder that holds them, as --checkpoint_dir named it
         checkpoint_dir = path
     else:
@@ -143,7 +147,7 @@ def is_data_path(text_or_path: str | Path) -> bool:
     spec = str(text_or_path)
     if "\n" in spec or len(spec) >= 1024:
         return False
-    return spec in BUNDLED_CORPORA or os.path.exists(spec) or (any(c in spec for c in "*?[") and bool(glob.glob(spec)))
+    return spec in BUNDLED_CORPORA or os.path.exists(spec) or (has_wildcards(spec) and bool(glob.glob(spec)))
 
 
 def corpus_tokens(

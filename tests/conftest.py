@@ -118,11 +118,14 @@ class Ran:
 
 
 def in_process(main, argv, capfd) -> Ran:
-    """Run a command's `main(argv)` in this process: the same error contract as a subprocess (exit 2 and one
-    `accel_gpt: error:` line, read at the file-descriptor level) without paying for a Python start."""
+    """Run a command's `main(argv)` in this process as its `python -m` entry point does (through `run_command`):
+    the same error contract as a subprocess (exit 2 and one `accel_gpt: error:` line, read at the file-descriptor
+    level) without paying for a Python start."""
+    from accel_gpt.cli import run_command
+
     capfd.readouterr()
     try:
-        main([str(a) for a in argv])
+        run_command(lambda: main([str(a) for a in argv]))
         code = 0
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else 1

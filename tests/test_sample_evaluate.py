@@ -10,20 +10,11 @@ from conftest import VERDICT, assert_one_line_error, in_process, run_module, run
 
 from accel_gpt import analysis
 from accel_gpt import sample as sample_cli
-from accel_gpt.cli import run_command
 from accel_gpt.errors import UserError
 from accel_gpt.evaluate import main as evaluate_main
 from accel_gpt.tokenizer import TextStream, get_tokenizer
 
 pytestmark = pytest.mark.slow  # every test here starts processes or trains
-
-
-def sample_main(argv):  # the command as `python -m accel_gpt.sample` runs it, UserError to exit 2 included
-    run_command(lambda: sample_cli.main(argv))
-
-
-def evaluate_command(argv):
-    run_command(lambda: evaluate_main(argv))
 
 
 CHINESE = "话说孙悟空，花果山水帘洞美猴王。Every effort moves you 🐒"
@@ -144,7 +135,7 @@ def test_generate_bad_options(run, args, fragment):
 
 def test_generate_errors_are_one_line_through_the_cli(run, tmp_path, capfd):
     assert_one_line_error(cli("sample", "--checkpoint", tmp_path / "nope", "--prompt", "x"), "no checkpoints in")
-    sampled = in_process(sample_main, ["--checkpoint", run["dir"], "--top_p", "0"], capfd)
+    sampled = in_process(sample_cli.main, ["--checkpoint", run["dir"], "--top_p", "0"], capfd)
     assert_one_line_error(sampled, "top_p must be in (0, 1]")
 
 
@@ -208,7 +199,7 @@ def test_evaluate_errors_are_one_line_through_the_cli(run, tmp_path, capfd):
     )
     argv = ["--checkpoint", run["dir"], "--data", VERDICT, "--stride", 256, "--data_cache_dir", run["cache"]]
     assert_one_line_error(
-        in_process(evaluate_command, argv, capfd), "stride must be between 1 and the model's context_len"
+        in_process(evaluate_main, argv, capfd), "stride must be between 1 and the model's context_len"
     )
 
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
+from safetensors.numpy import load_file as load_numpy_file
+from safetensors.numpy import save_file as save_numpy_file
 from safetensors.torch import load_file, save_file
 
 from accel_gpt.errors import UserError
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{6,})$")
 MODEL_FILE, OPTIMIZER_FILE, OPTIMIZER_META = "model.safetensors", "optimizer.safetensors", "optimizer.json"
 STATE_FILE, CONFIG_FILE, RNG_FILE, RNG_META = "trainer_state.json", "config.json", "rng.safetensors", "rng.json"
+STREAM_FILE, STREAM_META = "stream.safetensors", "stream.json"  # streaming runs: where each rank's stream is
 MANIFEST = "manifest.json"
 # Bytes per element of each safetensors dtype: used to check a header before anything is allocated.
 DTYPE_BYTES = {
@@ -292,6 +295,28 @@ def load_rng_states(path: Path) -> list[dict]:
     return states
 
 
+def _streams_to_files(stream_states: list[dict]) -> tuple[dict[str, np.ndarray], dict]:
+    arrays = {
+        f"rank{rank}.{name}": np.ascontiguousarray(array)
+        for rank, state in enumerate(stream_states)
+        for name, array in state["arrays"].items()
+    }
+    return arrays, {f"rank{rank}": state["meta"] for rank, state in enumerate(stream_states)}
+
+
+def load_stream_states(path: Path) -> list[dict]:
+    """Per-rank stream states saved in checkpoint `path` by a streaming run, in rank order."""
+    read_safetensors_header(path / STREAM_FILE)
+    arrays = load_numpy_file(str(path / STREAM_FILE))
+    meta = json.loads((path / STREAM_META).read_text(encoding="utf-8"))
+    states = []
+    for rank in range(len(meta)):
+        prefix = f"rank{rank}."
+        mine = {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
+        states.append({"arrays": mine, "meta": meta[f"rank{rank}"]})
+    return states
+
+
 # ----------------------------------------------------------------------------------------------- save / load
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -313,6 +338,7 @@ def save_checkpoint(
     trainer_state: dict,
     run_config: dict,
     rng_states: list[dict] | None = None,
+    stream_states: list[dict] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically: `states` are the model's and optimizer's from `full_state_dicts`.
     Call on the main process only, between two `wait_for_everyone`.
@@ -335,6 +361,10 @@ def save_checkpoint(
             rng_tensors, rng_meta = _rng_to_files(rng_states)
             save_file(rng_tensors, str(tmp / RNG_FILE))
             _write_json(tmp / RNG_META, rng_meta)
+        if stream_states is not None:
+            stream_arrays, stream_meta = _streams_to_files(stream_states)
+            save_numpy_file(stream_arrays, str(tmp / STREAM_FILE))
+            _write_json(tmp / STREAM_META, stream_meta)
         _write_json(tmp / STATE_FILE, trainer_state)
         _write_json(tmp / CONFIG_FILE, {"model": config.to_dict(), "train": run_config})
         # Hash what is on disk, not what was meant to be written: the manifest vouches for the bytes.

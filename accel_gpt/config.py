@@ -62,6 +62,16 @@ class TrainConfig:
         "the dataset split to validate on (default: validation when the dataset has one, else val_fraction of "
         "the training split)",
     )
+    streaming: bool = _opt(
+        False,
+        "read the training data while training instead of tokenizing it into the cache first, for corpora too large "
+        "to tokenize ahead: documents are tokenized in DataLoader workers, packed into windows and shuffled through "
+        "a buffer, and the stream's position is saved with each checkpoint; needs max_steps (docs/data.md#streaming)",
+    )
+    stream_workers: int = _opt(
+        2, "streaming: DataLoader worker processes per process that read and tokenize (0: the training process)"
+    )
+    shuffle_buffer: int = _opt(1000, "streaming: windows in the shuffle buffer, each step drawn from it (0: in order)")
     val_fraction: float = _opt(0.1, "share of the training tokens held out for validation when val_data_path is unset")
     tokenizer: str = _opt("gpt2", "tokenizer: gpt2 (bundled, offline) or any tiktoken encoding name")
     special_token_id: int | None = _opt(
@@ -70,7 +80,14 @@ class TrainConfig:
     context_len: int | None = _opt(None, "tokens per training window (default: the preset's context length)")
     stride: int | None = _opt(None, "step between window starts (default: context_len, i.e. no overlap)")
     data_cache_dir: str | None = _opt(None, f"where tokenized corpora are cached (default: {DEFAULT_CACHE_DIR})")
-    num_proc: int | None = _opt(None, "tokenizer threads (default: the available cores, at most 8)")
+    num_proc: int | None = _opt(
+        None, "tokenizer processes on each machine (default: the cores this process may use, at most 12)"
+    )
+    cache_shard_mb: float = _opt(
+        256.0,
+        "corpus files are tokenized and cached in shards of about this many MB (consecutive files grouped, a larger "
+        "file alone): the unit that machines share out and that a changed file re-tokenizes",
+    )
     # --- model
     model: str = _opt("mini", f"model preset: {', '.join(PRESETS)}")
     embedding_dim: int | None = _opt(None, "override the preset's embedding size")
@@ -329,9 +346,13 @@ AT_LEAST_ONE = (
     "vocab_multiple", "max_steps", "global_batch_size", "context_len", "stride", "cpu_threads", "embedding_dim",
     "num_layers", "num_heads", "log_every", "num_proc",
 )  # fmt: skip
-AT_LEAST_ZERO = ("warmup_steps", "keep_last", "eval_freq", "loss_chunk", "sample_tokens", "special_token_id")
+AT_LEAST_ZERO = (
+    "warmup_steps", "keep_last", "eval_freq", "loss_chunk", "sample_tokens", "special_token_id", "stream_workers",
+    "shuffle_buffer",
+)  # fmt: skip
 # Negative rates run training backwards (gradient ascent) or explode; NaN passes every `<` test, so finiteness too.
 NON_NEGATIVE_FINITE = ("learning_rate", "initial_lr", "min_lr", "weight_decay")
+POSITIVE_FINITE = ("peak_flops", "cache_shard_mb")
 
 
 def _typed(key: str, value):
@@ -377,8 +398,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise UserError(f"{key} must be a finite number >= 0, got {getattr(cfg, key)}")
     if not cfg.max_norm > 0.0:
         raise UserError(f"max_norm must be > 0 (inf turns clipping off), got {cfg.max_norm}")
-    if cfg.peak_flops is not None and not 0.0 < cfg.peak_flops < math.inf:
-        raise UserError(f"peak_flops must be a finite number > 0, got {cfg.peak_flops}")
+    for key in POSITIVE_FINITE:
+        if getattr(cfg, key) is not None and not 0.0 < getattr(cfg, key) < math.inf:
+            raise UserError(f"{key} must be a finite number > 0, got {getattr(cfg, key)}")
     if not 0 <= cfg.seed < 2**32:  # numpy's global seed takes 32 bits
         raise UserError(f"seed must be in [0, 2**32), got {cfg.seed}")
     if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
@@ -396,7 +418,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.dataset is not None and cfg.val_data_path is not None:
         raise UserError("dataset brings its own splits: choose the validation one with val_split, not val_data_path")
-    if cfg.dataset is None and cfg.val_data_path is None and cfg.val_fraction == 0.0:
+    if cfg.streaming and cfg.max_steps is None:
+        raise UserError("streaming reads a corpus of unknown length: set max_steps")
+    if cfg.dataset is None and cfg.val_data_path is None and cfg.val_fraction == 0.0 and not cfg.streaming:
         raise UserError("no validation data: set val_data_path or a val_fraction above 0")
     choices = {
         "attention": ("auto", "cudnn", "flash", "efficient", "math"),

@@ -27,10 +27,11 @@ from accel_gpt.checkpoint import (
     load_model_weights,
     verify_checkpoint,
 )
-from accel_gpt.data import BUNDLED_CORPORA, TokenStream, has_wildcards, tokenize_corpus
+from accel_gpt.corpus import BUNDLED_CORPORA, has_wildcards
 from accel_gpt.errors import UserError
 from accel_gpt.model import GPTConfig, GPTModel, generate_ids
 from accel_gpt.tokenizer import get_tokenizer
+from accel_gpt.tokens import TokenStream, tokenize_corpus
 
 
 def read_run_config(run_dir: Path) -> dict:

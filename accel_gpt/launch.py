@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator, AutocastKwargs, DataLoaderConfiguration, PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, parse_flag_from_env
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, gather_object, parse_flag_from_env
 
 from accel_gpt.config import TrainConfig
 from accel_gpt.errors import UserError
 from accel_gpt.metrics import tracking_options
 from accel_gpt.step import check_cuda_graph
+
+T = TypeVar("T")
 
 
 def use_cpu() -> bool:
@@ -93,3 +98,48 @@ def start_accelerator(cfg: TrainConfig, gradient_accumulation_steps: int) -> Acc
     if accelerator.device.type == "cuda" and cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return accelerator
+
+
+def agree(accelerator: Accelerator, work: Callable[[], T]) -> list[T]:
+    """Run `work` on every rank and return every rank's result on every rank; if it raised UserError anywhere,
+    raise the first such error everywhere, so no rank goes on to a collective that the others never reach."""
+    try:
+        outcome = (None, work())
+    except UserError as err:
+        outcome = (str(err), None)
+    outcomes = gather_object([outcome])
+    if errors := [error for error, _ in outcomes if error]:
+        raise UserError(errors[0])
+    return [result for _, result in outcomes]
+
+
+def agree_when_done(accelerator: Accelerator, work: Callable[[], T], poll_seconds: float = 1.0) -> list[T]:
+    """`agree` for work that may outlast a collective's timeout (NCCL's is minutes), such as tokenizing a large
+    corpus on one process per machine while the others wait: the work runs in a thread while every rank asks,
+    with one small all-reduce every `poll_seconds`, whether all are done; no collective waits longer than that."""
+    if accelerator.num_processes == 1:
+        return agree(accelerator, work)
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(("done", work()))
+        except BaseException as err:  # raised below, in the rank's own thread, once every rank has finished
+            outcome.append(("raised", err))
+
+    thread = threading.Thread(target=run, name="accel_gpt-agree", daemon=True)  # Ctrl-C does not wait for it
+    thread.start()
+    finished = torch.zeros(1, device=accelerator.device)
+    while True:
+        thread.join(timeout=poll_seconds)
+        finished.fill_(0.0 if thread.is_alive() else 1.0)
+        if accelerator.reduce(finished, reduction="sum").item() == accelerator.num_processes:
+            break
+    kind, value = outcome[0]
+
+    def result() -> T:
+        if kind == "raised":
+            raise value
+        return value
+
+    return agree(accelerator, result)

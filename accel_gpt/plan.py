@@ -29,8 +29,9 @@ class RunPlan:
     eot_id: int  # appended after every document
     # Known once the data is tokenized (`with_data`); 0 before.
     train_windows: int = 0
-    steps_per_epoch: int = 0
+    steps_per_epoch: int = 0  # 0 when streaming: the stream has no epochs of a known length
     total_steps: int = 0
+    stream_source: str = ""  # streaming: what is read, e.g. "Salesforce/wikitext (train, 2 shards)"
 
     @property
     def tokens_per_step(self) -> int:
@@ -40,13 +41,19 @@ class RunPlan:
     def data_identity(self) -> dict:
         """What fixes the order of global batches: a checkpoint's data position means nothing if any of these
         change, so a resume refuses that."""
-        return {
+        identity = {
             "global_batch_size": self.global_batch_size,
             "seed": self.cfg.seed,
             "context_len": self.context_len,
             "stride": self.stride,
             "train_windows": self.train_windows,
         }
+        if self.cfg.streaming:  # each process's readers carry on from their own positions: the same processes
+            identity |= {
+                "streaming": True, "world_size": self.world_size, "stream_workers": self.cfg.stream_workers,
+                "shuffle_buffer": self.cfg.shuffle_buffer, "stream_source": self.stream_source,
+            }  # fmt: skip
+        return identity
 
     def with_data(self, train_windows: int, val_windows: int) -> RunPlan:
         """The plan for data of this many training and validation windows, or the line saying why it cannot train."""
@@ -57,16 +64,25 @@ class RunPlan:
                 f"training data has {train_windows} windows of {window} tokens; one optimizer step needs "
                 f"{batch} (lower batch_size/context_len or add text)"
             )
-        if val_windows < batch:  # an evaluation reads whole global batches, like a step
-            raise UserError(
-                f"validation data has {val_windows} windows of {window} tokens; an evaluation needs one "
-                f"global batch of {batch} (raise val_fraction, add validation text or lower batch_size)"
-            )
+        self.check_validation(val_windows)
         total_steps = self.cfg.max_steps or self.cfg.num_epochs * steps_per_epoch
         check_warmup(self.cfg.warmup_steps, total_steps)
         return dataclasses.replace(
             self, train_windows=train_windows, steps_per_epoch=steps_per_epoch, total_steps=total_steps
         )
+
+    def with_stream(self, val_windows: int, source: str) -> RunPlan:
+        """The plan for a streaming run (max_steps long, checked by `validate`) reading `source`."""
+        self.check_validation(val_windows)
+        return dataclasses.replace(self, total_steps=self.cfg.max_steps, stream_source=source)
+
+    def check_validation(self, val_windows: int) -> None:
+        if val_windows < self.global_batch_size:  # an evaluation reads whole global batches, like a step
+            raise UserError(
+                f"validation data has {val_windows} windows of {self.context_len + 1} tokens; an evaluation needs "
+                f"one global batch of {self.global_batch_size} (raise val_fraction, add validation text or lower "
+                "batch_size)"
+            )
 
 
 def check_warmup(warmup_steps: int, total_steps: int) -> None:

@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TypeVar
 
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import broadcast_object_list
 
 from accel_gpt.checkpoint import CHECKPOINT_RE, find_checkpoint, list_checkpoints, restore_swapped_out
 from accel_gpt.config import TrainConfig
 from accel_gpt.errors import UserError
+from accel_gpt.launch import agree
 
 RUN_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml")  # what a run writes into output_dir
-T = TypeVar("T")
 
 
 @dataclass
@@ -124,19 +122,6 @@ def choose_start(cfg: TrainConfig, output_dir: Path, checkpoint_dir: Path) -> tu
         "continue it pass --checkpoint auto|latest|N, to keep it choose another --output_dir, to start over pass "
         "--overwrite true (moves it aside, deletes nothing)"
     )
-
-
-def agree(accelerator: Accelerator, work: Callable[[], T]) -> list[T]:
-    """Run `work` on every rank and return every rank's result on every rank; if it raised UserError anywhere,
-    raise the first such error everywhere, so no rank goes on to a collective that the others never reach."""
-    try:
-        outcome = (None, work())
-    except UserError as err:
-        outcome = (str(err), None)
-    outcomes = gather_object([outcome])
-    if errors := [error for error, _ in outcomes if error]:
-        raise UserError(errors[0])
-    return [result for _, result in outcomes]
 
 
 def resolve_run_dirs(cfg: TrainConfig, accelerator: Accelerator) -> RunDirs:

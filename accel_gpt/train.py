@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import signal
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from accel_gpt.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_rng_states,
+    load_stream_states,
     prune_checkpoints,
     restore_rng_state,
     save_checkpoint,
@@ -34,16 +34,7 @@ from accel_gpt.checkpoint import (
 )
 from accel_gpt.cli import run_command
 from accel_gpt.config import TrainConfig, parse_config
-from accel_gpt.data import (
-    DataFiles,
-    GlobalBatchSampler,
-    TokenStream,
-    WindowDataset,
-    load_dataset_splits,
-    make_loader,
-    resolve_data,
-    tokenize_corpus,
-)
+from accel_gpt.data import EpochBatches, GlobalBatchSampler, make_eval_loader, make_loader
 from accel_gpt.errors import UserError
 from accel_gpt.hf import load_hf_gpt2
 from accel_gpt.inference import generate
@@ -51,9 +42,11 @@ from accel_gpt.launch import launch_world_size, start_accelerator, strategy_name
 from accel_gpt.metrics import RunLogger, StepWindow, flops_per_token, peak_flops
 from accel_gpt.model import GPTConfig, GPTModel, attention_backends
 from accel_gpt.plan import RunPlan, plan_run
-from accel_gpt.rundir import RunDirs, agree, complete_already, resolve_run_dirs
+from accel_gpt.rundata import load_training_data
+from accel_gpt.rundir import RunDirs, complete_already, resolve_run_dirs
 from accel_gpt.schedule import clips_gradients_at, learning_rate_at
 from accel_gpt.step import make_step
+from accel_gpt.stream import StreamBatches
 
 
 @dataclass
@@ -115,35 +108,6 @@ def build_model(cfg: TrainConfig, model_cfg: GPTConfig) -> GPTModel:
     return model
 
 
-def load_token_streams(plan: RunPlan, accelerator: Accelerator) -> tuple[TokenStream, TokenStream]:
-    cfg, cache_dir = plan.cfg, plan.cfg.token_cache_dir()
-    settings = dict(cache_dir=cache_dir, num_proc=cfg.num_proc, text_column=cfg.text_column)
-    # Files are resolved on every rank, so a bad path stops them all. One rank per machine prepares a dataset in
-    # datasets' cache first (its errors, too, reach every rank); the others then load what it prepared.
-    if cfg.dataset is None:
-        files = resolve_data(cfg.train_data_path, cfg.val_data_path)
-    else:
-
-        def load() -> DataFiles:
-            return load_dataset_splits(cfg.dataset, cfg.dataset_config, cfg.train_split, cfg.val_split)
-
-        prepared = agree(accelerator, lambda: load() if accelerator.is_local_main_process else None)
-        files = prepared[accelerator.process_index] if accelerator.is_local_main_process else load()
-    with accelerator.local_main_process_first():  # one rank per machine tokenizes; the others hit its cache
-        if files.note and accelerator.is_main_process:
-            print(files.note, flush=True)
-        train_spec = cfg.dataset or cfg.train_data_path
-        train = tokenize_corpus(train_spec, cfg.tokenizer, plan.eot_id, files=files.train, **settings)[0]
-        if files.validation is not None:
-            val_spec = cfg.val_data_path or train_spec
-            val = tokenize_corpus(
-                val_spec, cfg.tokenizer, plan.eot_id, role="validation", files=files.validation, **settings
-            )
-            return train, val[0]
-    split = int(len(train) * (1.0 - cfg.val_fraction))
-    return train.view(0, split), train.view(split, len(train))
-
-
 @dataclass
 class Run:
     """A run ready to train: what `setup` built, and what `fit` and the pieces it calls read."""
@@ -153,8 +117,9 @@ class Run:
     dirs: RunDirs
     model: torch.nn.Module  # as prepared: DDP/FSDP and torch.compile wrappers around the GPTModel
     optimizer: AcceleratedOptimizer
-    train_sampler: GlobalBatchSampler  # the data position lives here (set_position)
-    train_loader: DataLoader  # the three loaders as prepared: Accelerate deals their micro-batches out to ranks
+    # Training micro-batches step by step: from the token cache through a prepared loader (Accelerate deals them
+    # out to ranks), or this rank's own stream. The evaluation loaders are prepared, so they are dealt out alike.
+    train_batches: EpochBatches | StreamBatches
     train_eval_loader: DataLoader
     val_loader: DataLoader
     step_flops: float
@@ -177,6 +142,8 @@ class Run:
         accelerator, plan, state = self.accelerator, self.plan, self.state
         states = full_state_dicts(self.raw_model(), self.optimizer.optimizer)
         rng_states = gather_object([capture_rng_state()])
+        streaming = isinstance(self.train_batches, StreamBatches)
+        stream_states = gather_object([self.train_batches.state_dict()]) if streaming else None
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             run_state = vars(state) | plan.data_identity
@@ -185,7 +152,7 @@ class Run:
                 run_state["grad_scaler"] = accelerator.scaler.state_dict()
             path = save_checkpoint(
                 self.dirs.checkpoint_dir, state.global_step, plan.model_config, states, run_state,
-                plan.cfg.to_dict(), rng_states,
+                plan.cfg.to_dict(), rng_states, stream_states,
             )  # fmt: skip
             pruned = prune_checkpoints(self.dirs.checkpoint_dir, plan.cfg.keep_last)
             self.logger.info(f"saved {path}" + (f" (pruned {', '.join(p.name for p in pruned)})" if pruned else ""))
@@ -221,18 +188,9 @@ def setup(cfg: TrainConfig) -> Run:
     accelerator = start_accelerator(cfg, plan.gradient_accumulation_steps)
     set_seed(cfg.seed)  # the same initial weights on every rank
     dirs = resolve_run_dirs(cfg, accelerator)  # unusable or occupied directories stop here
-    train_set, val_set = (
-        WindowDataset(s, plan.context_len, plan.stride) for s in load_token_streams(plan, accelerator)
-    )
-    plan = plan.with_data(len(train_set), len(val_set))
+    data = load_training_data(plan, accelerator)
+    plan = data.plan
     global_batch = plan.global_batch_size
-    train_sampler = GlobalBatchSampler(len(train_set), cfg.batch_size, global_batch, seed=cfg.seed)
-    # Evaluation reads the first eval_iter global batches in corpus order: the same windows every time and at any
-    # world size (Accelerate deals their micro-batches out to ranks like the training ones).
-    train_eval, val_eval = (
-        GlobalBatchSampler(len(ds), cfg.batch_size, global_batch, shuffle=False, max_steps_per_epoch=cfg.eval_iter)
-        for ds in (train_set, val_set)
-    )
     model = build_model(cfg, plan.model_config)
     seed_rank(cfg.seed, accelerator.process_index)  # after the weights: from here on each rank draws its own masks
     optimizer = build_optimizer(model, cfg)
@@ -240,14 +198,21 @@ def setup(cfg: TrainConfig) -> Run:
     device_peak = cfg.peak_flops or peak_flops(accelerator.device, accelerator.mixed_precision, cfg.token_cache_dir())
     if cfg.compile:
         model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
-    loaders = (
-        make_loader(train_set, train_sampler),
-        make_loader(train_set, train_eval),
-        make_loader(val_set, val_eval),
-    )
-    model, optimizer, *loaders = accelerator.prepare(model, optimizer, *loaders)
+    eval_loaders = [
+        make_eval_loader(ds, cfg.batch_size, global_batch, cfg.eval_iter) for ds in (data.train_eval, data.val)
+    ]
+    if isinstance(data.train, StreamBatches):  # this rank's own stream: nothing to deal out
+        model, optimizer, *eval_loaders = accelerator.prepare(model, optimizer, *eval_loaders)
+        train_batches = data.train
+    else:
+        sampler = GlobalBatchSampler(len(data.train), cfg.batch_size, global_batch, seed=cfg.seed)
+        train_loader = make_loader(data.train, sampler)
+        model, optimizer, train_loader, *eval_loaders = accelerator.prepare(
+            model, optimizer, train_loader, *eval_loaders
+        )
+        train_batches = EpochBatches(sampler, train_loader)
     run = Run(
-        plan, accelerator, dirs, model, optimizer, train_sampler, *loaders, step_flops, device_peak, TrainerState()
+        plan, accelerator, dirs, model, optimizer, train_batches, *eval_loaders, step_flops, device_peak, TrainerState()
     )
     note = ""
     if dirs.resume_from is not None:
@@ -276,11 +241,12 @@ def open_logger(run: Run, resume_note: str) -> RunLogger:
     params = model.num_parameters()
     shard_note = f", {held:,} held per process" if held != params else ""
     world_size = accelerator.num_processes
+    train_windows = f"streamed from {plan.stream_source}" if cfg.streaming else f"{plan.train_windows:,}"
     logger.info(
         f"accel_gpt | world_size {world_size} | {strategy_name(accelerator)} | device {accelerator.device} | "
         f"mixed_precision {accelerator.mixed_precision} | model {cfg.model} ({params:,} params{shard_note}) | "
         f"global batch {plan.global_batch_size} = {cfg.batch_size} x {plan.gradient_accumulation_steps} "
-        f"accumulation x {world_size} processes | {plan.train_windows:,} train / "
+        f"accumulation x {world_size} processes | {train_windows} train / "
         f"{len(run.val_loader.dataset):,} val windows of {plan.context_len} tokens | {plan.total_steps} steps"
         f"{resume_note}"
     )
@@ -296,6 +262,15 @@ def resume(run: Run, path: Path) -> tuple[TrainerState, dict | None, str]:
     saved = load_checkpoint(path, run.raw_model(), run.optimizer.optimizer)
     if accelerator.scaler is not None and "grad_scaler" in saved:  # fp16: keep the loss scale it had found
         accelerator.scaler.load_state_dict(saved["grad_scaler"])
+    if saved.get("streaming", False) != plan.cfg.streaming:
+        kind = "a streaming run" if saved.get("streaming") else "a run on the token cache"
+        raise UserError(f"cannot resume {path}: it was saved by {kind}; resume with streaming {not plan.cfg.streaming}")
+    if plan.cfg.streaming and saved["world_size"] != world_size:
+        raise UserError(
+            f"cannot resume {path} on {world_size} processes: its stream was read by {saved['world_size']} processes "
+            f"x {saved['stream_workers']} stream_workers, each resuming where it stopped; resume with "
+            f"{saved['world_size']} processes"
+        )
     changed = [f"{k} {saved[k]} -> {v}" for k, v in plan.data_identity.items() if k in saved and saved[k] != v]
     if changed:
         raise UserError(
@@ -303,6 +278,8 @@ def resume(run: Run, path: Path) -> tuple[TrainerState, dict | None, str]:
             "resume with the settings it was saved with"
         )
     state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})
+    if plan.cfg.streaming:
+        run.train_batches.load_state_dict(load_stream_states(path)[rank])
     if state.global_step >= total_steps:
         return state, None, complete_already(state.global_step, total_steps, path)  # raises if beyond the end
     note, rng_state = f" | resumed at step {state.global_step} from {path}", None
@@ -378,17 +355,6 @@ class StopSignal:
         return f"received {received}: stopped after step {step} with a checkpoint. {how}"
 
 
-def step_batches(run: Run) -> Iterator[Iterator]:
-    """For each step left, the iterator its micro-batches come from: one pass of the training loader per epoch,
-    from the saved position. Reads the position that `TrainerState.advance` moves on after each step."""
-    state = run.state
-    while state.global_step < run.plan.total_steps:
-        run.train_sampler.set_position(state.epoch, state.step_in_epoch)
-        batches, epoch = iter(run.train_loader), state.epoch
-        while state.epoch == epoch and state.global_step < run.plan.total_steps:
-            yield batches
-
-
 def fit(run: Run) -> dict:
     """The training loop: from the run's position to its last step, or to a stop signal. Step values stay on
     the device between syncs with the host (every log_every steps, and at evaluations and saves); at each sync
@@ -402,7 +368,7 @@ def fit(run: Run) -> dict:
     if run.rng_state is not None:  # last, so nothing between here and the first step draws from the restored streams
         restore_rng_state(run.rng_state)
     with attention_backends(cfg.attention), StopSignal() as stop:
-        for batches in step_batches(run):
+        for batches in run.train_batches.steps(state, plan.total_steps):
             lr = learning_rate_at(
                 state.global_step, total_steps=plan.total_steps, warmup_steps=cfg.warmup_steps,
                 initial_lr=cfg.initial_lr, learning_rate=cfg.learning_rate, min_lr=cfg.min_lr,

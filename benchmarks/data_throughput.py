@@ -3,7 +3,7 @@
     python benchmarks/data_throughput.py [--base-copies 10] [--factor 10] [--num-proc 2] [--tokenize-files 20 100]
 
 1. Tokenization: the pipeline (`tokenize_corpus`: hashing the files for the cache key, reading them in pieces,
-   tokenizing in `num_proc` threads, writing, hashing and renaming the token file) against plain `tiktoken`
+   tokenizing in `num_proc` worker processes, writing, hashing and renaming the token file) against plain `tiktoken`
    `encode_ordinary_batch` with as many threads, on the same files (fresh cache, so nothing is reused), each run
    in a fresh process as in training, best of 5 each, interleaved; at two corpus sizes, because the pipeline's
    fixed costs weigh on a small corpus.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -36,9 +37,10 @@ def rss_kib() -> dict[str, int]:
 
 def stream_epoch(tokens_file: str) -> None:
     """Child process: one epoch of the trainer's loader over the token file; prints peak memory as JSON."""
-    from accel_gpt.data import GlobalBatchSampler, TokenStream, WindowDataset, make_loader
+    from accel_gpt.data import GlobalBatchSampler, WindowDataset, make_loader
+    from accel_gpt.tokens import TokenStream
 
-    ds = WindowDataset(TokenStream(tokens_file), context_len=128, stride=128)
+    ds = WindowDataset(TokenStream([tokens_file]), context_len=128, stride=128)
     sampler = GlobalBatchSampler(len(ds), batch_size=8, global_batch_size=8, seed=0)
     peak_anon = peak_file = 0
     start = time.perf_counter()
@@ -59,14 +61,21 @@ def stream_epoch(tokens_file: str) -> None:
     )
 
 
+def _cpu_seconds() -> float:
+    """This process's CPU time and its finished children's: the pipeline's tokenizer workers are processes."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def tokenize_once(side: str, corpus: str, cache: str, num_proc: int) -> None:
     """Child process: one timed tokenization of `corpus` (imports excluded); prints wall and CPU seconds (all
-    threads: the work done, which a busy shared machine inflates less than the wall time) and tokens as JSON."""
-    from accel_gpt.data import tokenize_corpus
+    threads and worker processes: the work done, which a busy shared machine inflates less than the wall time)
+    and tokens as JSON."""
     from accel_gpt.tokenizer import get_tokenizer
+    from accel_gpt.tokens import tokenize_corpus
 
     enc = get_tokenizer("gpt2")
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     if side == "raw":
         texts = [f.read_text(encoding="utf-8") for f in sorted(Path(corpus).iterdir())]
         tokens = sum(len(ids) + 1 for ids in enc.encode_ordinary_batch(texts, num_threads=num_proc))
@@ -76,7 +85,7 @@ def tokenize_once(side: str, corpus: str, cache: str, num_proc: int) -> None:
         tokens = len(stream)
     print(
         json.dumps(
-            {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start, "tokens": tokens}
+            {"seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu_start, "tokens": tokens}
         )
     )
 
@@ -112,7 +121,7 @@ def tokenization_throughput(source: Path, work: Path, files: int, num_proc: int)
             tokens[side] = result["tokens"]
     assert tokens["raw"] == tokens["pipeline"], tokens
     raw, pipeline = min(times["raw"]), min(times["pipeline"])
-    print(f"tokenization of {files} files, {mb:.1f} MB, {tokens['raw']:,} tokens, {num_proc} threads:")
+    print(f"tokenization of {files} files, {mb:.1f} MB, {tokens['raw']:,} tokens, {num_proc} workers:")
     print(f"  raw tiktoken encode_ordinary_batch : {tokens['raw'] / raw:,.0f} tokens/s ({raw:.2f} s)")
     print(f"  pipeline (tokenize_corpus)         : {tokens['raw'] / pipeline:,.0f} tokens/s ({pipeline:.2f} s)")
     print(f"  pipeline / raw                     : {raw / pipeline:.2f}x (goal >= 0.8x)")
@@ -143,7 +152,7 @@ def main() -> None:
     if args.tokenize_once:
         return tokenize_once(*args.tokenize_once, num_proc=args.num_proc)
 
-    from accel_gpt.data import tokenize_corpus
+    from accel_gpt.tokens import tokenize_corpus
 
     source = Path(str(resources.files("accel_gpt") / "assets" / "tinyshakespeare.txt"))
     work = Path(tempfile.mkdtemp(prefix="accel_gpt_data_"))
@@ -158,7 +167,7 @@ def main() -> None:
                 (corpus / f"part{i:05d}.txt").symlink_to(source)
             stream, _ = tokenize_corpus(str(corpus), "gpt2", 50256, work / "cache")
             out = subprocess.run(
-                [sys.executable, __file__, "--child", str(stream.path)], capture_output=True, text=True, check=True
+                [sys.executable, __file__, "--child", str(stream.paths[0])], capture_output=True, text=True, check=True
             )
             rows.append({"tokens": len(stream), **json.loads(out.stdout)})
         print("| corpus tokens | windows | peak heap (RssAnon) MiB | peak mapped file (RssFile) MiB | windows/s |")

@@ -4,14 +4,17 @@ run copies it first, with `copy_run`). See tests/README.md for which file tests 
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import psutil
 import pytest
 
 # Tests never touch the network: transformers and datasets work from local files only, and datasets prepares
@@ -106,6 +109,39 @@ def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def start(args, num_processes, env_extra=None):
+    """Start the trainer (through `accelerate launch` for 2 processes) in its own process group."""
+    prefix = [sys.executable, "-m", "accel_gpt.train"] if num_processes == 1 else launch_command(2)
+    return subprocess.Popen(
+        [*prefix, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=launch_env(**(env_extra or {})), cwd=REPO, start_new_session=True,
+    )  # fmt: skip
+
+
+def kill_all(proc):
+    """SIGKILL the launcher and every worker (torchrun puts workers in sessions of their own)."""
+    family = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def steps_logged(run_dir):
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def wait_for(condition, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
 
 
 @dataclass
@@ -212,8 +248,9 @@ def cache_dir(tmp_path):
 
 # The files that take longest, first: pytest-xdist hands each worker one file at a time (--dist loadfile), so
 # the long ones then run side by side instead of one of them alone at the end while the other core idles.
-LONGEST_FIRST = ("test_launch.py", "test_faults.py", "test_resume.py", "test_trackers.py", "test_sample_evaluate.py",
-                 "test_cache.py", "test_notebook.py", "test_analysis.py", "test_errors.py")  # fmt: skip
+LONGEST_FIRST = ("test_launch.py", "test_faults.py", "test_streaming.py", "test_resume.py", "test_trackers.py",
+                 "test_sample_evaluate.py", "test_cache.py", "test_notebook.py", "test_analysis.py",
+                 "test_errors.py")  # fmt: skip
 
 
 def pytest_collection_modifyitems(items):

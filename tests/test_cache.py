@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, VERDICT, common_args, read_metrics, train_cli
 
 from accel_gpt import cache
-from accel_gpt.data import tokenize_corpus
+from accel_gpt.tokens import tokenize_corpus
 
 EOS = 50256
 
@@ -38,15 +38,15 @@ def garbage_meta(path):
 def test_a_damaged_entry_is_reported_once_and_rebuilt(tmp_path, caplog, damage):
     first, _ = tokenize_corpus(str(VERDICT), "gpt2", EOS, tmp_path)
     expected = first.read(0, len(first)).tolist()
-    damage(first.path)
+    damage(first.paths[0])
     with caplog.at_level(logging.WARNING):
         again, hit = tokenize_corpus(str(VERDICT), "gpt2", EOS, tmp_path, role="validation")
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "is damaged" in warnings[0]
     assert warnings[0].startswith("validation data: the token cache")
     assert not hit and again.read(0, len(again)).tolist() == expected
-    assert cache.check(again.path.parent) is None and again.path == first.path
-    assert not [p for p in again.path.parent.iterdir() if p.name.startswith(".")]  # no temporaries left
+    assert cache.check(again.paths[0].parent) is None and again.paths[0] == first.paths[0]
+    assert not [p for p in again.paths[0].parent.iterdir() if p.name.startswith(".")]  # no temporaries left
 
 
 @pytest.mark.slow
@@ -58,7 +58,7 @@ def test_concurrent_builders_both_finish_with_the_same_valid_cache(tmp_path):
         (corpus / f"part{i}.txt").write_text(f"Part {i}.\n{text}", encoding="utf-8")
     child = f"""
 import json, os, sys, time
-from accel_gpt.data import tokenize_corpus
+from accel_gpt.tokens import tokenize_corpus
 open(sys.argv[1] + '.ready', 'w').close()
 while not os.path.exists({str(tmp_path / "go")!r}):
     time.sleep(0.01)
@@ -147,11 +147,11 @@ def test_the_cache_cli_lists_and_prunes(tmp_path, capsys):
     other = tmp_path / "other.txt"
     other.write_text("Another corpus, soon damaged.", encoding="utf-8")
     damaged, _ = tokenize_corpus(str(other), "gpt2", EOS, root)
-    truncate(damaged.path)
+    truncate(damaged.paths[0])
     busy = root / "tokens-0123456789abcdef01234567"  # a run is tokenizing into it right now
     busy.mkdir()
     (busy / ".tokens-feed.arrow").write_bytes(b"x" * 100)
-    stale = good.path.parent / ".tokens-dead.arrow"  # left by a run killed while writing
+    stale = good.paths[0].parent / ".tokens-dead.arrow"  # left by a run killed while writing
     stale.write_bytes(b"x" * 1000)
     os.utime(stale, (time.time() - 2 * cache.BUSY_SECONDS,) * 2)
     (root / "hf" / "json").mkdir(parents=True)
@@ -170,22 +170,22 @@ def test_the_cache_cli_lists_and_prunes(tmp_path, capsys):
     status = {
         name: line
         for line in lines
-        for name in ("hf", good.path.parent.name, damaged.path.parent.name, busy.name)
+        for name in ("hf", good.paths[0].parent.name, damaged.paths[0].parent.name, busy.name)
         if line.strip().startswith(name)
     }
-    assert " ok " in status[good.path.parent.name] and str(VERDICT) in status[good.path.parent.name]
-    assert "tokens.arrow has" in status[damaged.path.parent.name] and "busy" in status[busy.name]
+    assert " ok " in status[good.paths[0].parent.name] and str(VERDICT) in status[good.paths[0].parent.name]
+    assert "tokens.arrow has" in status[damaged.paths[0].parent.name] and "busy" in status[busy.name]
     assert "obsolete: raw corpus copies" in status["hf"]
 
     cache.main(["--data_cache_dir", str(root), "prune", "--dry_run"])
     assert "would free" in capsys.readouterr().out and (root / "hf").exists() and stale.exists()
     cache.main(["--data_cache_dir", str(root), "prune"])
     out = capsys.readouterr().out
-    assert not (root / "hf").exists() and not damaged.path.parent.exists() and not stale.exists()
-    assert busy.exists() and "kept" in out and cache.check(good.path.parent) is None
+    assert not (root / "hf").exists() and not damaged.paths[0].parent.exists() and not stale.exists()
+    assert busy.exists() and "kept" in out and cache.check(good.paths[0].parent) is None
     cache.main(["--data_cache_dir", str(root), "prune", "--unused_days", "2"])
-    assert good.path.parent.exists()  # used just now
-    os.utime(good.path.parent, (time.time() - 3 * 86400,) * 2)
+    assert good.paths[0].parent.exists()  # used just now
+    os.utime(good.paths[0].parent, (time.time() - 3 * 86400,) * 2)
     cache.main(["--data_cache_dir", str(root), "prune", "--unused_days", "2"])
-    assert not good.path.parent.exists() and "unused for 2 days" in capsys.readouterr().out
+    assert not good.paths[0].parent.exists() and "unused for 2 days" in capsys.readouterr().out
     assert tokenize_corpus(str(VERDICT), "gpt2", EOS, root)[1] is False  # pruned: built again on next use

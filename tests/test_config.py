@@ -7,7 +7,15 @@ import pytest
 import torch
 from conftest import in_process
 
-from accel_gpt.config import AT_LEAST_ONE, AT_LEAST_ZERO, NON_NEGATIVE_FINITE, TrainConfig, parse_config, validate
+from accel_gpt.config import (
+    AT_LEAST_ONE,
+    AT_LEAST_ZERO,
+    NON_NEGATIVE_FINITE,
+    POSITIVE_FINITE,
+    TrainConfig,
+    parse_config,
+    validate,
+)
 from accel_gpt.errors import UserError
 from accel_gpt.model import GPTModel
 from accel_gpt.train import main as train_main
@@ -185,7 +193,7 @@ def test_paths_may_be_path_objects_and_checkpoint_a_step_number(tmp_path):
 
 def test_every_numeric_option_has_a_range_check():
     """A new numeric option must be given its range (or be listed here with the reason it needs none)."""
-    checked = set(AT_LEAST_ONE) | set(AT_LEAST_ZERO) | set(NON_NEGATIVE_FINITE)
-    checked |= {"max_norm", "peak_flops", "seed", "dropout", "val_fraction"}
+    checked = set(AT_LEAST_ONE) | set(AT_LEAST_ZERO) | set(NON_NEGATIVE_FINITE) | set(POSITIVE_FINITE)
+    checked |= {"max_norm", "seed", "dropout", "val_fraction"}
     numeric = {f.name for f in dataclasses.fields(TrainConfig) if re.match(r"(int|float)\b", str(f.type))}
     assert numeric - checked == set()

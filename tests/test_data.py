@@ -14,18 +14,20 @@ import pytest
 from accelerate.data_loader import prepare_data_loader
 from conftest import REPO
 
-from accel_gpt import data
-from accel_gpt.data import (
-    CHUNK_TOKENS,
-    GlobalBatchSampler,
-    TokenStream,
-    WindowDataset,
-    make_loader,
-    resolve_files,
-    tokenize_corpus,
-)
+from accel_gpt import corpus, tokens
+from accel_gpt.corpus import resolve_files
+from accel_gpt.data import GlobalBatchSampler, WindowDataset, make_loader
 from accel_gpt.errors import UserError
 from accel_gpt.tokenizer import get_tokenizer
+from accel_gpt.tokens import (
+    CHUNK_TOKENS,
+    TokenStream,
+    build_shards,
+    open_corpus,
+    plan_corpus,
+    share_out,
+    tokenize_corpus,
+)
 
 DOCS = ["The first document.", "Second one, a little longer than the first.", "第三个文件：西游记。"]
 EOS = 50256
@@ -143,7 +145,7 @@ LARGE_TEXTS = {
 
 @pytest.mark.parametrize("kind", LARGE_TEXTS)
 def test_a_large_file_is_tokenized_in_pieces_with_the_tokens_of_the_whole(tmp_path, cache_dir, monkeypatch, kind):
-    monkeypatch.setattr(data, "PIECE_CHARS", 300)  # ~40 pieces, read in 300-byte blocks that split characters
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 300)  # ~40 pieces, read in 300-byte blocks that split characters
     text = LARGE_TEXTS[kind]
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "big.txt").write_text(text, encoding="utf-8", newline="")
@@ -155,7 +157,7 @@ def test_a_large_file_is_tokenized_in_pieces_with_the_tokens_of_the_whole(tmp_pa
 
 
 def test_text_without_whitespace_differs_only_at_the_cuts(tmp_path, cache_dir, monkeypatch):
-    monkeypatch.setattr(data, "PIECE_CHARS", 300)
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 300)
     text = random_text(3, ["漢字", "abc", "!!", "123", "é"], [""], n=3000)  # nowhere to cut between pre-tokens
     (tmp_path / "blob.txt").write_text(text, encoding="utf-8")
     stream, _ = tokenize_corpus(str(tmp_path / "blob.txt"), "gpt2", EOS, cache_dir)
@@ -179,7 +181,7 @@ def test_tokenizing_a_large_file_keeps_memory_bounded(tmp_path):
             f.write(f"Part {i}.\n{text}")
     child = f"""
 import json
-from accel_gpt.data import tokenize_corpus
+from accel_gpt.tokens import tokenize_corpus
 def status(key):
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key + ':')) // 1024
 tokenize_corpus('the-verdict', 'gpt2', {EOS}, {str(tmp_path / "cache")!r})  # warm: imports, tokenizer, threads
@@ -205,11 +207,42 @@ def test_second_run_hits_the_cache_and_a_changed_file_misses(tmp_path, cache_dir
     root = write_corpus(tmp_path / "c", "txt")
     first, hit1 = tokenize_corpus(str(root), "gpt2", EOS, cache_dir)
     second, hit2 = tokenize_corpus(str(root), "gpt2", EOS, cache_dir)
-    assert (hit1, hit2) == (False, True) and first.path == second.path
+    assert (hit1, hit2) == (False, True) and first.paths == second.paths
     (root / "doc0.txt").write_text("Edited.", encoding="utf-8")
     os.utime(root / "doc0.txt", ns=(1, 1))
     third, hit3 = tokenize_corpus(str(root), "gpt2", EOS, cache_dir)
     assert not hit3 and third.read(0, len(third)).tolist() == expected_stream(["Edited."] + DOCS[1:])
+
+
+def test_worker_processes_give_the_tokens_of_one_process(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setattr(tokens, "BATCH_CHARS", 20_000)  # Tiny Shakespeare in ~56 batches: the pool is used
+    one, _ = tokenize_corpus("tinyshakespeare", "gpt2", EOS, cache_dir / "one", num_proc=1)
+    two, _ = tokenize_corpus("tinyshakespeare", "gpt2", EOS, cache_dir / "two", num_proc=2)
+    assert np.array_equal(one.read(0, len(one)), two.read(0, len(two))) and len(two) == 338_025 + 1
+
+
+def test_a_corpus_in_shards_reads_as_the_whole_and_changing_a_file_retokenizes_its_shard(tmp_path, cache_dir):
+    root = write_corpus(tmp_path / "c", "txt")
+    for i in range(3, 7):
+        (root / f"doc{i}.txt").write_text(f"Document number {i}. " * (i * 30), encoding="utf-8")
+    files = sorted(root.iterdir())
+    planned = plan_corpus(str(root), "gpt2", EOS, shard_bytes=1500)  # consecutive files up to 1.5 kB a shard
+    assert [len(s) for s in planned.shards] == [3, 1, 1, 1, 1] and sum(planned.shards, []) == files
+    sharded = open_corpus(planned, build_shards(planned, range(5), cache_dir).entries)
+    whole, _ = tokenize_corpus(str(root), "gpt2", EOS, cache_dir / "whole")  # one shard
+    assert np.array_equal(sharded.read(0, len(sharded)), whole.read(0, len(whole)))
+    assert len(sharded.view(10, 2000).read(0, 1990)) == 1990  # reads across the shards' files
+    (root / "doc5.txt").write_text("Changed.", encoding="utf-8")
+    again = build_shards(plan_corpus(str(root), "gpt2", EOS, shard_bytes=1500), range(5), cache_dir)
+    assert list(again.tokenized) == [3]  # only the changed file's shard is tokenized again
+
+
+def test_machines_get_shares_of_about_equal_size():
+    sizes = [500, 100, 400, 300, 200, 100, 100]
+    owner = share_out(sizes, 3)
+    loads = [sum(s for s, m in zip(sizes, owner) if m == machine) for machine in range(3)]
+    assert sorted(loads) == [500, 600, 600] and share_out(sizes, 3) == owner  # deterministic
+    assert share_out([7, 7], 1) == [0, 0]
 
 
 def test_cache_is_keyed_on_content_not_size_or_time(tmp_path, cache_dir):
@@ -234,7 +267,7 @@ def arange_stream(tmp_path, n: int) -> TokenStream:
         for start in range(0, n, CHUNK_TOKENS):
             chunk = pa.array(np.arange(start, min(n, start + CHUNK_TOKENS), dtype=np.uint32))
             writer.write_batch(pa.record_batch([chunk], schema=schema))
-    return TokenStream(path)
+    return TokenStream([path])
 
 
 def test_windows_are_shifted_pairs_with_stride_and_cross_chunk_reads(tmp_path):
@@ -319,7 +352,7 @@ def test_reading_windows_does_not_load_the_corpus_into_ram(tmp_path):
     n = 24 * CHUNK_TOKENS  # 96 MiB of uint32 tokens on disk
     stream = arange_stream(tmp_path, n)
     before = rss_anon_bytes()
-    reopened = TokenStream(stream.path)
+    reopened = TokenStream(stream.paths)
     ds = WindowDataset(reopened, context_len=128, stride=128)
     sampler = GlobalBatchSampler(len(ds), batch_size=8, global_batch_size=8, seed=0)
     for i, _ in enumerate(make_loader(ds, sampler)):

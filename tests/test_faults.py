@@ -3,52 +3,16 @@
 import os
 import random
 import signal
-import subprocess
-import sys
-import time
 
 import psutil
 import pytest
 import torch
-from conftest import REPO, common_args, launch, launch_command, launch_env, read_metrics
+from conftest import common_args, kill_all, launch, read_metrics, start, steps_logged, wait_for
 from safetensors.torch import load_file
 
 from accel_gpt.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.slow  # every test here starts processes or trains
-
-
-def start(args, num_processes, env_extra=None):
-    """Start the trainer (through `accelerate launch` for 2 processes) in its own process group."""
-    prefix = [sys.executable, "-m", "accel_gpt.train"] if num_processes == 1 else launch_command(2)
-    return subprocess.Popen(
-        [*prefix, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=launch_env(**(env_extra or {})), cwd=REPO, start_new_session=True,
-    )  # fmt: skip
-
-
-def kill_all(proc):
-    """SIGKILL the launcher and every worker (torchrun puts workers in sessions of their own)."""
-    family = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-    for pid in family:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def steps_logged(run_dir):
-    path = run_dir / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def wait_for(condition, proc, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
 
 
 def test_sigterm_stops_every_rank_at_a_step_boundary_with_a_checkpoint(tmp_path):

@@ -11,7 +11,9 @@ import torch
 from conftest import REPO, VERDICT, common_args, free_port, launch, launch_env, read_metrics
 from safetensors.torch import load_file
 
+from accel_gpt.config import parse_config
 from accel_gpt.tokenizer import get_tokenizer
+from accel_gpt.train import train
 
 pytestmark = pytest.mark.slow  # every test here starts processes or trains
 
@@ -139,46 +141,55 @@ def test_python_m_with_a_separate_validation_path(tmp_path):
     assert read_metrics(out)[3]["val_loss"] > 0
 
 
-def test_two_machines_on_one_box_match_one_machine_with_two_processes(two_process_run, tmp_path):
-    """The multi-node path: two `accelerate launch` commands as machine 0 and 1 (one process each) over 127.0.0.1."""
+@pytest.fixture(scope="module")
+def four_shards(tmp_path_factory):
+    """The Verdict as 4 files, a shard each, and the run of one machine on them."""
+    root = tmp_path_factory.mktemp("four-shards")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    paragraphs = VERDICT.read_text().split("\n\n")
+    for part in range(4):
+        (corpus / f"part{part}.txt").write_text("\n\n".join(paragraphs[part::4]))
+    args = [*common_args(root / "one", root / "cache"), "--train_data_path", corpus, "--batch_size", "2"]
+    args += ["--cache_shard_mb", "0.000001"]  # one file per shard
+    # One machine, in this process: 1 process x batch 4 trains as 2 x 2 (test_one_process_equals_two_processes...)
+    train(parse_config([*map(str, args), "--batch_size", "4"]))
+    return {"args": args, "metrics": read_metrics(root / "one")}
+
+
+@pytest.mark.parametrize("cache", ["shared", "one per machine"])
+def test_two_machines_share_the_tokenizing_out_and_train_as_one_machine(four_shards, tmp_path, cache):
+    """The multi-node path: two `accelerate launch` commands as machine 1 and 2 (one process each) over 127.0.0.1.
+    Each machine tokenizes 2 of the 4 shards, none is tokenized twice where the cache is shared, a machine with a
+    cache of its own then tokenizes the 2 it cannot see, and the losses equal one machine's."""
     port = free_port()
-    out = tmp_path / "run"
-    train_args = common_args(out, two_process_run["cache"]) + ["--batch_size", "2"]
     procs = []
     for machine_rank in (0, 1):
+        cache_dir = tmp_path / ("cache" if cache == "shared" else f"cache{machine_rank}")
+        args = [*four_shards["args"], "--output_dir", tmp_path / "run", "--data_cache_dir", cache_dir]  # later wins
         cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_machines",
-            "2",
-            "--num_processes",
-            "2",
-            "--machine_rank",
-            str(machine_rank),
-            "--main_process_ip",
-            "127.0.0.1",
-            "--main_process_port",
-            str(port),
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "accel_gpt.train",
-            *train_args,
-        ]
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+            "--num_processes", "2", "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1",
+            "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", "accel_gpt.train", *map(str, args),
+        ]  # fmt: skip
         procs.append(
             subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch_env(), cwd=REPO)
         )
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, stderr) in zip(procs, outputs):
         assert p.returncode == 0, stderr[-3000:]
-    assert "world_size 2" in outputs[0][0] and "accel_gpt | world_size" not in outputs[1][0]  # machine 1 is silent
-    two_machines, one_machine = read_metrics(out), two_process_run["metrics"]
+    assert "world_size 2" in outputs[0][0] and "accel_gpt | world_size" not in outputs[1][0]  # machine 2 logs no run
+    for machine, (stdout, _) in enumerate(outputs, 1):
+        lines = [line for line in stdout.splitlines() if line.startswith("tokenized train data: 2 of 4 shards")]
+        assert len(lines) == (1 if cache == "shared" else 2) and f"(machine {machine} of 2)" in lines[0], stdout
+    for cache_dir in {tmp_path / ("cache" if cache == "shared" else f"cache{m}") for m in (0, 1)}:
+        metas = list(cache_dir.glob("tokens-*/meta.json"))
+        builders = {json.loads(meta.read_text())["built_by"]["pid"] for meta in metas}
+        assert len(metas) == 4 and len(builders) == (2 if cache == "shared" else 1)
+    two_machines = read_metrics(tmp_path / "run")
     for step in range(1, 11):
-        assert two_machines[step]["loss"] == pytest.approx(one_machine[step]["loss"], abs=1e-5), step
+        assert two_machines[step]["loss"] == pytest.approx(four_shards["metrics"][step]["loss"], abs=1e-5), step
 
 
 def test_fsdp_on_two_cpu_processes_matches_ddp_and_writes_one_consolidated_checkpoint(two_process_run):

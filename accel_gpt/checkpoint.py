@@ -445,6 +445,11 @@ def check_optimizer_files(path: Path, model: GPTModel) -> dict:
     return meta
 
 
+def read_trainer_state(path: Path) -> dict:
+    """Checkpoint `path`'s trainer state (step, data position, the settings it must be resumed with)."""
+    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+
+
 def load_checkpoint(path: str | Path, model: GPTModel, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Restore weights (and optimizer state) from checkpoint directory `path`; returns its trainer state.
 
@@ -470,4 +475,4 @@ def load_checkpoint(path: str | Path, model: GPTModel, optimizer: torch.optim.Op
         # only list an optimizer's param group holds.
         for group in optimizer.param_groups:
             group.update({k: tuple(v) for k, v in group.items() if k != "params" and isinstance(v, list)})
-    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    return read_trainer_state(path)

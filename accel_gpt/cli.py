@@ -34,9 +34,13 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(main: Callable[[], None]) -> None:
-    """Run a command-line entry point: a UserError becomes one `accel_gpt: error:` line on stderr and exit 2."""
+    """Run a command-line entry point: a UserError becomes one `accel_gpt: error:` line on stderr and exit 2; Ctrl-C
+    (KeyboardInterrupt) one `accel_gpt: interrupted` line and exit 130, as a shell reports it, without a traceback."""
     try:
         main()
     except UserError as err:
-        print(f"accel_gpt: error: {err}", file=sys.stderr)
+        sys.stderr.write(f"accel_gpt: error: {err}\n")  # one write: the lines of several processes never interleave
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write("accel_gpt: interrupted\n")
+        sys.exit(130)

@@ -23,7 +23,7 @@ import yaml
 from accel_gpt.cache import DEFAULT_DIR as DEFAULT_CACHE_DIR
 from accel_gpt.cli import CommandLineParser
 from accel_gpt.errors import UserError
-from accel_gpt.model import PRESETS, GPTConfig
+from accel_gpt.model import OPTION_VALUES, PRESETS, GPTConfig
 
 
 def _opt(default, help: str):
@@ -31,7 +31,10 @@ def _opt(default, help: str):
 
 
 # Options that set the network's shape: layered over a preset, and refused with init_from (which has its own).
-MODEL_SHAPE_OPTIONS = ("embedding_dim", "num_layers", "num_heads", "qkv_bias", "bias", "tie_weights")
+MODEL_SHAPE_OPTIONS = (
+    "embedding_dim", "num_layers", "num_heads", "qkv_bias", "bias", "tie_weights", "position", "norm", "qk_norm",
+    "activation", "zero_init_projections", "logit_softcap",
+)  # fmt: skip
 
 
 @dataclass
@@ -101,6 +104,16 @@ class TrainConfig:
         "nanoGPT's default)",
     )
     tie_weights: bool | None = _opt(None, "share the token embedding with the output head (preset default: false)")
+    position: str | None = _opt(None, "positions: learned (GPT-2's table) or rotary (RoPE) (preset default: learned)")
+    norm: str | None = _opt(None, "normalisation: layernorm (GPT-2's) or rmsnorm (preset default: layernorm)")
+    qk_norm: bool | None = _opt(None, "RMS-normalise queries and keys per head (preset default: false)")
+    activation: str | None = _opt(None, "MLP activation: gelu (GPT-2's) or relu2, ReLU squared (preset default: gelu)")
+    zero_init_projections: bool | None = _opt(
+        None, "start the attention and MLP output projections at zero (preset default: false)"
+    )
+    logit_softcap: float | None = _opt(
+        None, "soft-cap the logits at this value, c * tanh(logits / c); 0 for none (preset default: 0)"
+    )
     vocab_multiple: int = _opt(
         64,
         "round the embedding and output-head rows up to a multiple of this, for faster matmuls; the padding "
@@ -110,7 +123,20 @@ class TrainConfig:
         None, "start from a local Hugging Face GPT-2 folder (config.json + model.safetensors) instead of a preset"
     )
     # --- optimisation
-    learning_rate: float = _opt(1e-3, "peak learning rate, reached after warmup")
+    optimizer: str = _opt(
+        "adamw", "adamw (every parameter), or muon (the hidden matrices; AdamW for embeddings, head, norms, biases)"
+    )
+    learning_rate: float = _opt(1e-3, "peak learning rate, reached after warmup (with muon: AdamW's parameters')")
+    muon_learning_rate: float = _opt(
+        1e-3, "with optimizer muon: the hidden matrices' peak learning rate (on AdamW's scale), following the schedule"
+    )
+    lr_schedule: str = _opt(
+        "cosine",
+        "cosine (warmup, then cosine decay to min_lr at the last step) or wsd (warmup, constant, then a decay to "
+        "min_lr over the last decay_fraction of the run)",
+    )
+    decay_fraction: float = _opt(0.2, "with lr_schedule wsd: the share of the run over which the rate decays")
+    wsd_decay: str = _opt("linear", "with lr_schedule wsd: the decay's shape, linear or 1-sqrt")
     initial_lr: float = _opt(1e-5, "learning rate at step 0, the start of the linear warmup")
     min_lr: float = _opt(1e-4, "learning rate at the last step, the end of the cosine decay")
     warmup_steps: int = _opt(20, "optimizer steps of linear warmup")
@@ -348,10 +374,10 @@ AT_LEAST_ONE = (
 )  # fmt: skip
 AT_LEAST_ZERO = (
     "warmup_steps", "keep_last", "eval_freq", "loss_chunk", "sample_tokens", "special_token_id", "stream_workers",
-    "shuffle_buffer",
+    "shuffle_buffer", "logit_softcap",
 )  # fmt: skip
 # Negative rates run training backwards (gradient ascent) or explode; NaN passes every `<` test, so finiteness too.
-NON_NEGATIVE_FINITE = ("learning_rate", "initial_lr", "min_lr", "weight_decay")
+NON_NEGATIVE_FINITE = ("learning_rate", "initial_lr", "min_lr", "weight_decay", "muon_learning_rate")
 POSITIVE_FINITE = ("peak_flops", "cache_shard_mb")
 
 
@@ -414,6 +440,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise UserError(f"{key} must not be empty")
     if not cfg.start_context:
         raise UserError("start_context must not be empty: the sample needs a prompt to continue")
+    if not 0.0 < cfg.decay_fraction <= 1.0:
+        raise UserError(f"decay_fraction must be in (0, 1], got {cfg.decay_fraction}")
+    if cfg.optimizer == "muon" and cfg.cuda_graph:
+        raise UserError("cuda_graph captures AdamW's step only: use optimizer adamw with cuda_graph")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.dataset is not None and cfg.val_data_path is not None:
@@ -425,10 +455,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     choices = {
         "attention": ("auto", "cudnn", "flash", "efficient", "math"),
         "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        "optimizer": ("adamw", "muon"),
+        "lr_schedule": ("cosine", "wsd"),
+        "wsd_decay": ("linear", "1-sqrt"),
+        **{name: (None, *values) for name, values in OPTION_VALUES.items()},
     }
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
-            raise UserError(f"{key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
+            raise UserError(f"{key} must be one of {', '.join(v for v in allowed if v)}, got {getattr(cfg, key)!r}")
     if cfg.cuda_graph and cfg.compile and cfg.compile_mode in CUDAGRAPH_COMPILE_MODES:
         raise UserError(
             f"cuda_graph captures the whole step itself; compile_mode {cfg.compile_mode} would graph the "

@@ -455,18 +455,26 @@ def check_text_column(path: Path, schema: pa.Schema, column: str) -> None:
 
 def text_rows(path: Path, columns: Iterable[pa.Array | pa.ChunkedArray], name: str) -> Iterator[tuple[str, bool]]:
     """Each string of consecutive slices of the text column `name` as one document."""
-    row = 0
+    for texts in text_values(path, columns, name):
+        for text in texts:
+            yield from pieces([text])
+
+
+def text_values(
+    path: Path, columns: Iterable[pa.Array | pa.ChunkedArray], name: str, first_row: int = 0
+) -> Iterator[list[str]]:
+    """The strings of consecutive slices of the text column `name`, a list per slice; nulls and invalid UTF-8 are
+    errors naming the row (counted from `first_row`)."""
+    row = first_row
     for column in columns:
         if column.null_count:
             first = row + column.is_null().to_pylist().index(True)
             raise UserError(f"{path}: {column.null_count} rows from row index {first} have no '{name}' value (null)")
         try:
-            texts = column.to_pylist()
+            yield column.to_pylist()
         except UnicodeDecodeError as err:  # Arrow writers do not all check that strings are UTF-8
             bad = next(i for i in range(len(column)) if not _decodes(column[i]))
             raise UserError(f"{path} row index {row + bad}: '{name}' is not valid UTF-8 ({err.reason})") from None
-        for text in texts:
-            yield from pieces([text])
         row += len(column)
 
 

@@ -8,7 +8,6 @@ and writing need only safetensors and JSON; `transformers` is needed only to bui
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from safetensors.torch import save_file
 
 from accel_gpt.checkpoint import load_safetensors
 from accel_gpt.errors import UserError
-from accel_gpt.model import GPTConfig, GPTModel, fit_vocabulary_rows
+from accel_gpt.model import GPTConfig, GPTModel, fit_vocabulary_rows, gpt2_differences
 
 # Our block's parameter names -> GPT-2's (HF stores the Linear weights transposed, as Conv1D).
 BLOCK_NAMES = {
@@ -93,10 +92,11 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str,
 
 def export_to_hf(model: GPTModel, out_dir: str | Path) -> Path:
     """Write `config.json` + `model.safetensors` that `GPT2LMHeadModel.from_pretrained(out_dir)` loads."""
-    known = {f.name for f in fields(GPTConfig)}
-    extra = set(model.config.to_dict()) - known
-    if extra:  # future model options GPT-2 has no field for
-        raise UserError(f"GPT-2 cannot express {sorted(extra)}: this model cannot be exported as GPT2LMHeadModel")
+    if differences := gpt2_differences(model.config):
+        raise UserError(
+            f"GPT-2 has no {', '.join(differences)}: this model cannot be exported as GPT2LMHeadModel (train with "
+            "the GPT-2 defaults of these options to export)"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = to_hf_state_dict(model)

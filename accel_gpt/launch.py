@@ -113,10 +113,13 @@ def agree(accelerator: Accelerator, work: Callable[[], T]) -> list[T]:
     return [result for _, result in outcomes]
 
 
-def agree_when_done(accelerator: Accelerator, work: Callable[[], T], poll_seconds: float = 1.0) -> list[T]:
+def agree_when_done(
+    accelerator: Accelerator, work: Callable[[], T], cancel: threading.Event | None = None, poll_seconds: float = 1.0
+) -> list[T]:
     """`agree` for work that may outlast a collective's timeout (NCCL's is minutes), such as tokenizing a large
     corpus on one process per machine while the others wait: the work runs in a thread while every rank asks,
-    with one small all-reduce every `poll_seconds`, whether all are done; no collective waits longer than that."""
+    with one small all-reduce every `poll_seconds`, whether all are done; no collective waits longer than that.
+    Interrupted (Ctrl-C), it sets `cancel`, which the work checks, and gives the work a few seconds to clean up."""
     if accelerator.num_processes == 1:
         return agree(accelerator, work)
     outcome: list = []
@@ -130,11 +133,17 @@ def agree_when_done(accelerator: Accelerator, work: Callable[[], T], poll_second
     thread = threading.Thread(target=run, name="accel_gpt-agree", daemon=True)  # Ctrl-C does not wait for it
     thread.start()
     finished = torch.zeros(1, device=accelerator.device)
-    while True:
-        thread.join(timeout=poll_seconds)
-        finished.fill_(0.0 if thread.is_alive() else 1.0)
-        if accelerator.reduce(finished, reduction="sum").item() == accelerator.num_processes:
-            break
+    try:
+        while True:
+            thread.join(timeout=poll_seconds)
+            finished.fill_(0.0 if thread.is_alive() else 1.0)
+            if accelerator.reduce(finished, reduction="sum").item() == accelerator.num_processes:
+                break
+    except BaseException:
+        if cancel is not None:
+            cancel.set()
+            thread.join(timeout=10.0)
+        raise
     kind, value = outcome[0]
 
     def result() -> T:

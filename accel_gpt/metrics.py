@@ -45,7 +45,7 @@ def flops_per_token(model: GPTModel, seq_len: int) -> float:
     """Training FLOPs per token: 6 per matmul weight (forward + backward) plus causal attention's
     12 * layers * dim * seq (the PaLM / nanoGPT estimate). Embedding lookups cost nothing; a tied head counts once."""
     cfg = model.config
-    matmul_params = model.num_parameters() - model.pos_emb.weight.numel()
+    matmul_params = model.num_parameters(exclude_position_embeddings=True)
     if not cfg.tie_weights:
         matmul_params -= model.tok_emb.weight.numel()
     return 6 * matmul_params + 12 * cfg.num_layers * cfg.embedding_dim * seq_len

@@ -1,7 +1,9 @@
 """GPT-2 from scratch: token + position embeddings, pre-LayerNorm blocks with causal attention and a GELU MLP.
 
 Numerically the same network as Hugging Face's `GPT2LMHeadModel` (tests/test_model.py proves it), plus decoding
-with a key/value cache and greedy, top-k and nucleus (top-p) sampling.
+with a key/value cache and greedy, top-k and nucleus (top-p) sampling. Off by default, the options of today's
+small-GPT recipes (nanochat, modded-nanogpt): rotary positions, RMSNorm, QK-norm, ReLU², zero-initialised
+output projections and logit soft-capping.
 """
 
 from __future__ import annotations
@@ -34,12 +36,26 @@ class GPTConfig:
     # Embedding and head rows are rounded up to a multiple of this: matmuls over a 50,304-wide head run faster
     # than over 50,257 on GPUs. The extra rows stay zero and their logits are masked, so they change no result.
     vocab_multiple: int = 1
+    # The modern options; the defaults are GPT-2's (what `export` writes).
+    position: str = "learned"  # "learned": GPT-2's position table; "rotary": RoPE on queries and keys
+    norm: str = "layernorm"  # or "rmsnorm"
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    activation: str = "gelu"  # or "relu2": ReLU squared
+    zero_init_projections: bool = False  # the attention and MLP output projections start at zero
+    logit_softcap: float = 0.0  # > 0: logits = logit_softcap * tanh(logits / logit_softcap)
 
     def __post_init__(self):
         if self.embedding_dim % self.num_heads:
             raise ValueError(f"embedding_dim ({self.embedding_dim}) must be divisible by num_heads ({self.num_heads})")
         if self.vocab_multiple < 1:
             raise ValueError(f"vocab_multiple must be >= 1, got {self.vocab_multiple}")
+        for name, allowed in OPTION_VALUES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.position == "rotary" and (self.embedding_dim // self.num_heads) % 2:
+            raise ValueError(f"rotary positions need an even head size, got {self.embedding_dim // self.num_heads}")
+        if not 0.0 <= self.logit_softcap < math.inf:
+            raise ValueError(f"logit_softcap must be a finite number >= 0, got {self.logit_softcap}")
 
     @property
     def padded_vocabulary_size(self) -> int:
@@ -47,6 +63,22 @@ class GPTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+OPTION_VALUES = {"position": ("learned", "rotary"), "norm": ("layernorm", "rmsnorm"), "activation": ("gelu", "relu2")}
+# What GPT-2 (and Hugging Face's GPT2LMHeadModel) is: a config with any other of these values is another network.
+GPT2_OPTIONS = {
+    "position": "learned",
+    "norm": "layernorm",
+    "qk_norm": False,
+    "activation": "gelu",
+    "logit_softcap": 0.0,
+}
+
+
+def gpt2_differences(cfg: GPTConfig) -> list[str]:
+    """The options in which `cfg` is not GPT-2's network, as `name value`."""
+    return [f"{name} {getattr(cfg, name)}" for name, value in GPT2_OPTIONS.items() if getattr(cfg, name) != value]
 
 
 # GPT-2's published sizes, plus two CPU-sized presets for tests and the default run.
@@ -80,18 +112,45 @@ def attention_backends(choice: str) -> contextlib.AbstractContextManager:
     return sdpa_kernel([first] + [b for b in ATTENTION_BACKENDS.values() if b != first], set_priority=True)
 
 
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.embedding_dim, eps=1e-5)
+    return nn.LayerNorm(cfg.embedding_dim, eps=1e-5, bias=cfg.bias)
+
+
+def rotary_tables(head_dim: int, positions: torch.Tensor, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin `[positions, head_dim / 2]` of RoPE's angles: frequency i turns by base^(-2i / head_dim) a step."""
+    inv_freq = base ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Queries or keys `[batch, heads, seq, head_dim]` turned by their positions' angles (the halves of each head
+    as the pairs, as Hugging Face's LLaMA does)."""
+    cos, sin = (t.to(x.dtype) for t in rope)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
 class MultiHeadAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.dropout = cfg.dropout
+        self.qk_norm = cfg.qk_norm
         # One fused projection: a single matmul for q, k and v is faster than three.
         self.qkv = nn.Linear(cfg.embedding_dim, 3 * cfg.embedding_dim, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(cfg.embedding_dim, cfg.embedding_dim, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope=None, cache: LayerCache | None = None) -> torch.Tensor:
+        """`rope`: the cos and sin tables of x's positions, for rotary positions; None for a position table."""
         batch, seq, dim = x.shape
         q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (q.shape[-1],), eps=1e-5), F.rms_norm(k, (k.shape[-1],), eps=1e-5)
+        if rope is not None:
+            q, k = rotate(q, rope), rotate(k, rope)
         if cache is not None:  # decoding: attend to every cached position as well
             k, v = cache.append(k, v)
         # is_causal lets SDPA pick flash/memory-efficient kernels and avoids materialising a mask. A single new
@@ -102,28 +161,34 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(batch, seq, dim))
 
 
+class ReLUSquared(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
 class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.fc = nn.Linear(cfg.embedding_dim, 4 * cfg.embedding_dim, bias=cfg.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        # GPT-2's "gelu_new", or ReLU squared (modded-nanogpt, nanochat)
+        self.activation = nn.GELU(approximate="tanh") if cfg.activation == "gelu" else ReLUSquared()
         self.proj = nn.Linear(4 * cfg.embedding_dim, cfg.embedding_dim, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.gelu(self.fc(x)))
+        return self.proj(self.activation(self.fc(x)))
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.embedding_dim, eps=1e-5, bias=cfg.bias)
+        self.norm1 = make_norm(cfg)
         self.att = MultiHeadAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.embedding_dim, eps=1e-5, bias=cfg.bias)
+        self.norm2 = make_norm(cfg)
         self.ff = FeedForward(cfg)
         self.drop_shortcut = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), cache))
+    def forward(self, x: torch.Tensor, rope=None, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), rope, cache))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
@@ -187,10 +252,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     The full `[tokens, vocab]` logits and their gradient are never held at once: each chunk's logits are made,
     turned into that chunk's loss and its gradients for `hidden` and `weight`, and dropped. With GPT-2's
     50,257-wide head this is most of a small model's step; the gradients are computed in the forward pass, so
-    backward only scales them. Logits from row `vocabulary_size` on (a padded head) are masked out."""
+    backward only scales them. Logits from row `vocabulary_size` on (a padded head) are masked out; with `softcap`
+    > 0 the logits are soft-capped first (softcap * tanh(logits / softcap))."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int, need_grad: bool, vocabulary_size: int):
+    def forward(ctx, hidden, weight, targets, chunk: int, need_grad: bool, vocabulary_size: int, softcap: float):
         tokens = hidden.shape[0]
         autocast = torch.is_autocast_enabled(hidden.device.type)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -199,6 +265,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, tokens, chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
             logits = (h @ weight.T).float()
+            if softcap:  # in place where it can: the chunk's logits are most of a small model's step
+                capped = logits.div_(softcap).tanh_()
+                logits = capped * softcap
             logits[:, vocabulary_size:] = float("-inf")
             target_logits = logits.gather(1, t[:, None]).squeeze(1)
             row_max = logits.amax(dim=-1, keepdim=True)
@@ -208,6 +277,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             if need_grad:  # d(summed loss)/d(logits) = softmax - onehot; the mean's 1/tokens waits for backward
                 probs.div_(row_sum[:, None])
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                if softcap:  # through the cap: d(softcap * tanh(z / softcap)) / dz = 1 - tanh(z / softcap)^2
+                    probs.mul_(capped.square_().neg_().add_(1.0))
                 grad_logits = probs.to(weight.dtype)
                 grad_hidden[start : start + chunk] = grad_logits @ weight
                 # An in-place addmm into the fp32 sum would bypass autocast (and run in fp32), and fails on bf16
@@ -227,7 +298,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         # Scaled by the upstream gradient (fp16's loss scale) and 1/tokens only here: fp16 gradients of the mean,
         # formed in the forward pass, underflowed (a small probability over thousands of tokens is below 6e-8).
         scale = grad_loss / ctx.tokens
-        return grad_hidden * scale, (grad_weight * scale).to(ctx.weight_dtype), None, None, None, None
+        return grad_hidden * scale, (grad_weight * scale).to(ctx.weight_dtype), None, None, None, None, None
 
 
 # The fused loss's gain on CPU is its single exp pass with the gradient formed in the same pass, not small chunks:
@@ -243,13 +314,14 @@ def chunked_cross_entropy(
     targets: torch.Tensor,
     chunk: int = CPU_LOSS_CHUNK,
     vocabulary_size: int | None = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Mean cross-entropy of the logits `hidden @ weight.T` (hidden `[..., dim]`, targets `[...]`), over the first
-    `vocabulary_size` logits (default: all)."""
+    `vocabulary_size` logits (default: all), soft-capped at `softcap` if > 0."""
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     vocabulary_size = weight.shape[0] if vocabulary_size is None else vocabulary_size
-    return ChunkedCrossEntropy.apply(hidden, weight, targets, chunk, need_grad, vocabulary_size)
+    return ChunkedCrossEntropy.apply(hidden, weight, targets, chunk, need_grad, vocabulary_size, softcap)
 
 
 class GPTModel(nn.Module):
@@ -265,16 +337,19 @@ class GPTModel(nn.Module):
             raise TypeError("pass either a GPTConfig or keyword arguments, not both")
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocabulary_size, cfg.embedding_dim)
-        self.pos_emb = nn.Embedding(cfg.context_len, cfg.embedding_dim)
+        self.pos_emb = nn.Embedding(cfg.context_len, cfg.embedding_dim) if cfg.position == "learned" else None
         self.drop_emb = nn.Dropout(cfg.dropout)
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.num_layers)])
-        self.final_norm = nn.LayerNorm(cfg.embedding_dim, eps=1e-5, bias=cfg.bias)
+        self.final_norm = make_norm(cfg)
         self.out_head = nn.Linear(cfg.embedding_dim, cfg.vocabulary_size, bias=False)
         self.apply(self._init_weights)
-        # GPT-2 scales the residual projections by 1/sqrt(2 * layers) so the residual stream's variance stays bounded.
+        # GPT-2 scales the residual projections by 1/sqrt(2 * layers) so the residual stream's variance stays bounded;
+        # zero_init_projections starts them at zero: each block begins as the identity (modded-nanogpt).
         for name, param in self.named_parameters():
             if name.endswith(("att.out_proj.weight", "ff.proj.weight")):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.num_layers))
+                if cfg.zero_init_projections:
+                    nn.init.zeros_(param)
         if cfg.padded_vocabulary_size != cfg.vocabulary_size:
             # Padded after initialisation, with zeros: the random draws, hence the real rows, match an unpadded model.
             for module in (self.tok_emb, self.out_head):
@@ -310,34 +385,45 @@ class GPTModel(nn.Module):
         if start + seq > self.config.context_len:
             raise ValueError(f"sequence length {start + seq} exceeds the model's context_len {self.config.context_len}")
         positions = torch.arange(start, start + seq, device=idx.device)
-        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))
+        x, rope = self.tok_emb(idx), None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        else:
+            rope = rotary_tables(self.config.embedding_dim // self.config.num_heads, positions)
+        x = self.drop_emb(x)
         for i, block in enumerate(self.trf_blocks):
             if cache is not None:
-                x = block(x, cache.layers[i])
+                x = block(x, rope, cache.layers[i])
             elif self.activation_checkpointing and self.training:  # recompute activations in backward: less memory
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, rope)
         if cache is not None:  # decoding needs the next token's logits only: skip the head for the prompt
             x = x[:, -1:]
         x = self.final_norm(x)
-        vocabulary = self.config.vocabulary_size
+        vocabulary, softcap = self.config.vocabulary_size, self.config.logit_softcap
         if targets is None:
-            return self.out_head(x)[..., :vocabulary]
+            return self.soft_cap(self.out_head(x)[..., :vocabulary])
         chunk = self.loss_chunk if self.loss_chunk is not None else (CPU_LOSS_CHUNK if x.device.type == "cpu" else 0)
         if chunk == 0:
-            logits = self.out_head(x)
+            logits = self.soft_cap(self.out_head(x))
             if logits.shape[-1] > vocabulary:  # padding rows: never a prediction, and their gradient is zero
                 logits[..., vocabulary:] = float("-inf")
             return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        return chunked_cross_entropy(x, self.out_head.weight, targets, chunk, vocabulary)
+        return chunked_cross_entropy(x, self.out_head.weight, targets, chunk, vocabulary, softcap)
+
+    def soft_cap(self, logits: torch.Tensor) -> torch.Tensor:
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits.float() / cap) if cap else logits
 
     def num_parameters(self, exclude_position_embeddings: bool = False) -> int:
         """Distinct parameters (a tied output head counts once), not counting vocabulary padding rows."""
         total = sum(p.numel() for p in self.parameters())  # parameters() yields shared tensors once
         cfg = self.config
         total -= (cfg.padded_vocabulary_size - cfg.vocabulary_size) * cfg.embedding_dim * (1 if cfg.tie_weights else 2)
-        return total - self.pos_emb.weight.numel() if exclude_position_embeddings else total
+        if exclude_position_embeddings and self.pos_emb is not None:
+            total -= self.pos_emb.weight.numel()
+        return total
 
 
 def sample_next(
@@ -390,8 +476,9 @@ def stream_tokens(
     pending = idx  # tokens whose keys and values are not cached yet
     for _ in range(max_new_tokens):
         if cache is None or cache.length + pending.shape[1] > context_size:
-            # No cache, or the text outgrew the window: positions are learned absolute embeddings, so once the
-            # window slides every cached key and value is stale. Recompute from the last context_size tokens.
+            # No cache, or the text outgrew the window: positions are absolute (a table, or rotary angles of
+            # cached keys), so once the window slides every cached key and value is stale. Recompute from the last
+            # context_size tokens.
             if cache is not None:
                 cache.clear()
             logits = model(idx[:, -context_size:], cache=cache)

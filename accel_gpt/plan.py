@@ -10,10 +10,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from accelerate.utils import parse_flag_from_env
+
 from accel_gpt.config import TrainConfig, validate
 from accel_gpt.errors import UserError
 from accel_gpt.hf import read_hf_gpt2_config
 from accel_gpt.model import GPTConfig
+from accel_gpt.schedule import learning_rate_at
 from accel_gpt.tokenizer import get_tokenizer
 
 
@@ -31,7 +34,8 @@ class RunPlan:
     train_windows: int = 0
     steps_per_epoch: int = 0  # 0 when streaming: the stream has no epochs of a known length
     total_steps: int = 0
-    stream_source: str = ""  # streaming: what is read, e.g. "Salesforce/wikitext (train, 2 shards)"
+    stream_source: str = ""  # streaming: what is read, e.g. "Salesforce/wikitext (2 shards, column text)"
+    held_out: tuple[int, int, int] = (0, 0, 0)  # streaming: where training's stream starts after a held-out slice
 
     @property
     def tokens_per_step(self) -> int:
@@ -52,8 +56,18 @@ class RunPlan:
             identity |= {
                 "streaming": True, "world_size": self.world_size, "stream_workers": self.cfg.stream_workers,
                 "shuffle_buffer": self.cfg.shuffle_buffer, "stream_source": self.stream_source,
+                "held_out": list(self.held_out),
             }  # fmt: skip
         return identity
+
+    def learning_rate_at(self, step: int) -> float:
+        """The schedule's rate at 0-based optimizer step `step` (AdamW's; Muon's groups scale it)."""
+        cfg = self.cfg
+        return learning_rate_at(
+            step, total_steps=self.total_steps, warmup_steps=cfg.warmup_steps, initial_lr=cfg.initial_lr,
+            learning_rate=cfg.learning_rate, min_lr=cfg.min_lr, schedule=cfg.lr_schedule,
+            decay_fraction=cfg.decay_fraction, wsd_decay=cfg.wsd_decay,
+        )  # fmt: skip
 
     def with_data(self, train_windows: int, val_windows: int) -> RunPlan:
         """The plan for data of this many training and validation windows, or the line saying why it cannot train."""
@@ -64,24 +78,32 @@ class RunPlan:
                 f"training data has {train_windows} windows of {window} tokens; one optimizer step needs "
                 f"{batch} (lower batch_size/context_len or add text)"
             )
-        self.check_validation(val_windows)
+        self.check_validation(val_windows, "raise val_fraction, add validation text or lower batch_size")
         total_steps = self.cfg.max_steps or self.cfg.num_epochs * steps_per_epoch
         check_warmup(self.cfg.warmup_steps, total_steps)
         return dataclasses.replace(
             self, train_windows=train_windows, steps_per_epoch=steps_per_epoch, total_steps=total_steps
         )
 
-    def with_stream(self, val_windows: int, source: str) -> RunPlan:
-        """The plan for a streaming run (max_steps long, checked by `validate`) reading `source`."""
-        self.check_validation(val_windows)
-        return dataclasses.replace(self, total_steps=self.cfg.max_steps, stream_source=source)
+    def with_stream(
+        self, train_eval_windows: int, val_windows: int, source: str, held_out: tuple[int, int, int]
+    ) -> RunPlan:
+        """The plan for a streaming run (max_steps long, checked by `validate`) reading `source` from `held_out`, with
+        this many windows in its fixed evaluation slices."""
+        if train_eval_windows < self.global_batch_size:
+            raise UserError(
+                f"training data has {train_eval_windows} windows of {self.context_len + 1} tokens"
+                f"{' after the held-out validation slice' if held_out != (0, 0, 0) else ''}; an evaluation needs one "
+                f"global batch of {self.global_batch_size} (add text, give validation data or lower batch_size)"
+            )
+        self.check_validation(val_windows, "add validation text, or lower eval_iter or batch_size")
+        return dataclasses.replace(self, total_steps=self.cfg.max_steps, stream_source=source, held_out=held_out)
 
-    def check_validation(self, val_windows: int) -> None:
+    def check_validation(self, val_windows: int, hint: str) -> None:
         if val_windows < self.global_batch_size:  # an evaluation reads whole global batches, like a step
             raise UserError(
                 f"validation data has {val_windows} windows of {self.context_len + 1} tokens; an evaluation needs "
-                f"one global batch of {self.global_batch_size} (raise val_fraction, add validation text or lower "
-                "batch_size)"
+                f"one global batch of {self.global_batch_size} ({hint})"
             )
 
 
@@ -118,6 +140,11 @@ def model_config_for(cfg: TrainConfig, vocabulary_size: int) -> GPTConfig:
 def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
     """Check `cfg` and derive everything that does not need the data; the first problem is one UserError."""
     cfg = validate(cfg)
+    if cfg.optimizer == "muon" and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        raise UserError(
+            "optimizer muon orthogonalises whole matrices and FSDP gives each process a slice of each: use DDP "
+            "(an accelerate config without FSDP) or optimizer adamw"
+        )
     accumulation, global_batch = batch_geometry(cfg, world_size)
     if cfg.max_steps is not None:
         check_warmup(cfg.warmup_steps, cfg.max_steps)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
@@ -26,7 +27,7 @@ from accel_gpt.stream import (
     open_dataset_source,
     read_slice,
 )
-from accel_gpt.tokens import Corpus, TokenStream, build_shards, open_corpus, plan_corpus, share_out
+from accel_gpt.tokens import CANCEL, Corpus, TokenStream, build_shards, open_corpus, plan_corpus, share_out
 
 
 def data_files(plan: RunPlan, accelerator: Accelerator) -> DataFiles:
@@ -52,7 +53,16 @@ def tokenize_once(corpora: list[Corpus], plan: RunPlan, accelerator: Accelerator
     then tokenizes the shards it cannot see itself; if its files give another cache key, the machines hold
     different data, and the run stops saying so."""
     cfg, local_main = plan.cfg, accelerator.is_local_main_process
-    machines = [rank for rank, first in enumerate(gather_object([local_main])) if first]
+    seen = gather_object([(local_main, [corpus.sizes for corpus in corpora])])  # every rank's shards, by size
+    if differs := next((rank for rank, (_, sizes) in enumerate(seen) if sizes != seen[0][1]), None):
+        shards = [
+            f"{sum(map(len, sizes))} shards of {sum(map(sum, sizes)):,} bytes" for _, sizes in (seen[0], seen[differs])
+        ]
+        raise UserError(
+            f"the data differs between machines: process 0 sees {shards[0]}, process {differs} {shards[1]}; give "
+            "every machine the same files"
+        )
+    machines = [rank for rank, (first, _) in enumerate(seen) if first]
     work = [(c, i) for c, corpus in enumerate(corpora) for i in range(len(corpus.shards))]
     owner = share_out([corpora[c].sizes[i] for c, i in work], len(machines))
     cache_dir = cfg.token_cache_dir()  # every machine's own (the same folder where it is shared)
@@ -71,7 +81,7 @@ def tokenize_once(corpora: list[Corpus], plan: RunPlan, accelerator: Accelerator
     where = f" (machine {me + 1} of {len(machines)})" if len(machines) > 1 else ""
     mine = [item for item, m in zip(work, owner) if m == me]
     names: list[dict[int, str]] = [{} for _ in corpora]
-    for built_by_one in agree_when_done(accelerator, lambda: build(mine, where) if local_main else None):
+    for built_by_one in agree_when_done(accelerator, lambda: build(mine, where) if local_main else None, CANCEL):
         for corpus_names, found in zip(names, built_by_one or []):  # None from the processes that waited
             corpus_names.update(found)
     entries = [{i: cache_dir / name for i, name in found.items()} for found in names]
@@ -89,7 +99,7 @@ def tokenize_once(corpora: list[Corpus], plan: RunPlan, accelerator: Accelerator
                         f"{me + 1} than where it was tokenized; give every machine the same files"
                     )
 
-    agree_when_done(accelerator, lambda: build_unseen() if local_main else None)
+    agree_when_done(accelerator, lambda: build_unseen() if local_main else None, CANCEL)
     return entries
 
 
@@ -144,6 +154,8 @@ def stream_sources(plan: RunPlan, readers: int) -> tuple[Source, Source | None, 
         return train, val, files.note
     train = open_dataset_source(cfg.dataset, cfg.dataset_config, cfg.train_split, cfg.text_column, readers)
     val_split = cfg.val_split or ("validation" if "validation" in train.split_names else None)
+    if val_split == cfg.train_split:
+        raise UserError(f"dataset {cfg.dataset!r}: train_split and val_split are both {val_split!r}")
     val = open_dataset_source(cfg.dataset, cfg.dataset_config, val_split, cfg.text_column, 1) if val_split else None
     note = f"dataset {cfg.dataset}: streaming its {cfg.train_split} split ({train.num_shards} shards)"
     return train, val, note + (f", validating on its {val_split} split" if val_split else "")
@@ -158,21 +170,38 @@ def open_stream(plan: RunPlan, accelerator: Accelerator) -> TrainingData:
     train, val, note = stream_sources(plan, readers.count)
     if note and accelerator.is_main_process:
         print(note, flush=True)
-    windows = cfg.eval_iter * plan.global_batch_size
-    needed = (windows - 1) * stride + context + 1
-    slice_of = lambda source, start: read_slice(source, start, needed, cfg.tokenizer, plan.eot_id)  # noqa: E731
+    spec = cfg.dataset or cfg.train_data_path
+    needed = (cfg.eval_iter * plan.global_batch_size - 1) * stride + context + 1  # tokens of one evaluation
+
+    def first_tokens(source: Source, start: tuple[int, int, int], role: str) -> tuple[np.ndarray, tuple]:
+        try:
+            tokens, end = read_slice(source, start, needed, cfg.tokenizer, plan.eot_id)
+        except UserError as err:
+            raise UserError(f"{role} data: {err}") from None
+        if start == (0, 0, 0) and not len(tokens):
+            where = spec if role == "train" else cfg.val_data_path or f"{spec}'s validation split"
+            raise UserError(f"{role} data: data path {where} contains no text")
+        return tokens, end
+
     if val is None:
-        val_tokens, held_out = slice_of(train, (0, 0, 0))
+        val_tokens, held_out = first_tokens(train, (0, 0, 0), "train")
+        if held_out[0] >= train.num_shards:
+            raise UserError(
+                f"train data: {spec} is no longer than one evaluation ({needed:,} tokens: eval_iter x global batch "
+                "windows), which would be held out for validation whole: give validation data (val_data_path, "
+                "val_split) or lower eval_iter"
+            )
         readers = Readers(readers.count, readers.seed, start=held_out)
     else:
-        val_tokens = slice_of(val, (0, 0, 0))[0]
-    train_eval_tokens = slice_of(train, readers.start)[0]
+        val_tokens = first_tokens(val, (0, 0, 0), "validation")[0]
+    train_eval_tokens = first_tokens(train, readers.start, "train")[0]
     train_eval, val_set = (WindowDataset(TokenStream.of(t), context, stride) for t in (train_eval_tokens, val_tokens))
-    source = f"{cfg.dataset or cfg.train_data_path} ({train.num_shards} shard{'s' * (train.num_shards != 1)})"
-    reader_set = ReaderDataset(
-        train, readers, accelerator.process_index, cfg.stream_workers, cfg.tokenizer, plan.eot_id
-    )
+    source = f"{spec} ({train.num_shards} shard{'s' * (train.num_shards != 1)}, column {cfg.text_column})"
+    rank = accelerator.process_index
+    reader_set = ReaderDataset(train, readers, rank, cfg.stream_workers, cfg.tokenizer, plan.eot_id)
     batches = StreamBatches(
-        reader_set, cfg.stream_workers, cfg.batch_size, context, stride, cfg.shuffle_buffer, accelerator.device
-    )
-    return TrainingData(plan.with_stream(len(val_set), source), batches, train_eval, val_set)
+        reader_set, cfg.stream_workers, cfg.batch_size, context, stride, cfg.shuffle_buffer, accelerator.device,
+        accelerator.num_processes,
+    )  # fmt: skip
+    plan = plan.with_stream(len(train_eval), len(val_set), source, readers.start)
+    return TrainingData(plan, batches, train_eval, val_set)

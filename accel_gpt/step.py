@@ -69,7 +69,7 @@ class EagerStep:
 
     def __call__(self, batches, lr: float, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices: their own peak, the same schedule
         return optimizer_step(
             self.model, self.optimizer, batches, self.accelerator, self.accumulation, max_norm, self.cudagraph_trees
         )

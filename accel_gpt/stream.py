@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from accel_gpt.corpus import TABLE_ROWS, check_text_column, dataset_shards, format_of, read_pieces, text_rows
+from accel_gpt.corpus import TABLE_ROWS, check_text_column, dataset_shards, format_of, pieces, read_pieces, text_values
 from accel_gpt.data import already_collated
 from accel_gpt.errors import UserError
 from accel_gpt.tokenizer import get_tokenizer
@@ -63,10 +63,11 @@ class DatasetSource:
                 if row + len(table) > start:  # rows before `start` are skipped without being decoded
                     skip = max(0, start - row)
                     check_text_column(where, table.schema, self.column)
-                    index = row + skip
-                    for piece, ends in text_rows(where, [table.column(self.column).slice(skip)], self.column):
-                        yield index, piece, ends
-                        index += ends
+                    column = table.column(self.column).slice(skip)
+                    for texts in text_values(where, [column], self.column, first_row=row + skip):
+                        for index, text in enumerate(texts, row + skip):  # a document is a row, empty or not
+                            for piece, ends in pieces([text]):
+                                yield index, piece, ends
                 row += len(table)
         except (OSError, pa.ArrowException) as err:  # a file that cannot be read, or the network gone
             raise UserError(f"could not read {where} at row {row}: {err}") from None
@@ -115,50 +116,60 @@ class Readers:
 
 def document_tokens(
     source, shard: int, start: int, skip: int, tokenizer: str, eot_id: int, keep=None
-) -> Iterator[tuple[int, np.ndarray, bool]]:
-    """(document, tokens, ends_document) for each piece of `shard`'s documents from `start` on, end-of-text after
-    each document; the first `skip` tokens of document `start` left out, documents that `keep` refuses not
-    tokenized."""
+) -> Iterator[tuple[int, np.ndarray, bool, int]]:
+    """(document, tokens, ends_document, the document's tokens so far) for each piece of `shard`'s documents from
+    `start` on, end-of-text after each document; the first `skip` tokens of document `start` left out (but counted),
+    documents that `keep` refuses not tokenized."""
     encoding, eot = get_tokenizer(tokenizer), np.array([eot_id], dtype=np.uint32)
+    current, so_far = None, 0
     for document, piece, ends in source.documents(shard, start):
         if keep is not None and not keep(document):
             continue
+        if document != current:
+            current, so_far = document, 0
         ids = encode(encoding, piece)
         if ends:
             ids = np.concatenate([ids, eot])
+        so_far += len(ids)
         if skip and document == start:
             dropped = min(skip, len(ids))
             ids, skip = ids[dropped:], skip - dropped
-        yield document, ids, ends
+        yield document, ids, ends, so_far
+
+
+def after(shard_or_k: int, document: int, ends: bool, so_far: int) -> tuple[int, int, int]:
+    """The position after a piece: the next document's start, or this document's token count so far."""
+    return (shard_or_k, document + 1, 0) if ends else (shard_or_k, document, so_far)
 
 
 def read_chunks(
-    source, readers: Readers, reader: int, position: tuple[int, int, int], tokenizer: str, eot_id: int
-) -> Iterator[tuple[np.ndarray, tuple[int, int, int]]]:
-    """Reader `reader`'s endless stream from `position` = (epoch, index in its shard list, next document): chunks of
-    whole documents' tokens, each with the position after it. Epoch after epoch."""
+    source, readers: Readers, reader: int, position: tuple[int, int, int, int], tokenizer: str, eot_id: int
+) -> Iterator[tuple[np.ndarray, tuple[int, int, int, int]]]:
+    """Reader `reader`'s endless stream from `position` = (epoch, index in its shard list, document, tokens into
+    it): chunks of about CHUNK_TOKENS tokens (a long document in several), each with the position after it.
+    Epoch after epoch."""
     by_document = source.num_shards < readers.count
     keep = (lambda document: document % readers.count == reader) if by_document else None
-    epoch, first, document = position
+    epoch, first, document, offset = position
     empty_epochs = 0  # whole epochs in a row that gave this reader nothing
     while True:
         order = readers.shard_order(source.num_shards, epoch)
         mine = order if by_document else order[reader :: readers.count]
-        produced, whole = False, (first, document) == (0, 0)
+        produced, whole = False, (first, document, offset) == (0, 0, 0)
         for k in range(first, len(mine)):
             if (begin := readers.shard_start(mine[k])) is None:
                 continue
-            if k == first and document > begin[0]:  # resuming past the shard's start
-                begin = (document, 0)
+            if k == first and (document, offset) > begin:  # resuming past the shard's start
+                begin = (document, offset)
             parts, size = [], 0
-            for index, ids, ends in document_tokens(source, mine[k], *begin, tokenizer, eot_id, keep):
+            for index, ids, ends, so_far in document_tokens(source, mine[k], *begin, tokenizer, eot_id, keep):
                 parts.append(ids)
                 size += len(ids)
-                if ends and size >= CHUNK_TOKENS:
-                    yield np.concatenate(parts), (epoch, k, index + 1)
+                if size >= CHUNK_TOKENS:
+                    yield np.concatenate(parts), (epoch, *after(k, index, ends, so_far))
                     parts, size, produced = [], 0, True
             if parts:
-                yield np.concatenate(parts), (epoch, k + 1, 0)
+                yield np.concatenate(parts), (epoch, k + 1, 0, 0)
                 produced = True
         empty_epochs = empty_epochs + 1 if whole and not produced else 0
         # Reading by document, every epoch reads the same documents; by shard, another epoch deals other shards.
@@ -167,7 +178,7 @@ def read_chunks(
                 f"stream reader {reader} of {readers.count} found no text in a whole epoch: the corpus has fewer "
                 "documents (or shards with text) than processes x stream_workers; lower stream_workers"
             )
-        epoch, first, document = epoch + 1, 0, 0
+        epoch, first, document, offset = epoch + 1, 0, 0, 0
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -185,7 +196,7 @@ class ReaderDataset(IterableDataset):
     def __init__(self, source, readers: Readers, rank: int, workers: int, tokenizer: str, eot_id: int):
         self.source, self.readers, self.rank, self.slots = source, readers, rank, max(1, workers)
         self.tokenizer, self.eot_id = tokenizer, eot_id
-        self.positions = [(0, 0, 0)] * self.slots
+        self.positions = [(0, 0, 0, 0)] * self.slots
         self.rotation = 0
 
     def __iter__(self):
@@ -209,17 +220,22 @@ class StreamBatches:
 
     def __init__(
         self, readers: ReaderDataset, workers: int, batch_size: int, context_len: int, stride: int, buffer_size: int,
-        device: torch.device | str,
+        device: torch.device | str, processes: int = 1,
     ):  # fmt: skip
-        self.readers, self.workers, self.batch_size = readers, workers, batch_size
+        self.readers, self.workers, self.batch_size, self.processes = readers, workers, batch_size, processes
         self.span, self.stride, self.device = context_len + 1, stride, torch.device(device)
         dtype = token_dtype(readers.tokenizer)
         self.pending = np.empty(0, dtype=dtype)  # tokens not yet in a window
+        self.skip = 0  # tokens to drop before the next window starts (a stride beyond the last window)
         self.buffer = np.empty((buffer_size, self.span), dtype=dtype)
         self.filled = 0
         self.rng = np.random.default_rng([readers.readers.seed, readers.rank, 1])
         self.chunks = 0  # consumed so far: which slot the round-robin serves next
         self._chunks_iter = None
+        # Bad data met by one of several processes: held (with the last batch trained on again) until the loop's next
+        # sync with the host, where every rank stops with it, instead of one rank leaving the others in a collective.
+        self.error: str | None = None
+        self._last: np.ndarray | None = None
 
     @property
     def epoch(self) -> int:
@@ -243,11 +259,14 @@ class StreamBatches:
         self.pending = np.concatenate([self.pending, tokens.astype(self.pending.dtype)])
 
     def _next_window(self) -> np.ndarray:
-        while len(self.pending) < self.span:
+        while True:
+            dropped = min(self.skip, len(self.pending))
+            self.pending, self.skip = self.pending[dropped:], self.skip - dropped
+            if not self.skip and len(self.pending) >= self.span:
+                break
             self._next_chunk()
-        window = self.pending[: self.span].copy()
-        self.pending = self.pending[self.stride :]
-        return window
+        self.skip = self.stride  # the next window starts `stride` tokens after this one
+        return self.pending[: self.span].copy()
 
     def _shuffled_window(self) -> np.ndarray:
         if not len(self.buffer):
@@ -261,7 +280,16 @@ class StreamBatches:
         return window
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        windows = torch.from_numpy(np.stack([self._shuffled_window() for _ in range(self.batch_size)]).astype(np.int64))
+        if self.error is None:
+            try:
+                self._last = np.stack([self._shuffled_window() for _ in range(self.batch_size)]).astype(np.int64)
+            except UserError as err:
+                if self.processes == 1:
+                    raise
+                self.error = str(err)
+        if self._last is None:  # bad data before the first batch
+            self._last = np.zeros((self.batch_size, self.span), dtype=np.int64)
+        windows = torch.from_numpy(self._last.copy())
         if self.device.type == "cuda":  # pinned: the copy to the GPU does not make the host wait
             windows = windows.pin_memory()
         inputs, targets = windows[:, :-1], windows[:, 1:]
@@ -281,7 +309,7 @@ class StreamBatches:
         return {
             "arrays": {"pending": self.pending.copy(), "buffer": self.buffer[: self.filled].copy()},
             "meta": {"positions": [list(p) for p in self.readers.positions], "chunks": self.chunks,
-                     "rng": self.rng.bit_generator.state},
+                     "skip": self.skip, "rng": self.rng.bit_generator.state},
         }  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
@@ -290,7 +318,7 @@ class StreamBatches:
         self.filled = len(arrays["buffer"])
         self.buffer[: self.filled] = arrays["buffer"]
         self.readers.positions = [tuple(p) for p in meta["positions"]]
-        self.chunks = meta["chunks"]
+        self.chunks, self.skip = meta["chunks"], meta["skip"]
         self.rng.bit_generator.state = meta["rng"]
 
 
@@ -302,17 +330,13 @@ def read_slice(
     and where they end, in the same terms: the fixed slices that evaluation reads. Fewer if the source ends first."""
     parts, size = [], 0
     for shard in range(start[0], source.num_shards):
-        document, offset = start[1:] if shard == start[0] else (0, 0)
-        for index, ids, ends in document_tokens(source, shard, document, offset, tokenizer, eot_id):
+        document, skip = start[1:] if shard == start[0] else (0, 0)
+        for index, ids, ends, so_far in document_tokens(source, shard, document, skip, tokenizer, eot_id):
             taken = ids[: count - size]
             parts.append(taken)
             size += len(taken)
-            offset = offset + len(taken) if index == document else len(taken)
-            document = index
             if size == count:
-                end = (shard, index + 1, 0) if ends and len(taken) == len(ids) else (shard, index, offset)
+                end = after(shard, index, ends and len(taken) == len(ids), so_far - (len(ids) - len(taken)))
                 return np.concatenate(parts).astype(token_dtype(tokenizer)), end
-            if ends:
-                document, offset = index + 1, 0
     tokens = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint32)
     return tokens.astype(token_dtype(tokenizer)), (source.num_shards, 0, 0)

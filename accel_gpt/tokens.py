@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -37,6 +38,9 @@ CHUNK_TOKENS = 1 << 20  # tokens per Arrow record batch: bounds memory while wri
 BATCH_CHARS = 1 << 20  # characters per batch of pieces that a worker tokenizes at once
 SHARD_BYTES = 256 << 20  # corpus bytes per shard: few enough entries to map at once, enough to share out
 MAX_TOKENIZER_PROCESSES = 12  # see cores_for_tokenizing
+# Set by another thread (the one a tokenizing thread runs for) to stop tokenizing: the shard being written is
+# removed, as when reading fails.
+CANCEL = threading.Event()
 
 
 # ----------------------------------------------------------------------------------------------- token stream
@@ -228,6 +232,8 @@ def _batches(files: list[Path], fmt: str, column: str, progress: tqdm) -> Iterat
     batch, size = [], 0
     for path in files:
         for piece in read_pieces(path, fmt, column):
+            if CANCEL.is_set():
+                raise KeyboardInterrupt
             batch.append(piece)
             size += len(piece[0])
             if size >= BATCH_CHARS:

@@ -28,6 +28,7 @@ from accel_gpt.checkpoint import (
     load_rng_states,
     load_stream_states,
     prune_checkpoints,
+    read_trainer_state,
     restore_rng_state,
     save_checkpoint,
     set_aside_newer,
@@ -41,10 +42,11 @@ from accel_gpt.inference import generate
 from accel_gpt.launch import launch_world_size, start_accelerator, strategy_name
 from accel_gpt.metrics import RunLogger, StepWindow, flops_per_token, peak_flops
 from accel_gpt.model import GPTConfig, GPTModel, attention_backends
+from accel_gpt.optim import build_optimizer
 from accel_gpt.plan import RunPlan, plan_run
 from accel_gpt.rundata import load_training_data
 from accel_gpt.rundir import RunDirs, complete_already, resolve_run_dirs
-from accel_gpt.schedule import clips_gradients_at, learning_rate_at
+from accel_gpt.schedule import clips_gradients_at
 from accel_gpt.step import make_step
 from accel_gpt.stream import StreamBatches
 
@@ -68,18 +70,6 @@ class TrainerState:
         if self.step_in_epoch == steps_per_epoch:
             self.epoch += 1
             self.step_in_epoch = 0
-
-
-def build_optimizer(model: GPTModel, cfg: TrainConfig) -> torch.optim.AdamW:
-    # Decay matrices only: biases and LayerNorm weights (1-D) are not regularised.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    # fused: one kernel per step, and it honours `found_inf`, which lets a non-finite step be skipped on the
-    # device without waiting for the gradient norm on the host.
-    return torch.optim.AdamW(groups, lr=cfg.initial_lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
 @torch.no_grad()
@@ -148,6 +138,7 @@ class Run:
         if accelerator.is_main_process:
             run_state = vars(state) | plan.data_identity
             run_state |= {"world_size": accelerator.num_processes, "total_steps": plan.total_steps}
+            run_state["optimizer"] = plan.cfg.optimizer
             if accelerator.scaler is not None:  # fp16 only; its state is a handful of numbers
                 run_state["grad_scaler"] = accelerator.scaler.state_dict()
             path = save_checkpoint(
@@ -253,15 +244,14 @@ def open_logger(run: Run, resume_note: str) -> RunLogger:
     return logger
 
 
-def resume(run: Run, path: Path) -> tuple[TrainerState, dict | None, str]:
-    """Load checkpoint `path` into the model and optimizer on every rank: returns where the run is, this rank's
-    RNG state to restore just before the first step (None if it cannot map one to one) and a note for the console
-    (for a run with nothing left to train, the line that says so)."""
-    accelerator, plan, total_steps = run.accelerator, run.plan, run.plan.total_steps
-    world_size, rank = accelerator.num_processes, accelerator.process_index
-    saved = load_checkpoint(path, run.raw_model(), run.optimizer.optimizer)
-    if accelerator.scaler is not None and "grad_scaler" in saved:  # fp16: keep the loss scale it had found
-        accelerator.scaler.load_state_dict(saved["grad_scaler"])
+def check_resumable(saved: dict, path: Path, plan: RunPlan, world_size: int) -> None:
+    """Refuse, in one line, to resume checkpoint `path` (its trainer state `saved`) into a run that would not
+    continue it: another optimizer, kind of data, stream split or data order."""
+    if (trained_with := saved.get("optimizer", "adamw")) != plan.cfg.optimizer:
+        raise UserError(
+            f"cannot resume {path} with optimizer {plan.cfg.optimizer}: it was trained with {trained_with}, whose "
+            "state it holds; resume with that optimizer (or start a new run from its weights)"
+        )
     if saved.get("streaming", False) != plan.cfg.streaming:
         kind = "a streaming run" if saved.get("streaming") else "a run on the token cache"
         raise UserError(f"cannot resume {path}: it was saved by {kind}; resume with streaming {not plan.cfg.streaming}")
@@ -277,6 +267,18 @@ def resume(run: Run, path: Path) -> tuple[TrainerState, dict | None, str]:
             f"cannot resume from {path}: the data order would change ({', '.join(changed)}); "
             "resume with the settings it was saved with"
         )
+
+
+def resume(run: Run, path: Path) -> tuple[TrainerState, dict | None, str]:
+    """Load checkpoint `path` into the model and optimizer on every rank: returns where the run is, this rank's
+    RNG state to restore just before the first step (None if it cannot map one to one) and a note for the console
+    (for a run with nothing left to train, the line that says so)."""
+    accelerator, plan, total_steps = run.accelerator, run.plan, run.plan.total_steps
+    world_size, rank = accelerator.num_processes, accelerator.process_index
+    check_resumable(read_trainer_state(path), path, plan, world_size)
+    saved = load_checkpoint(path, run.raw_model(), run.optimizer.optimizer)
+    if accelerator.scaler is not None and "grad_scaler" in saved:  # fp16: keep the loss scale it had found
+        accelerator.scaler.load_state_dict(saved["grad_scaler"])
     state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})
     if plan.cfg.streaming:
         run.train_batches.load_state_dict(load_stream_states(path)[rank])
@@ -369,10 +371,7 @@ def fit(run: Run) -> dict:
         restore_rng_state(run.rng_state)
     with attention_backends(cfg.attention), StopSignal() as stop:
         for batches in run.train_batches.steps(state, plan.total_steps):
-            lr = learning_rate_at(
-                state.global_step, total_steps=plan.total_steps, warmup_steps=cfg.warmup_steps,
-                initial_lr=cfg.initial_lr, learning_rate=cfg.learning_rate, min_lr=cfg.min_lr,
-            )  # fmt: skip
+            lr = plan.learning_rate_at(state.global_step)
             max_norm = cfg.max_norm if clips_gradients_at(state.global_step, cfg.warmup_steps) else math.inf
             loss, grad_norm = run_step(batches, lr, max_norm)
             epoch = state.epoch  # the step's own; advance() may move the position on to the next epoch
@@ -385,7 +384,10 @@ def fit(run: Run) -> dict:
             save_due = state.global_step % cfg.save_freq == 0 or last
             if len(window) < log_every and not (eval_due or save_due):
                 continue
-            records, stopping = window.flush(stop.received is not None)
+            data_error = getattr(run.train_batches, "error", None)  # a stream's bad data, held for this point
+            records, stopping = window.flush(stop.received is not None or data_error is not None)
+            if stopping and (errors := [e for e in gather_object([data_error]) if e]):
+                raise UserError(errors[0])  # on every rank, saving nothing
             nonfinite_in_a_row = count_nonfinite(run, records, nonfinite_in_a_row)
             record = records[-1]
             if eval_due:

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from accel_gpt.config import TrainConfig
 from accel_gpt.metrics import flops_per_token, peak_flops
 from accel_gpt.model import GPTModel, attention_backends, chunked_cross_entropy
-from accel_gpt.train import build_optimizer, train
+from accel_gpt.optim import build_optimizer
+from accel_gpt.train import train
 
 SMALL = dict(model="gpt2-small", tie_weights=True, qkv_bias=False, dropout=0.0, batch_size=12, context_len=1024)
 # nanoGPT's bench.py builds its model without biases (bias=False): this reads how much of a gap to its published

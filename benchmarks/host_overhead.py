@@ -21,7 +21,7 @@ from accelerate import Accelerator
 
 from accel_gpt.config import TrainConfig
 from accel_gpt.model import GPTModel
-from accel_gpt.train import build_optimizer
+from accel_gpt.optim import build_optimizer
 
 
 def main() -> None:

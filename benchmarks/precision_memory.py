@@ -20,7 +20,7 @@ import torch
 
 from accel_gpt.config import TrainConfig
 from accel_gpt.model import GPTModel
-from accel_gpt.train import build_optimizer
+from accel_gpt.optim import build_optimizer
 
 VARIANTS = {"fp32": {}, "bf16 autocast": {"bf16": True}, "activation checkpointing": {"checkpointing": True}}
 

@@ -28,9 +28,9 @@ from accelerate import Accelerator
 from accel_gpt.config import TrainConfig
 from accel_gpt.metrics import RunLogger
 from accel_gpt.model import GPTModel
+from accel_gpt.optim import build_optimizer
 from accel_gpt.schedule import learning_rate_at
 from accel_gpt.step import optimizer_step
-from accel_gpt.train import build_optimizer
 
 
 def main() -> None:

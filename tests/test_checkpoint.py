@@ -8,7 +8,7 @@ from accel_gpt.checkpoint import find_checkpoint, full_state_dicts, list_checkpo
 from accel_gpt.config import TrainConfig
 from accel_gpt.errors import UserError
 from accel_gpt.model import GPTModel
-from accel_gpt.train import build_optimizer
+from accel_gpt.optim import build_optimizer
 
 SIZES = dict(vocabulary_size=500, context_len=16, embedding_dim=32, num_heads=2, num_layers=2, dropout=0.0)
 

@@ -194,6 +194,6 @@ def test_paths_may_be_path_objects_and_checkpoint_a_step_number(tmp_path):
 def test_every_numeric_option_has_a_range_check():
     """A new numeric option must be given its range (or be listed here with the reason it needs none)."""
     checked = set(AT_LEAST_ONE) | set(AT_LEAST_ZERO) | set(NON_NEGATIVE_FINITE) | set(POSITIVE_FINITE)
-    checked |= {"max_norm", "seed", "dropout", "val_fraction"}
+    checked |= {"max_norm", "seed", "dropout", "val_fraction", "decay_fraction"}
     numeric = {f.name for f in dataclasses.fields(TrainConfig) if re.match(r"(int|float)\b", str(f.type))}
     assert numeric - checked == set()

@@ -5,14 +5,14 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, VERDICT, assert_one_line_error
+from conftest import REPO, VERDICT, assert_one_line_error, in_process
 from safetensors.torch import load_file
 
 from accel_gpt.checkpoint import full_state_dicts, save_checkpoint
 from accel_gpt.config import TrainConfig
 from accel_gpt.hf import to_hf_state_dict
 from accel_gpt.model import GPTModel
-from accel_gpt.train import build_optimizer
+from accel_gpt.optim import build_optimizer
 
 transformers = pytest.importorskip("transformers")
 SIZES = dict(vocabulary_size=50257, context_len=32, embedding_dim=32, num_heads=2, num_layers=2, dropout=0.0)
@@ -44,6 +44,18 @@ def test_exported_folder_loads_in_transformers_with_the_same_logits(tmp_path, qk
     idx = torch.randint(0, 50257, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-4, rtol=0)
+
+
+def test_a_network_gpt2_cannot_hold_is_refused_naming_its_options(tmp_path, capfd):
+    from accel_gpt.export import main
+
+    model = GPTModel(**SIZES, position="rotary", activation="relu2", zero_init_projections=True)
+    ckpt = save_checkpoint(
+        tmp_path / "ckpts", 7, model.config, full_state_dicts(model, build_optimizer(model, TrainConfig())), {}, {}
+    )
+    result = in_process(main, ["--checkpoint", ckpt, "--out", tmp_path / "hf"], capfd)
+    assert_one_line_error(result, "GPT-2 has no position rotary, activation relu2: this model cannot be exported")
+    assert not (tmp_path / "hf").exists()  # zero-initialised projections are only a start: not named
 
 
 @pytest.mark.slow

@@ -154,42 +154,63 @@ def four_shards(tmp_path_factory):
     args += ["--cache_shard_mb", "0.000001"]  # one file per shard
     # One machine, in this process: 1 process x batch 4 trains as 2 x 2 (test_one_process_equals_two_processes...)
     train(parse_config([*map(str, args), "--batch_size", "4"]))
-    return {"args": args, "metrics": read_metrics(root / "one")}
+    return {"args": args, "metrics": read_metrics(root / "one"), "corpus": corpus}
 
 
-@pytest.mark.parametrize("cache", ["shared", "one per machine"])
-def test_two_machines_share_the_tokenizing_out_and_train_as_one_machine(four_shards, tmp_path, cache):
-    """The multi-node path: two `accelerate launch` commands as machine 1 and 2 (one process each) over 127.0.0.1.
-    Each machine tokenizes 2 of the 4 shards, none is tokenized twice where the cache is shared, a machine with a
-    cache of its own then tokenizes the 2 it cannot see, and the losses equal one machine's."""
+def two_machines(args_of_machine) -> list[tuple[int, str, str]]:
+    """Two `accelerate launch` commands as machine 1 and 2 (one process each) over 127.0.0.1: (exit code, stdout,
+    stderr) of each."""
     port = free_port()
     procs = []
     for machine_rank in (0, 1):
-        cache_dir = tmp_path / ("cache" if cache == "shared" else f"cache{machine_rank}")
-        args = [*four_shards["args"], "--output_dir", tmp_path / "run", "--data_cache_dir", cache_dir]  # later wins
         cmd = [
             sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
             "--num_processes", "2", "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1",
             "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", "accel_gpt.train", *map(str, args),
+            "-m", "accel_gpt.train", *map(str, args_of_machine(machine_rank)),
         ]  # fmt: skip
         procs.append(
             subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch_env(), cwd=REPO)
         )
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, stderr) in zip(procs, outputs):
-        assert p.returncode == 0, stderr[-3000:]
-    assert "world_size 2" in outputs[0][0] and "accel_gpt | world_size" not in outputs[1][0]  # machine 2 logs no run
-    for machine, (stdout, _) in enumerate(outputs, 1):
+    return [(p.returncode, *out) for p, out in ((p, p.communicate(timeout=300)) for p in procs)]
+
+
+@pytest.mark.parametrize("cache", ["shared", "one per machine"])
+def test_two_machines_share_the_tokenizing_out_and_train_as_one_machine(four_shards, tmp_path, cache):
+    """The multi-node path. Each machine tokenizes 2 of the 4 shards, none is tokenized twice where the cache is
+    shared, a machine with a cache of its own then tokenizes the 2 it cannot see, and the losses equal one
+    machine's."""
+
+    def args(machine_rank: int) -> list:
+        cache_dir = tmp_path / ("cache" if cache == "shared" else f"cache{machine_rank}")
+        return [*four_shards["args"], "--output_dir", tmp_path / "run", "--data_cache_dir", cache_dir]  # later wins
+
+    outputs = two_machines(args)
+    for code, _, stderr in outputs:
+        assert code == 0, stderr[-3000:]
+    assert "world_size 2" in outputs[0][1] and "accel_gpt | world_size" not in outputs[1][1]  # machine 2 logs no run
+    for machine, (_, stdout, _) in enumerate(outputs, 1):
         lines = [line for line in stdout.splitlines() if line.startswith("tokenized train data: 2 of 4 shards")]
         assert len(lines) == (1 if cache == "shared" else 2) and f"(machine {machine} of 2)" in lines[0], stdout
     for cache_dir in {tmp_path / ("cache" if cache == "shared" else f"cache{m}") for m in (0, 1)}:
         metas = list(cache_dir.glob("tokens-*/meta.json"))
         builders = {json.loads(meta.read_text())["built_by"]["pid"] for meta in metas}
         assert len(metas) == 4 and len(builders) == (2 if cache == "shared" else 1)
-    two_machines = read_metrics(tmp_path / "run")
+    two = read_metrics(tmp_path / "run")
     for step in range(1, 11):
-        assert two_machines[step]["loss"] == pytest.approx(four_shards["metrics"][step]["loss"], abs=1e-5), step
+        assert two[step]["loss"] == pytest.approx(four_shards["metrics"][step]["loss"], abs=1e-5), step
+
+
+def test_two_machines_with_different_files_stop_with_one_line(four_shards, tmp_path):
+    corpus = four_shards["corpus"]
+    other = shutil.copytree(corpus, tmp_path / "other")
+    (other / "part4.txt").write_text("One more file than the other machine has.")
+    run = [*four_shards["args"], "--output_dir", tmp_path / "run", "--data_cache_dir", tmp_path / "cache"]
+    outputs = two_machines(lambda rank: [*run, "--train_data_path", other if rank else corpus])
+    for code, _, stderr in outputs:
+        assert code != 0 and "accel_gpt: error: the data differs between machines: process 0 sees 4 shards" in stderr
+        assert "[rank" not in stderr  # no traceback of ours, only the launcher's report
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_fsdp_on_two_cpu_processes_matches_ddp_and_writes_one_consolidated_checkpoint(two_process_run):

@@ -74,12 +74,57 @@ def test_tied_weights_share_one_tensor_and_train_together(tie):
     assert bool(model.tok_emb.weight.grad[500].abs().sum() > 0) is tie
 
 
-def test_attention_is_causal():
-    model = small().eval()
+# Each modern option alone, and all of them together (the `fast` recipe's network).
+OPTIONS = [
+    {}, {"position": "rotary"}, {"norm": "rmsnorm"}, {"qk_norm": True}, {"activation": "relu2"},
+    {"zero_init_projections": True}, {"logit_softcap": 15.0},
+    {"position": "rotary", "norm": "rmsnorm", "qk_norm": True, "activation": "relu2", "zero_init_projections": True,
+     "logit_softcap": 15.0},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "+".join(o) or "gpt2")
+def test_attention_is_causal(options):
+    model = small(**options).eval()
+    if options.get("zero_init_projections"):  # else every block is the identity and nothing could leak
+        torch.nn.init.normal_(model.trf_blocks[0].att.out_proj.weight, std=0.02)
     x = torch.randint(0, 1000, (1, 10))
     y = x.clone()
     y[0, 7:] = (y[0, 7:] + 1) % 1000  # change only the future
     torch.testing.assert_close(model(x)[:, :7], model(y)[:, :7])
+    assert not torch.allclose(model(x)[:, 7:], model(y)[:, 7:])
+
+
+@pytest.mark.parametrize("options", OPTIONS[1:], ids=lambda o: "+".join(o))
+def test_every_option_decodes_with_the_cache_as_without_and_its_chunked_loss_is_the_plain_one(options):
+    model = small(num_layers=3, **options).eval()
+    torch.nn.init.normal_(model.trf_blocks[1].ff.proj.weight, std=0.02)  # not all zero
+    torch.manual_seed(3)
+    idx = torch.randint(0, 1000, (2, 30))
+    cached = generate_ids(model, idx[:, :6], 30)  # through the window's end, where the cache is rebuilt
+    assert torch.equal(cached, generate_ids(model, idx[:, :6], 30, use_cache=False))
+    targets = torch.randint(0, 1000, (2, 30))
+    losses, grads = [], []
+    for chunk in (0, 7):
+        model.zero_grad()
+        model.loss_chunk = chunk
+        losses.append(model(idx, targets))
+        losses[-1].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for plain, chunked in zip(*grads):
+        torch.testing.assert_close(plain, chunked, rtol=1e-4, atol=1e-6)
+
+
+def test_the_options_change_the_network_as_named():
+    assert small(position="rotary").pos_emb is None and small().pos_emb is not None
+    assert isinstance(small(norm="rmsnorm").final_norm, torch.nn.RMSNorm)
+    zero = small(zero_init_projections=True)
+    assert all(not b.att.out_proj.weight.any() and not b.ff.proj.weight.any() for b in zero.trf_blocks)
+    capped = small(logit_softcap=2.0).eval()
+    assert capped(torch.randint(0, 1000, (1, 8))).abs().max() < 2.0
+    with pytest.raises(ValueError, match="position must be one of learned, rotary, got 'alibi'"):
+        small(position="alibi")
 
 
 def test_greedy_generation_is_deterministic_and_crops_context():

@@ -13,9 +13,9 @@ from accelerate.state import AcceleratorState, GradientState
 from accel_gpt.checkpoint import full_state_dicts, load_checkpoint, save_checkpoint
 from accel_gpt.config import TrainConfig
 from accel_gpt.model import GPTConfig, GPTModel
+from accel_gpt.optim import build_optimizer
 from accel_gpt.schedule import learning_rate_at
 from accel_gpt.step import CudaGraphStep, EagerStep
-from accel_gpt.train import build_optimizer
 
 MODEL = GPTConfig(vocabulary_size=97, context_len=16, embedding_dim=32, num_heads=2, num_layers=2, dropout=0.1)
 STEPS, WARMUP, ACCUMULATION = 6, 2, 2

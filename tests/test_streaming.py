@@ -2,7 +2,9 @@
 state resumes the very stream, and through `accelerate launch` a SIGKILLed run resumes with the uninterrupted losses.
 """
 
+import itertools
 import json
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -10,7 +12,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import assert_one_line_error, kill_all, launch, read_metrics, start, steps_logged, wait_for
+from conftest import (
+    REPO,
+    assert_one_line_error,
+    kill_all,
+    launch,
+    launch_command,
+    launch_env,
+    read_metrics,
+    start,
+    steps_logged,
+    wait_for,
+)
 
 from accel_gpt.errors import UserError
 from accel_gpt.stream import FileSource, ReaderDataset, Readers, StreamBatches, read_chunks, read_slice
@@ -33,7 +46,7 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
 def shards(tmp_path) -> list[Path]:
     """Five .jsonl shards of 12 documents each."""
     docs = documents(60)
-    return [write_jsonl(tmp_path / f"part-{i}.jsonl", docs[i * 12 : (i + 1) * 12]) for i in range(5)]
+    return [write_jsonl(tmp_path / "shards" / f"part-{i}.jsonl", docs[i * 12 : (i + 1) * 12]) for i in range(5)]
 
 
 def decoded_documents(chunks) -> list[str]:
@@ -46,7 +59,7 @@ def one_epoch(source, readers: Readers) -> list[list[str]]:
     out = []
     for reader in range(readers.count):
         chunks = []
-        for tokens, (epoch, _, _) in read_chunks(source, readers, reader, (0, 0, 0), "gpt2", EOS):
+        for tokens, (epoch, *_) in read_chunks(source, readers, reader, (0, 0, 0, 0), "gpt2", EOS):
             if epoch > 0:
                 break
             chunks.append(tokens)
@@ -137,6 +150,50 @@ def test_a_dataset_streams_the_documents_of_its_files(tmp_path):
         open_dataset_source(str(hub), None, "dev", "content", readers=1)
 
 
+def test_dataset_documents_are_its_rows_even_when_some_are_empty(tmp_path):
+    from accel_gpt.stream import open_dataset_source
+
+    texts = ["" if i % 7 == 0 else f"row {i}" for i in range(600)]  # more than one 256-row table
+    (tmp_path / "d" / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"text": texts}), tmp_path / "d" / "data" / "train-00000-of-00001.parquet")
+    source = open_dataset_source(str(tmp_path / "d"), None, "train", "text", readers=1)
+    ends = [(index, piece) for index, piece, end in source.documents(0, 0) if end]
+    assert ends == [(i, t) for i, t in enumerate(texts) if t]
+    assert next(source.documents(0, 300))[:2] == (300, "row 300")
+    chunks = [t for t, _ in itertools.islice(read_chunks(source, Readers(1, 0), 0, (0, 0, 0, 0), "gpt2", EOS), 1)]
+    held, end = read_slice(source, (0, 0, 0), 301, "gpt2", EOS)
+    rest, _ = read_slice(source, end, 100, "gpt2", EOS)
+    assert np.array_equal(np.concatenate([held, rest]), read_slice(source, (0, 0, 0), 401, "gpt2", EOS)[0])
+    assert decoded_documents(chunks)[:3] == ["row 1", "row 2", "row 3"]
+
+
+def test_a_long_document_streams_in_chunks_and_resumes_inside_it(tmp_path, monkeypatch):
+    from accel_gpt import corpus, stream
+
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 2000)
+    monkeypatch.setattr(stream, "CHUNK_TOKENS", 1000)
+    book = tmp_path / "book.txt"
+    book.write_text("\n".join(f"Line {i} of one long document, said the reader." for i in range(4000)))
+    source, readers = FileSource([book], "text"), Readers(1, 0)
+    chunks = list(itertools.islice(read_chunks(source, readers, 0, (0, 0, 0, 0), "gpt2", EOS), 6))
+    assert all(len(tokens) < 1600 for tokens, _ in chunks)  # bounded by a chunk and a piece, not the document
+    assert chunks[2][1][1:3] == (0, 0) and chunks[2][1][3] > 0  # mid-document: tokens into document 0
+    resumed = list(itertools.islice(read_chunks(source, readers, 0, chunks[2][1], "gpt2", EOS), 3))
+    for (expected, _), (got, _) in zip(chunks[3:], resumed, strict=True):
+        assert np.array_equal(expected, got)
+
+
+@pytest.mark.parametrize("stride", [16, 40])  # a stride beyond the window leaves tokens out between windows
+def test_windows_start_every_stride_tokens(shards, stride):
+    readers = ReaderDataset(FileSource(shards, "text"), Readers(count=1, seed=3), 0, 0, "gpt2", EOS)
+    stream = StreamBatches(readers, 0, batch_size=1, context_len=16, stride=stride, buffer_size=0, device="cpu")
+    windows = [[t.tolist() for t in stream.next_batch()] for _ in range(30)]
+    epoch = itertools.islice(read_chunks(FileSource(shards, "text"), Readers(1, 3), 0, (0, 0, 0, 0), "gpt2", EOS), 5)
+    whole = np.concatenate([tokens for tokens, _ in epoch]).tolist()
+    for i, (inputs, targets) in enumerate(windows):
+        assert inputs[0] == whole[i * stride : i * stride + 16] and targets[0][-1] == whole[i * stride + 16]
+
+
 def test_a_bad_stream_is_one_line(tmp_path, train_here):
     bad = write_jsonl(tmp_path / "bad" / "a.jsonl", documents(5))
     bad.write_text(bad.read_text() + '{"content": "no text field"}\n')
@@ -148,10 +205,33 @@ def test_a_bad_stream_is_one_line(tmp_path, train_here):
     assert_one_line_error(result, "a.jsonl line 6 has no 'text' value")
 
 
+def test_streaming_settings_that_cannot_work_are_one_line(tmp_path, train_here, shards):
+    base = ["--streaming", "true", "--max_steps", "6", "--warmup_steps", "1", "--model", "tiny", "--context_len", "16",
+            "--batch_size", "2", "--stream_workers", "0", "--eval_iter", "1", "--save_freq", "3", "--eval_freq", "3",
+            "--sample_tokens", "2", "--data_cache_dir", tmp_path / "cache"]  # fmt: skip
+    small = write_jsonl(tmp_path / "small" / "a.jsonl", ["A short document."] * 3)
+    cases = {
+        "whole": ([*base, "--train_data_path", small.parent, "--output_dir", tmp_path / "r1"],
+                  "is no longer than one evaluation"),
+        "empty": ([*base, "--train_data_path", write_jsonl(tmp_path / "e" / "e.jsonl", [""]).parent,
+                   "--output_dir", tmp_path / "r2"], "train data: data path"),
+        "train eval": ([*base, "--train_data_path", small.parent, "--val_data_path", shards[0],
+                        "--output_dir", tmp_path / "r3"], "training data has 0 windows of 17 tokens; an evaluation"),
+        "same split": ([*base, "--dataset", hub_folder(tmp_path), "--text_column", "content", "--val_split", "train",
+                        "--output_dir", tmp_path / "r4"], "train_split and val_split are both 'train'"),
+    }  # fmt: skip
+    for args, message in cases.values():
+        assert_one_line_error(train_here(*args), message)
+    run = [*base, "--train_data_path", shards[0].parent, "--output_dir", tmp_path / "run"]
+    assert train_here(*run).returncode == 0
+    moved = train_here(*run, "--checkpoint", "3", "--eval_iter", "2")  # the held-out slice would grow into trained text
+    assert_one_line_error(moved, "the data order would change (held_out")
+
+
 def test_readers_error_when_a_reader_would_get_nothing(tmp_path):
     source = FileSource([write_jsonl(tmp_path / "one.jsonl", documents(2))], "text")
     with pytest.raises(UserError, match="stream reader 2 of 3 found no text"):
-        next(read_chunks(source, Readers(count=3, seed=0), 2, (0, 0, 0), "gpt2", EOS))
+        next(read_chunks(source, Readers(count=3, seed=0), 2, (0, 0, 0, 0), "gpt2", EOS))
 
 
 @pytest.mark.slow
@@ -187,3 +267,22 @@ def test_sigkill_then_resume_gives_the_uninterrupted_stream_and_other_processes_
 
     one = train_here(*args, "--output_dir", out, "--checkpoint", "latest", "--max_steps", "12")
     assert_one_line_error(one, "on 1 processes: its stream was read by 2 processes x 2 stream_workers")
+
+
+@pytest.mark.slow
+def test_bad_data_met_by_one_process_stops_every_process_with_its_line(tmp_path):
+    data = tmp_path / "data"
+    for i in range(7):
+        write_jsonl(data / f"p{i}.jsonl", documents(12, tag=f"file {i}"))
+    with open(data / "p3.jsonl", "a") as f:
+        f.write('{"text": 5}\n')
+    args = ["--model", "tiny", "--context_len", "32", "--batch_size", "2", "--streaming", "true", "--warmup_steps", "1",
+            "--eval_iter", "1", "--max_steps", "40", "--stream_workers", "1", "--shuffle_buffer", "0",
+            "--train_data_path", data, "--output_dir", tmp_path / "run",
+            "--data_cache_dir", tmp_path / "cache"]  # fmt: skip
+    cmd = launch_command(2) + list(map(str, args))
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=launch_env(), cwd=REPO)
+    line = "accel_gpt: error: train data: " + str(data / "p3.jsonl") + " line 13 has a 'text' number, not a string"
+    assert result.returncode != 0 and result.stderr.count(line + "\n") == 2, result.stderr[-3000:]  # each rank's
+    assert "[rank" not in result.stderr  # no rank's traceback, only the launcher's report that they stopped
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -10,8 +10,9 @@ from accel_gpt.config import TrainConfig
 from accel_gpt.errors import UserError
 from accel_gpt.metrics import RunLogger
 from accel_gpt.model import PRESETS, GPTModel
+from accel_gpt.optim import build_optimizer
 from accel_gpt.plan import batch_geometry
-from accel_gpt.train import StopSignal, build_optimizer, train
+from accel_gpt.train import StopSignal, train
 
 
 def test_weight_decay_only_on_matrices():

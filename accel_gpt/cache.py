@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     pruning.add_argument("--all", action="store_true", help="remove every entry that no run is writing")
     pruning.add_argument("--dry_run", action="store_true", help="say what would be removed, remove nothing")
     args = parser.parse_args(argv)
+    if getattr(args, "unused_days", None) is not None and not 0 <= args.unused_days < float("inf"):
+        raise UserError(f"unused_days must be a number of days >= 0, got {args.unused_days}")
     cache_dir = Path(args.data_cache_dir).expanduser()
     if not cache_dir.is_dir():
         raise UserError(f"no token cache at {cache_dir}")

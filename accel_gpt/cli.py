@@ -5,6 +5,7 @@ UserError into `accel_gpt: error: ...` on stderr and exit status 2 instead of a 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -35,7 +36,8 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_command(main: Callable[[], None]) -> None:
     """Run a command-line entry point: a UserError becomes one `accel_gpt: error:` line on stderr and exit 2; Ctrl-C
-    (KeyboardInterrupt) one `accel_gpt: interrupted` line and exit 130, as a shell reports it, without a traceback."""
+    (KeyboardInterrupt) one `accel_gpt: interrupted` line and exit 130, as a shell reports it; a closed pipe on
+    stdout a quiet exit 141. Never a traceback for these."""
     try:
         main()
     except UserError as err:
@@ -44,3 +46,8 @@ def run_command(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         sys.stderr.write("accel_gpt: interrupted\n")
         sys.exit(130)
+    except BrokenPipeError:
+        # The reader of the output went away (`... | head`): stop quietly, as Unix tools do (128 + SIGPIPE). Python
+        # would complain again when it flushes stdout at exit, so stdout goes to /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)

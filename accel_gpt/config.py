@@ -163,6 +163,11 @@ class TrainConfig:
         "bf16 or fp32",
     )
     attention: str = _opt("auto", "preferred attention kernel: auto (torch's choice), cudnn, flash, efficient, math")
+    memory_check: bool = _opt(
+        True,
+        "stop before building the model when the estimate of what a process needs (weights, gradients, optimizer "
+        "state, activations of a micro-batch) exceeds its device's free memory; false: try anyway",
+    )
     activation_checkpointing: bool = _opt(
         False, "recompute each block's activations in backward: less memory, about a third more compute"
     )

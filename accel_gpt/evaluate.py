@@ -10,7 +10,7 @@ import math
 
 from accel_gpt.cache import DEFAULT_DIR as DEFAULT_CACHE_DIR
 from accel_gpt.cli import CommandLineParser, add_checkpoint_arguments, run_command
-from accel_gpt.inference import corpus_tokens, open_checkpoint, resolve_device, sliding_window_loss
+from accel_gpt.inference import corpus_tokens, default_stride, open_checkpoint, resolve_device, sliding_window_loss
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> None:
         "--stride",
         type=int,
         help="tokens between window starts, 1..context_len; each token is "
-        "scored once, so a shorter stride gives each more context (default: context_len, "
-        "non-overlapping windows)",
+        "scored once, so a shorter stride gives each more context (default: context_len / 2, as "
+        "accel_gpt.analysis.perplexity)",
     )
     parser.add_argument("--batch_size", type=int, default=4, help="windows per forward pass (default: 4)")
     parser.add_argument(
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         args.data, settings.get("tokenizer", "gpt2"), settings.get("special_token_id"), args.data_cache_dir, column
     )
     context = checkpoint.model.config.context_len
-    stride = context if args.stride is None else args.stride
+    stride = default_stride(checkpoint.model) if args.stride is None else args.stride
     loss, scored = sliding_window_loss(checkpoint.model, tokens, stride, args.batch_size)
     print(
         json.dumps(

@@ -54,7 +54,21 @@ def run_checkpoint_dir(run_dir: Path, config: dict) -> Path:
     return launch_dir / saved
 
 
+def accel_gpt_checkpoint(path: str | Path) -> Path | None:
+    """The checkpoint that `path` names if it is one of ours (a checkpoint, a run directory, the folder of a run's
+    checkpoints): its newest complete one; None for anything else, such as a Hugging Face folder."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    ours = (path / MANIFEST).exists() or (path / "metrics.jsonl").exists() or list_checkpoints(path)
+    return _checkpoint_path(path, None) if ours or list_checkpoints(path / "checkpoints") else None
+
+
 def _checkpoint_path(path: Path, step: int | None) -> Path:
+    if not path.exists():
+        raise UserError(f"checkpoint path {path} does not exist")
+    if not path.is_dir():
+        raise UserError(f"checkpoint path {path} is a file: pass a run directory or a checkpoint directory")
     if (path / MANIFEST).exists():  # one checkpoint directory
         if step is not None:
             raise UserError("step selects a checkpoint of a run directory; this is already one checkpoint")
@@ -108,6 +122,18 @@ def encode_prompt(tokenizer: tiktoken.Encoding, prompt: str, eot_id: int | None 
     return tokenizer.encode(prompt, allowed_special="all") or [tokenizer.eot_token if eot_id is None else eot_id]
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """The sampling options' ranges, checked alike for `generate` and `python -m accel_gpt.sample`."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not 0 <= temperature < math.inf:
+        raise UserError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
+        raise UserError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
 def generate(
     model: GPTModel,
     prompt: str,
@@ -121,6 +147,7 @@ def generate(
     """The prompt plus its continuation: greedy at temperature 0, else sampled (reproducibly with `seed`) from
     the top_k most likely tokens and/or the smallest set holding top_p of the probability. An empty prompt
     starts a new document (`encode_prompt`). The training loop's samples come from here too."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     enc = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     device = next(model.parameters()).device
     ids = encode_prompt(enc, prompt)
@@ -222,5 +249,11 @@ def perplexity(
         tokens = corpus_tokens(text_or_path, tokenizer, data_cache_dir=data_cache_dir)
     else:
         tokens = torch.tensor(get_tokenizer(tokenizer).encode_ordinary(str(text_or_path)))
-    stride = model.config.context_len // 2 if stride is None else stride
+    stride = default_stride(model) if stride is None else stride
     return math.exp(sliding_window_loss(model, tokens, stride, batch_size)[0])
+
+
+def default_stride(model: GPTModel) -> int:
+    """Half the context: each scored token (after the first window) sees at least half a context before it. The
+    one default of `perplexity` and `python -m accel_gpt.evaluate`."""
+    return max(1, model.config.context_len // 2)

@@ -6,6 +6,7 @@ Only the main process writes; every other rank gets a logger that does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -181,15 +182,30 @@ def tracker_run_options(run_dir: Path, run_name: str, resumed_at: int) -> dict:
 
 
 def open_on_a_new_line(path: Path):
-    """`path` opened for appending lines. A run killed mid-write leaves its last line torn: the next record must
-    start a line of its own, or it is lost with the torn one."""
-    file = open(path, "a", encoding="utf-8")
-    if file.tell():
+    """`path` opened for appending lines, unbuffered (`append_whole` writes each record). A run killed mid-write
+    leaves its last line torn: the next record must start a line of its own, or it is lost with the torn one."""
+    file = open(path, "ab", buffering=0)
+    size = os.fstat(file.fileno()).st_size
+    if size:
         with open(path, "rb") as existing:
             existing.seek(-1, os.SEEK_END)
             if existing.read(1) != b"\n":
-                file.write("\n")
+                append_whole(file, b"\n", path)
     return file
+
+
+def append_whole(file, data: bytes, path: Path) -> None:
+    """Append `data` whole or not at all: on a full disk or an I/O error the file is cut back to where it ended (no
+    torn record mid-file), and the error is one UserError naming the file."""
+    end = os.fstat(file.fileno()).st_size
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[file.write(view) :]
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.ftruncate(file.fileno(), end)
+        raise UserError(f"could not write {path}: {err.strerror or err}") from None
 
 
 class RunLogger:
@@ -207,9 +223,13 @@ class RunLogger:
         self.enabled, self.total_steps = enabled, total_steps
         if not enabled:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if config is not None:
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+        self.error: str | None = None  # the first write that failed: nothing more is written, the loop stops on it
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if config is not None:
+                (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+        except OSError as err:
+            raise UserError(f"could not write {run_dir / 'config.yaml'}: {err.strerror or err}") from None
         self._accelerator = accelerator if accelerator is not None and accelerator.log_with else None
         if self._accelerator is not None:
             config = config or {}
@@ -218,8 +238,11 @@ class RunLogger:
             self._accelerator.init_trackers(config.get("project_name", "accel_gpt"), config, options)
         # Appending keeps a resumed run's history in one file; for the steps from its checkpoint on, readers keep
         # what the resumed run logged (`analysis.load_run`).
-        self._metrics = open_on_a_new_line(run_dir / "metrics.jsonl")
-        self._samples = open_on_a_new_line(run_dir / "samples.jsonl")
+        self._paths = {"metrics": run_dir / "metrics.jsonl", "samples": run_dir / "samples.jsonl"}
+        try:
+            self._files = {name: open_on_a_new_line(path) for name, path in self._paths.items()}
+        except OSError as err:
+            raise UserError(f"could not open {err.filename} to write: {err.strerror or err}") from None
         # The bar only makes sense on a terminal; logs and CI get the plain per-step lines alone.
         self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", disable=not sys.stderr.isatty())
 
@@ -228,13 +251,26 @@ class RunLogger:
             self._bar.write(message, file=sys.stdout)
             sys.stdout.flush()
 
+    def _write(self, name: str, record: dict) -> bool:
+        """Append a record to metrics.jsonl or samples.jsonl; False (and `error` set) once a write has failed."""
+        if self.error is None:
+            try:
+                append_whole(
+                    self._files[name], (json.dumps(record, ensure_ascii=False) + "\n").encode(), self._paths[name]
+                )
+            except UserError as err:
+                self.error = str(err)
+        return self.error is None
+
     def log_step(self, record: dict) -> None:
-        if not self.enabled:
+        if not self.enabled or not self._write("metrics", record):
             return
-        self._metrics.write(json.dumps(record) + "\n")
-        self._metrics.flush()
         if self._accelerator is not None:  # the same record, under the same step number
-            self._accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            try:
+                self._accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            except OSError as err:
+                self.error = f"could not write the trackers' records: {err.strerror or err}"
+                return
         line = (
             f"step {record['step']:>6}/{self.total_steps} | epoch {record['epoch']} | loss {record['loss']:.4f} | "
             f"lr {record['lr']:.2e} | {record['tokens_per_sec']:,.0f} tok/s"
@@ -248,17 +284,14 @@ class RunLogger:
         self.info(line)
 
     def log_sample(self, step: int, text: str) -> None:
-        if not self.enabled:
-            return
-        self._samples.write(json.dumps({"step": step, "text": text}, ensure_ascii=False) + "\n")
-        self._samples.flush()
-        self.info(f"sample @ step {step}: {text!r}")
+        if self.enabled and self._write("samples", {"step": step, "text": text}):
+            self.info(f"sample @ step {step}: {text!r}")
 
     def close(self) -> None:
         if self.enabled:
             self._bar.close()
-            self._metrics.close()
-            self._samples.close()
+            for file in self._files.values():
+                file.close()
 
 
 class StepWindow:

@@ -8,13 +8,16 @@ building; only what needs the data (`RunPlan.with_data`) or the device (`step.ch
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 
 from accelerate.utils import parse_flag_from_env
 
+from accel_gpt.checkpoint import CONFIG_FILE
 from accel_gpt.config import TrainConfig, validate
 from accel_gpt.errors import UserError
 from accel_gpt.hf import read_hf_gpt2_config
+from accel_gpt.inference import accel_gpt_checkpoint
 from accel_gpt.model import GPTConfig
 from accel_gpt.schedule import learning_rate_at
 from accel_gpt.tokenizer import get_tokenizer
@@ -126,10 +129,17 @@ def batch_geometry(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
 
 
 def model_config_for(cfg: TrainConfig, vocabulary_size: int) -> GPTConfig:
-    """The preset with the config's shape options on top, or the shape of the `init_from` folder."""
+    """The preset with the config's shape options on top, or the shape of what `init_from` names: an accel_gpt
+    checkpoint or run directory, or a Hugging Face GPT-2 folder."""
     if not cfg.init_from:
         return cfg.model_config(vocabulary_size)
-    model_cfg = read_hf_gpt2_config(cfg.init_from, cfg.dropout, cfg.vocab_multiple)
+    if (checkpoint := accel_gpt_checkpoint(cfg.init_from)) is not None:
+        saved = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))["model"]
+        model_cfg = GPTConfig(**saved | {"vocab_multiple": cfg.vocab_multiple})
+        if cfg.dropout is not None:
+            model_cfg = dataclasses.replace(model_cfg, dropout=cfg.dropout)
+    else:
+        model_cfg = read_hf_gpt2_config(cfg.init_from, cfg.dropout, cfg.vocab_multiple)
     if model_cfg.vocabulary_size != vocabulary_size:
         raise UserError(
             f"init_from model has {model_cfg.vocabulary_size} tokens, the {cfg.tokenizer} tokenizer {vocabulary_size}"

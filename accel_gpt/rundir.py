@@ -6,14 +6,16 @@ new run never lands on an old one's files, and a directory that cannot be writte
 
 from __future__ import annotations
 
+import fcntl
+import itertools
 import os
+import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 
 from accel_gpt.checkpoint import CHECKPOINT_RE, find_checkpoint, list_checkpoints, restore_swapped_out
 from accel_gpt.config import TrainConfig
@@ -21,6 +23,7 @@ from accel_gpt.errors import UserError
 from accel_gpt.launch import agree
 
 RUN_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml")  # what a run writes into output_dir
+LOCK_FILE = ".accel_gpt.lock"  # held by a live run's main process (DirLock)
 
 
 @dataclass
@@ -28,6 +31,56 @@ class RunDirs:
     output_dir: Path
     checkpoint_dir: Path
     resume_from: Path | None  # the verified checkpoint to continue from; None starts a new run
+    locks: list[DirLock] = field(default_factory=list)  # the main process's claims on them, for the run's life
+
+    def release(self) -> None:
+        for lock in self.locks:
+            lock.release()
+        self.locks = []
+
+
+class DirLock:
+    """An exclusive claim on a directory by the live run's main process, so that two runs never write into one.
+    flock: the kernel drops it when the process ends, killed with SIGKILL too, so a dead run's claim never lingers.
+    The lock file names its holder (`claim`) for whoever else tries."""
+
+    def __init__(self, directory: Path):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 4096).decode(errors="replace").strip() or "it has not said which process yet"
+            os.close(self.fd)
+            raise UserError(
+                f"{directory} is in use by a live run ({holder}): wait for it to end, or pass another --output_dir "
+                "(or --checkpoint_dir)"
+            ) from None
+
+    def claim(self) -> None:
+        """Name this process as the holder: once the directory is this run's (a run refused there writes nothing)."""
+        os.ftruncate(self.fd, 0)
+        os.pwrite(
+            self.fd, f"process {os.getpid()} on {socket.gethostname()} since {datetime.now():%H:%M:%S}".encode(), 0
+        )
+
+    def release(self) -> None:
+        os.close(self.fd)  # closing drops the flock
+
+
+def new_run_dir(model: str) -> Path:
+    """`runs/<model>-<date>-<time>`, made here and so this run's alone: a run that started in the same second, in
+    another process or on another machine sharing the folder, has made that one, and this one gets a suffix."""
+    stamp = f"runs/{model}-{datetime.now():%Y%m%d-%H%M%S}"
+    for n in itertools.count(1):
+        path = Path(stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise UserError(f"output_dir {path} cannot be created: {err.strerror or err}") from None
 
 
 def unwritable(path: Path, option: str) -> str | None:
@@ -127,10 +180,8 @@ def choose_start(cfg: TrainConfig, output_dir: Path, checkpoint_dir: Path) -> tu
 def resolve_run_dirs(cfg: TrainConfig, accelerator: Accelerator) -> RunDirs:
     """Pick the run's directories, check they can be written, and decide between a new run and a resume."""
     output_dir = cfg.output_dir
-    if output_dir is None:  # one timestamp for all ranks, chosen by the main process
-        stamp = [f"runs/{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}"]
-        broadcast_object_list(stamp)
-        output_dir = stamp[0]
+    if output_dir is None:  # one new directory for all ranks, made by the main process
+        output_dir = agree(accelerator, lambda: new_run_dir(cfg.model) if accelerator.is_main_process else None)[0]
     output_dir = Path(output_dir)
     checkpoint_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else output_dir / "checkpoints"
 
@@ -143,13 +194,28 @@ def resolve_run_dirs(cfg: TrainConfig, accelerator: Accelerator) -> RunDirs:
                 raise UserError(problem)
 
     agree(accelerator, check)
-    # Only once every directory is known to be usable may the main process move an earlier run aside.
-    resume_from, note = agree(
-        accelerator, lambda: choose_start(cfg, output_dir, checkpoint_dir) if accelerator.is_main_process else None
-    )[0]
+
+    dirs = RunDirs(output_dir, checkpoint_dir, None)
+
+    def lock() -> None:  # the checkpoint folder inside the run directory is claimed with it
+        inside = checkpoint_dir.resolve().is_relative_to(output_dir.resolve())
+        for directory in [output_dir] if inside else [output_dir, checkpoint_dir]:
+            dirs.locks.append(DirLock(directory))
+
+    try:
+        agree(accelerator, lambda: lock() if accelerator.is_main_process else None)
+        # Only once every directory is known to be usable and ours may the main process move an earlier run aside.
+        dirs.resume_from, note = agree(
+            accelerator, lambda: choose_start(cfg, output_dir, checkpoint_dir) if accelerator.is_main_process else None
+        )[0]
+        for lock in dirs.locks:
+            lock.claim()
+    except BaseException:
+        dirs.release()  # a notebook may try again at once
+        raise
     if note and accelerator.is_main_process:  # at once: files may have moved even if the run fails later
         print(note, flush=True)
-    return RunDirs(output_dir, checkpoint_dir, resume_from)
+    return dirs
 
 
 def complete_already(step: int, total_steps: int, checkpoint: Path) -> str:

@@ -12,7 +12,7 @@ import torch
 
 from accel_gpt.cli import CommandLineParser, add_checkpoint_arguments, run_command
 from accel_gpt.errors import UserError
-from accel_gpt.inference import encode_prompt, open_checkpoint, resolve_device
+from accel_gpt.inference import check_sampling, encode_prompt, open_checkpoint, resolve_device
 from accel_gpt.model import stream_tokens
 from accel_gpt.tokenizer import TextStream, get_tokenizer
 
@@ -41,12 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_options(args: argparse.Namespace) -> None:
     if args.max_new_tokens <= 0 or args.num_samples <= 0:
         raise UserError("max_new_tokens and num_samples must be positive")
-    if args.temperature < 0:
-        raise UserError(f"temperature must be >= 0, got {args.temperature}")
-    if args.top_k is not None and args.top_k <= 0:
-        raise UserError(f"top_k must be positive, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1], got {args.top_p}")
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
 
 
 def read_prompt(args: argparse.Namespace) -> str:

@@ -28,7 +28,7 @@ def get_tokenizer(name: str = "gpt2") -> tiktoken.Encoding:
         try:
             return tiktoken.get_encoding(name)
         except ValueError as err:
-            raise UserError(f"unknown tokenizer {name!r}: {err}") from None
+            raise UserError(f"unknown tokenizer {name!r}: {str(err).splitlines()[0]}") from None
         except OSError as err:  # tiktoken downloads other encodings' ranks on first use
             raise UserError(f"tokenizer {name!r} is not cached and could not be downloaded ({err}); use gpt2") from None
     ranks_path = resources.files("accel_gpt") / "assets" / "gpt2.tiktoken"

@@ -11,6 +11,7 @@ import math
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -21,10 +22,12 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from accel_gpt.checkpoint import (
+    MODEL_FILE,
     capture_rng_state,
     full_state_dicts,
     list_checkpoints,
     load_checkpoint,
+    load_model_weights,
     load_rng_states,
     load_stream_states,
     prune_checkpoints,
@@ -38,8 +41,9 @@ from accel_gpt.config import TrainConfig, parse_config
 from accel_gpt.data import EpochBatches, GlobalBatchSampler, make_eval_loader, make_loader
 from accel_gpt.errors import UserError
 from accel_gpt.hf import load_hf_gpt2
-from accel_gpt.inference import generate
-from accel_gpt.launch import launch_world_size, start_accelerator, strategy_name
+from accel_gpt.inference import accel_gpt_checkpoint, generate
+from accel_gpt.launch import agree, launch_world_size, start_accelerator, strategy_name
+from accel_gpt.memory import check_fits
 from accel_gpt.metrics import RunLogger, StepWindow, flops_per_token, peak_flops
 from accel_gpt.model import GPTConfig, GPTModel, attention_backends
 from accel_gpt.optim import build_optimizer
@@ -92,7 +96,12 @@ def seed_rank(seed: int, rank: int, step: int = 0) -> None:
 
 
 def build_model(cfg: TrainConfig, model_cfg: GPTConfig) -> GPTModel:
-    model = load_hf_gpt2(cfg.init_from, model_cfg) if cfg.init_from else GPTModel(model_cfg)
+    """The model of `model_cfg`, initialised at random or from what `init_from` names (its weights alone)."""
+    if cfg.init_from and (checkpoint := accel_gpt_checkpoint(cfg.init_from)) is not None:
+        model = GPTModel(model_cfg)
+        load_model_weights(model, checkpoint / MODEL_FILE)
+    else:
+        model = load_hf_gpt2(cfg.init_from, model_cfg) if cfg.init_from else GPTModel(model_cfg)
     model.activation_checkpointing = cfg.activation_checkpointing
     model.loss_chunk = cfg.loss_chunk
     return model
@@ -114,6 +123,7 @@ class Run:
     val_loader: DataLoader
     step_flops: float
     device_peak_flops: float | None
+    memory: str  # what memory_check estimated, for the header
     state: TrainerState
     rng_state: dict | None = None  # resuming: this rank's RNG state, restored just before the first step
     logger: RunLogger | None = None  # None for a resumed run with nothing left to train
@@ -165,20 +175,33 @@ class Run:
                 "world_size": self.accelerator.num_processes}  # fmt: skip
 
     def close(self) -> None:
-        """Close the run's files and trackers; also when the loop raised."""
+        """Close the run's files and trackers, and give its directories up; also when the loop raised."""
         if self.logger is not None:
             self.logger.close()
         self.accelerator.end_training()
+        self.dirs.release()
 
 
 def setup(cfg: TrainConfig) -> Run:
     """Everything the loop needs, built in an order that keeps runs reproducible: the config checked, the
     directories, the tokens, the model (the same initial weights on every rank), the optimizer, then the resume."""
     plan = plan_run(cfg, launch_world_size())  # every bad value stops here, before any work
+    accelerator = start_accelerator(plan.cfg, plan.gradient_accumulation_steps)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    memory = agree(accelerator, lambda: check_fits(plan, accelerator.device, accelerator.mixed_precision,
+                                                   accelerator.num_processes if fsdp else 1))  # fmt: skip
+    set_seed(plan.cfg.seed)  # the same initial weights on every rank
+    dirs = resolve_run_dirs(plan.cfg, accelerator)  # unusable, occupied or live runs' directories stop here
+    try:
+        return build_run(plan, accelerator, dirs, memory[accelerator.process_index])
+    except BaseException:
+        dirs.release()  # a run that never started gives its directories up (a notebook may try again at once)
+        raise
+
+
+def build_run(plan: RunPlan, accelerator: Accelerator, dirs: RunDirs, memory: str) -> Run:
+    """`setup` once the directories are the run's: the data, the model, the optimizer, the resume, the logger."""
     cfg = plan.cfg
-    accelerator = start_accelerator(cfg, plan.gradient_accumulation_steps)
-    set_seed(cfg.seed)  # the same initial weights on every rank
-    dirs = resolve_run_dirs(cfg, accelerator)  # unusable or occupied directories stop here
     data = load_training_data(plan, accelerator)
     plan = data.plan
     global_batch = plan.global_batch_size
@@ -203,11 +226,14 @@ def setup(cfg: TrainConfig) -> Run:
         )
         train_batches = EpochBatches(sampler, train_loader)
     run = Run(
-        plan, accelerator, dirs, model, optimizer, train_batches, *eval_loaders, step_flops, device_peak, TrainerState()
-    )
+        plan, accelerator, dirs, model, optimizer, train_batches, *eval_loaders, step_flops, device_peak, memory,
+        TrainerState(),
+    )  # fmt: skip
     note = ""
     if dirs.resume_from is not None:
         run.state, run.rng_state, note = resume(run, dirs.resume_from)
+    elif cfg.init_from:
+        note = f" | initialised from {cfg.init_from}: its weights alone (a fresh optimizer, schedule and data order)"
     if not run.steps_left:  # a finished job requeued with --checkpoint auto: nothing to train
         if accelerator.is_main_process:
             print(note, flush=True)
@@ -226,32 +252,43 @@ def open_logger(run: Run, resume_note: str) -> RunLogger:
     logger = RunLogger(
         dirs.output_dir, accelerator.is_main_process, plan.total_steps, run.state.global_step, resolved, accelerator
     )
-    # Under FSDP each process holds a shard: say how much, so the memory saving is visible.
+    # Under FSDP each process holds a shard: say how much (its share of the vocabulary padding rows included), so
+    # the memory saving is visible.
     model = run.raw_model()
-    held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
-    params = model.num_parameters()
-    shard_note = f", {held:,} held per process" if held != params else ""
+    params, shard_note = model.num_parameters(), ""
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
+        shard_note = f", {held:,} held per process"
     world_size = accelerator.num_processes
     train_windows = f"streamed from {plan.stream_source}" if cfg.streaming else f"{plan.train_windows:,}"
+    length = f"{plan.total_steps} steps"
+    if plan.steps_per_epoch:  # the epochs that many steps make, when that is not what num_epochs says
+        epochs = plan.total_steps / plan.steps_per_epoch
+        length += f" ({epochs:.3g} epochs of {plan.steps_per_epoch})" if epochs != cfg.num_epochs else ""
     logger.info(
         f"accel_gpt | world_size {world_size} | {strategy_name(accelerator)} | device {accelerator.device} | "
         f"mixed_precision {accelerator.mixed_precision} | model {cfg.model} ({params:,} params{shard_note}) | "
         f"global batch {plan.global_batch_size} = {cfg.batch_size} x {plan.gradient_accumulation_steps} "
         f"accumulation x {world_size} processes | {train_windows} train / "
-        f"{len(run.val_loader.dataset):,} val windows of {plan.context_len} tokens | {plan.total_steps} steps"
+        f"{len(run.val_loader.dataset):,} val windows of {plan.context_len} tokens | {length} | {run.memory}"
         f"{resume_note}"
     )
     return logger
 
 
-def check_resumable(saved: dict, path: Path, plan: RunPlan, world_size: int) -> None:
-    """Refuse, in one line, to resume checkpoint `path` (its trainer state `saved`) into a run that would not
-    continue it: another optimizer, kind of data, stream split or data order."""
+def check_optimizer(saved: dict, path: Path, plan: RunPlan) -> None:
+    """Refuse, in one line and before any state is loaded, to resume checkpoint `path` (its trainer state `saved`)
+    with another optimizer, whose state it does not hold."""
     if (trained_with := saved.get("optimizer", "adamw")) != plan.cfg.optimizer:
         raise UserError(
             f"cannot resume {path} with optimizer {plan.cfg.optimizer}: it was trained with {trained_with}, whose "
             "state it holds; resume with that optimizer (or start a new run from its weights)"
         )
+
+
+def check_data_order(saved: dict, path: Path, plan: RunPlan, world_size: int) -> None:
+    """Refuse, in one line, to resume checkpoint `path` into a run that would not continue its data: another kind
+    of data, stream split or data order."""
     if saved.get("streaming", False) != plan.cfg.streaming:
         kind = "a streaming run" if saved.get("streaming") else "a run on the token cache"
         raise UserError(f"cannot resume {path}: it was saved by {kind}; resume with streaming {not plan.cfg.streaming}")
@@ -264,8 +301,8 @@ def check_resumable(saved: dict, path: Path, plan: RunPlan, world_size: int) -> 
     changed = [f"{k} {saved[k]} -> {v}" for k, v in plan.data_identity.items() if k in saved and saved[k] != v]
     if changed:
         raise UserError(
-            f"cannot resume from {path}: the data order would change ({', '.join(changed)}); "
-            "resume with the settings it was saved with"
+            f"cannot resume from {path}: the data order would change ({', '.join(changed)}); resume with the "
+            f"settings it was saved with, or start a new run from its weights with --init_from {path}"
         )
 
 
@@ -275,8 +312,9 @@ def resume(run: Run, path: Path) -> tuple[TrainerState, dict | None, str]:
     (for a run with nothing left to train, the line that says so)."""
     accelerator, plan, total_steps = run.accelerator, run.plan, run.plan.total_steps
     world_size, rank = accelerator.num_processes, accelerator.process_index
-    check_resumable(read_trainer_state(path), path, plan, world_size)
+    check_optimizer(read_trainer_state(path), path, plan)
     saved = load_checkpoint(path, run.raw_model(), run.optimizer.optimizer)
+    check_data_order(saved, path, plan, world_size)
     if accelerator.scaler is not None and "grad_scaler" in saved:  # fp16: keep the loss scale it had found
         accelerator.scaler.load_state_dict(saved["grad_scaler"])
     state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})
@@ -349,12 +387,14 @@ class StopSignal:
         self.received = signal.Signals(signum).name
 
     def stop_line(self, step: int, cfg: TrainConfig, output_dir: Path) -> str:
-        how = (
-            "Rerun the same command to resume" if cfg.checkpoint == "auto"
-            else f"Resume with the same command plus --output_dir {output_dir} --checkpoint latest"
-        )  # fmt: skip
         received = self.received or "a stop signal on another rank"
-        return f"received {received}: stopped after step {step} with a checkpoint. {how}"
+        return f"received {received}: stopped after step {step} with a checkpoint. {how_to_resume(cfg, output_dir)}"
+
+
+def how_to_resume(cfg: TrainConfig, output_dir: Path) -> str:
+    if cfg.checkpoint == "auto":
+        return "Rerun the same command to resume"
+    return f"Resume with the same command plus --output_dir {output_dir} --checkpoint latest"
 
 
 def fit(run: Run) -> dict:
@@ -384,10 +424,11 @@ def fit(run: Run) -> dict:
             save_due = state.global_step % cfg.save_freq == 0 or last
             if len(window) < log_every and not (eval_due or save_due):
                 continue
-            data_error = getattr(run.train_batches, "error", None)  # a stream's bad data, held for this point
-            records, stopping = window.flush(stop.received is not None or data_error is not None)
-            if stopping and (errors := [e for e in gather_object([data_error]) if e]):
-                raise UserError(errors[0])  # on every rank, saving nothing
+            # Failures one rank met since the last sync, held for this point: a stream's bad data, a log write.
+            failure = (getattr(run.train_batches, "error", None), logger.error)
+            records, stopping = window.flush(stop.received is not None or any(failure))
+            if stopping and (failures := [f for f in gather_object([failure]) if any(f)]):
+                stop_on_failure(run, failures)
             nonfinite_in_a_row = count_nonfinite(run, records, nonfinite_in_a_row)
             record = records[-1]
             if eval_due:
@@ -400,7 +441,23 @@ def fit(run: Run) -> dict:
                 logger.info(stop.stop_line(state.global_step, cfg, run.dirs.output_dir))
                 break
             window.restart_clock()
+    if logger.error:  # the last step's records (this process's alone): its checkpoint is written
+        raise UserError(f"{logger.error}; the run finished and saved its last checkpoint")
     return record
+
+
+def stop_on_failure(run: Run, failures: list[tuple[str | None, str | None]]) -> NoReturn:
+    """Stop every rank on what one met: bad data in its stream (nothing saved: the last checkpoint is good), or a
+    log write that failed, such as on a full disk (the run still tries a checkpoint of where it is)."""
+    if data_errors := [data for data, _ in failures if data]:
+        raise UserError(data_errors[0])
+    log_error, step = next(log for _, log in failures if log), run.state.global_step
+    try:
+        run.save()
+    except UserError as err:
+        raise UserError(f"{log_error}; the checkpoint of step {step} could not be written either ({err})") from None
+    how = how_to_resume(run.plan.cfg, run.dirs.output_dir)
+    raise UserError(f"{log_error}; saved a checkpoint of step {step}. {how} once it can write")
 
 
 def train(cfg: TrainConfig) -> dict:

@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, VERDICT, common_args, read_metrics, train_cli
+from conftest import REPO, VERDICT, assert_one_line_error, common_args, in_process, read_metrics, train_cli
 
 from accel_gpt import cache
 from accel_gpt.tokens import tokenize_corpus
@@ -141,6 +141,13 @@ def test_a_damaged_cache_does_not_stop_a_run_and_changes_no_loss(tmp_path, train
 
 
 @pytest.mark.slow
+def test_prune_refuses_a_negative_age(tmp_path, capfd):
+    from accel_gpt.cache import main
+
+    result = in_process(main, ["--data_cache_dir", tmp_path, "prune", "--unused_days", "-1"], capfd)
+    assert_one_line_error(result, "unused_days must be a number of days >= 0, got -1.0")
+
+
 def test_the_cache_cli_lists_and_prunes(tmp_path, capsys):
     root = tmp_path / "cache"
     good, _ = tokenize_corpus(str(VERDICT), "gpt2", EOS, root)

@@ -30,6 +30,17 @@ def test_missing_and_empty_data_paths(tmp_path, train_here):
     )
 
 
+def test_a_model_that_cannot_fit_stops_before_it_exists(tmp_path, train_here):
+    result = train_here("--model", "gpt2-xl", "--output_dir", tmp_path / "run", "--data_cache_dir", tmp_path / "c")
+    assert_one_line_error(result, "model gpt2-xl needs about", "GiB a process (weights 6.1, gradients 6.1, optimizer",
+                          "pass --memory_check false to try anyway")  # fmt: skip
+    assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()  # before any work
+
+
+def test_an_unknown_tokenizer_is_one_line(train_here):
+    assert_one_line_error(train_here("--tokenizer", "no_such_encoding"), "unknown tokenizer 'no_such_encoding'")
+
+
 def test_empty_data_paths_are_refused_not_searched_from_the_working_directory(tmp_path, train_here):
     assert_only_line_error(train_here("--train_data_path", ""), "train data: the data path is empty")
     assert_only_line_error(

@@ -1,18 +1,21 @@
 """Hugging Face interop: export to GPT2LMHeadModel and pretraining from a local HF GPT-2 folder."""
 
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO, VERDICT, assert_one_line_error, in_process
+from conftest import REPO, VERDICT, assert_one_line_error, common_args, copy_run, in_process, read_metrics
 from safetensors.torch import load_file
 
 from accel_gpt.checkpoint import full_state_dicts, save_checkpoint
 from accel_gpt.config import TrainConfig
 from accel_gpt.hf import to_hf_state_dict
+from accel_gpt.inference import load_model
 from accel_gpt.model import GPTModel
 from accel_gpt.optim import build_optimizer
+from accel_gpt.tokenizer import get_tokenizer
 
 transformers = pytest.importorskip("transformers")
 SIZES = dict(vocabulary_size=50257, context_len=32, embedding_dim=32, num_heads=2, num_layers=2, dropout=0.0)
@@ -143,3 +146,52 @@ def test_pretraining_starts_from_a_local_hf_gpt2(tmp_path, train_here):
     assert_one_line_error(
         train_here(*args, *fresh, "--context_len", "128"), "context_len 128 exceeds the position table"
     )
+
+
+def test_export_never_writes_into_a_checkpoint_or_a_run(tiny_run, tmp_path, capfd):
+    from accel_gpt.export import main
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    checkpoint = run / "checkpoints" / "checkpoint_000004"
+    before = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
+    onto = in_process(main, ["--checkpoint", checkpoint, "--out", checkpoint], capfd)
+    assert_one_line_error(onto, f"--out {checkpoint} is inside checkpoint {checkpoint}: export into a folder")
+    assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == before
+    for out in (run, run / "checkpoints"):
+        assert_one_line_error(in_process(main, ["--checkpoint", run, "--out", out], capfd), "holds a run or its")
+    assert in_process(main, ["--checkpoint", run, "--out", run / "hf"], capfd).returncode == 0  # a folder of its own
+
+
+@pytest.mark.slow
+def test_a_new_run_starts_from_our_own_checkpoint_and_resumes_itself(tmp_path, train_here):
+    """Continued pretraining: a run on The Verdict, then a new run on 西游记 from its checkpoint (its weights and
+    shape; a fresh optimizer, schedule and data order), validated on The Verdict: it starts at the first run's
+    loss there, not at a fresh model's."""
+    first = [*common_args(tmp_path / "verdict", tmp_path / "cache"), "--learning_rate", "3e-3"]
+    assert train_here(*first).returncode == 0
+    # The first run's model on the windows that the second run's evaluation reads: The Verdict's first 8 of 65.
+    model = load_model(tmp_path / "verdict")
+    tokens = torch.tensor(get_tokenizer().encode_ordinary(VERDICT.read_text()))[: 7 * 64 + 65]
+    windows = tokens.unfold(0, 65, 64)
+    with torch.no_grad():
+        verdict_loss = model(windows[:, :-1], windows[:, 1:]).item()
+    second = [
+        "--train_data_path", "xiyouji", "--val_data_path", VERDICT, "--data_cache_dir", tmp_path / "cache",
+        "--max_steps", "4", "--warmup_steps", "1", "--learning_rate", "1e-5", "--min_lr", "1e-6", "--eval_freq", "1",
+        "--eval_iter", "2",
+        "--save_freq", "2", "--context_len", "64", "--batch_size", "4", "--sample_tokens", "2",
+    ]  # fmt: skip
+    continued = train_here(*second, "--init_from", tmp_path / "verdict", "--output_dir", tmp_path / "continued")
+    assert continued.returncode == 0, continued.stderr[-2000:]
+    assert f"initialised from {tmp_path / 'verdict'}: its weights alone" in continued.stdout
+    fresh = train_here(*second, "--model", "tiny", "--output_dir", tmp_path / "fresh")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    started = read_metrics(tmp_path / "continued")[1]["val_loss"]
+    assert abs(started - verdict_loss) < 0.02 and read_metrics(tmp_path / "fresh")[1]["val_loss"] > started + 0.5
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "continued", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "checkpoint_000004")
+    again = train_here(*second, "--init_from", tmp_path / "verdict", "--output_dir", resumed, "--checkpoint", "2")
+    assert again.returncode == 0 and "resumed at step 2" in again.stdout
+    for step in (3, 4):
+        assert read_metrics(resumed)[step]["loss"] == read_metrics(tmp_path / "continued")[step]["loss"]

@@ -1,22 +1,31 @@
 """Run directories through the CLI: a new run never lands on an old one, `--overwrite true` moves it aside,
 `--checkpoint auto` on a finished run says so, and unusable directories stop the run before any work."""
 
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO, VERDICT, assert_one_line_error, train_cli
 
+from accel_gpt.checkpoint import verify_checkpoint
 from accel_gpt.config import parse_config
-from accel_gpt.rundir import set_aside_run
+from accel_gpt.errors import UserError
+from accel_gpt.metrics import append_whole, open_on_a_new_line
+from accel_gpt.rundir import LOCK_FILE, DirLock, new_run_dir, set_aside_run
 from accel_gpt.train import train
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file of a run by its path, but the lock file that a run (refused or not) holds while it lives."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != LOCK_FILE
+    }
 
 
 def command(out, cache):  # issue 10's first reproduction, on the small bundled corpus with smaller batches
@@ -143,3 +152,86 @@ def test_overwrite_with_checkpoints_in_the_output_dir_itself(tmp_path, train_her
         path.write_text(path.name)
     [moved] = set_aside_run(out, out)
     assert (moved / "metrics.jsonl").exists() and (moved / "checkpoint_000002" / "manifest.json").exists()
+
+
+def test_runs_started_in_one_second_get_a_directory_each(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    made = {new_run_dir("tiny") for _ in range(3)}  # within a second, as a sweep or an array job starts them
+    assert len(made) == 3 and all(p.is_dir() for p in made)
+    assert sorted(p.name.rsplit("-", 1)[-1] for p in made if p.name.count("-") == 3) == ["2", "3"]
+
+
+def test_a_live_run_keeps_its_directories_to_itself(tmp_path, train_here):
+    out = tmp_path / "run"
+    held = DirLock(out)  # as a live run's main process holds it
+    held.claim()
+    try:
+        result = train_here(*command(out, tmp_path / "cache"), "--checkpoint", "auto")
+        assert_one_line_error(result, f"{out} is in use by a live run (process {os.getpid()} on ")
+        assert not (out / "checkpoints").exists()
+    finally:
+        held.release()
+    assert train_here(*command(out, tmp_path / "cache"), "--checkpoint", "auto").returncode == 0  # free again
+
+
+@pytest.mark.slow
+def test_ten_runs_started_at_once_each_get_their_own_directory(tmp_path):
+    """Issue 21's reproduction, ten times over: no --output_dir, all started together."""
+    args = ["--model", "tiny", "--train_data_path", VERDICT, "--data_cache_dir", tmp_path / "cache", "--max_steps", "2",
+            "--warmup_steps", "1", "--eval_freq", "0", "--save_freq", "1", "--val_fraction", "0.6"]  # fmt: skip
+    train_cli(*args, "--output_dir", tmp_path / "warm")  # tokenized once, so that the ten start together
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "accel_gpt.train", *map(str, args), "--learning_rate", f"{i}e-4"],
+                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(1, 11)
+    ]  # fmt: skip
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-2000:]
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 10
+    rates = set()
+    for run in runs:
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == [1, 2] and config["output_dir"] == str(run.relative_to(tmp_path))
+        assert sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith(".")) == [
+            "checkpoint_000001", "checkpoint_000002"]  # fmt: skip
+        rates.add(config["learning_rate"])
+    assert len(rates) == 10  # one run's config in each
+    rate = yaml.safe_load((runs[0] / "config.yaml").read_text())["learning_rate"]
+    resumed = train_cli(*args, "--output_dir", runs[0], "--checkpoint", "1", "--learning_rate", rate)
+    assert resumed.returncode == 0 and "resumed at step 1" in resumed.stdout, resumed.stderr[-2000:]
+
+
+def test_a_full_disk_while_logging_is_one_line_after_a_last_checkpoint(tmp_path, train_here):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").symlink_to("/dev/full")  # every write there fails: No space left on device
+    result = train_here(*command(out, tmp_path / "cache"))
+    assert_one_line_error(result, f"could not write {out / 'metrics.jsonl'}: No space left on device; saved a "
+                                  "checkpoint of step 2. Resume with the same command plus")  # fmt: skip
+    verify_checkpoint(out / "checkpoints" / "checkpoint_000002")
+
+
+def test_a_failed_append_leaves_no_torn_record(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n')
+
+    class FullAfter:  # writes part of what it is given, then fails as a full disk does
+        def __init__(self, file):
+            self.file, self.calls = file, 0
+
+        def fileno(self):
+            return self.file.fileno()
+
+        def write(self, data):
+            self.calls += 1
+            if self.calls > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(data[:5])
+
+    with open_on_a_new_line(path) as file, pytest.raises(UserError, match="No space left on device"):
+        append_whole(FullAfter(file), b'{"step": 2, "loss": 1.0}\n', path)
+    assert path.read_text() == '{"step": 1}\n'

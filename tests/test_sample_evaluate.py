@@ -2,11 +2,14 @@
 
 import json
 import math
+import os
 import re
+import signal
+import subprocess
 import sys
 
 import pytest
-from conftest import VERDICT, assert_one_line_error, in_process, run_module, run_python
+from conftest import REPO, VERDICT, assert_one_line_error, in_process, run_module, run_python
 
 from accel_gpt import analysis
 from accel_gpt import sample as sample_cli
@@ -120,8 +123,8 @@ def test_seeded_samples_repeat_and_differ_from_each_other(run, capsys):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["--top_p", "1.5"], "top_p must be in (0, 1], got 1.5"),
-        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--top_p", "1.5"], "top_p must be in (0, 1] or None, got 1.5"),
+        (["--temperature", "-1"], "temperature must be a finite number >= 0"),
         (["--max_new_tokens", "0"], "max_new_tokens and num_samples must be positive"),
         (["--top_k", "many"], "argument --top_k: invalid int value: 'many'"),
         (["--step", "3"], "checkpoint 3 not found"),
@@ -134,9 +137,38 @@ def test_generate_bad_options(run, args, fragment):
 
 
 def test_generate_errors_are_one_line_through_the_cli(run, tmp_path, capfd):
-    assert_one_line_error(cli("sample", "--checkpoint", tmp_path / "nope", "--prompt", "x"), "no checkpoints in")
+    assert_one_line_error(cli("sample", "--checkpoint", tmp_path / "nope", "--prompt", "x"), "nope does not exist")
     sampled = in_process(sample_cli.main, ["--checkpoint", run["dir"], "--top_p", "0"], capfd)
     assert_one_line_error(sampled, "top_p must be in (0, 1]")
+    a_file = in_process(sample_cli.main, ["--checkpoint", run["dir"] / "metrics.jsonl", "--prompt", "x"], capfd)
+    assert_one_line_error(a_file, "metrics.jsonl is a file: pass a run directory or a checkpoint directory")
+
+
+@pytest.mark.parametrize(
+    "option, fragment",
+    [({"top_k": 0}, "top_k must be a positive integer"), ({"top_p": 0.0}, "top_p must be in (0, 1]"),
+     ({"temperature": -1}, "temperature must be a finite number >= 0"),
+     ({"max_new_tokens": -5}, "max_new_tokens must be an integer >= 0")],
+)  # fmt: skip
+def test_the_notebook_generate_checks_its_options_as_the_command_does(run, option, fragment):
+    model = analysis.load_model(run["dir"])
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        analysis.generate(model, "Every effort", **option)
+
+
+def test_a_closed_pipe_and_ctrl_c_end_sampling_quietly(run):
+    command = [sys.executable, "-m", "accel_gpt.sample", "--checkpoint", str(run["dir"]), "--prompt", "Every",
+               "--max_new_tokens", "200", "--num_samples", "500", "--seed", "1"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    head = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    assert len(head.stdout.read(50)) == 50
+    head.stdout.close()  # what `| head -c 50` does
+    assert head.wait(timeout=120) == 141 and head.stderr.read() == b""
+    interrupted = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    interrupted.stdout.read(50)
+    interrupted.send_signal(signal.SIGINT)
+    _, stderr = interrupted.communicate(timeout=120)
+    assert interrupted.returncode == 130 and stderr.decode() == "accel_gpt: interrupted\n"
 
 
 def evaluate(run, capsys, *args) -> dict:
@@ -152,9 +184,9 @@ def test_evaluate_prints_the_notebook_perplexity(run, tmp_path, capsys):
     part.write_text(VERDICT.read_text()[:1500])
     result = cli("evaluate", "--checkpoint", run["dir"], "--data", part, "--data_cache_dir", run["cache"])
     assert result.returncode == 0, result.stderr[-2000:]
-    scored = json.loads(result.stdout)  # one JSON line; non-overlapping windows by default
-    assert scored["stride"] == scored["context_len"] == 64
-    expected = analysis.perplexity(model, part, stride=64, data_cache_dir=run["cache"])
+    scored = json.loads(result.stdout)  # one JSON line; windows every half context, perplexity's default too
+    assert (scored["stride"], scored["context_len"]) == (32, 64)
+    expected = analysis.perplexity(model, part, data_cache_dir=run["cache"])
     assert scored["perplexity"] == pytest.approx(expected, rel=1e-6)
     assert scored["perplexity"] == pytest.approx(math.exp(scored["loss"]), rel=1e-12)
     strided = evaluate(run, capsys, "--data", part, "--stride", 16, "--batch_size", 3)
@@ -164,7 +196,7 @@ def test_evaluate_prints_the_notebook_perplexity(run, tmp_path, capsys):
     assert strided["tokens"] == scored["tokens"] and strided["loss"] != pytest.approx(scored["loss"], rel=1e-4)
     for spec in (tmp_path / "corpus", tmp_path / "corpus" / "*.txt"):  # the other data path forms
         assert evaluate(run, capsys, "--data", spec, "--stride", 16)["loss"] == pytest.approx(strided["loss"], rel=1e-6)
-    bundled = evaluate(run, capsys, "--data", "the-verdict")
+    bundled = evaluate(run, capsys, "--data", "the-verdict", "--stride", 64)
     assert bundled["tokens"] == 5145  # 5,145 tokens and the end-of-text after the document: 5,145 targets
     assert bundled["perplexity"] == pytest.approx(
         analysis.perplexity(model, VERDICT, stride=64, data_cache_dir=run["cache"]), rel=1e-6

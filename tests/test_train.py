@@ -1,4 +1,5 @@
 import json
+import re
 import signal
 
 import pytest
@@ -69,6 +70,14 @@ def test_log_every_keeps_one_exact_record_per_step(tmp_path):
             b["tokens_seen"],
         )
     assert runs[4][0]["step_time"] == runs[4][3]["step_time"]  # one window: its steps share the mean time
+
+
+def test_the_header_says_what_the_run_holds_needs_and_how_many_epochs(tmp_path, capfd):
+    train(tiny_config(tmp_path, "run", max_steps=10))  # 18 steps an epoch: less than one
+    header = next(line for line in capfd.readouterr().out.splitlines() if line.startswith("accel_gpt |"))
+    assert "(6,536,704 params) |" in header and "held" not in header  # one process holds every parameter
+    assert "| 10 steps (0.556 epochs of 18) |" in header
+    assert re.search(r"\| memory ~\d+\.\d of \d+\.\d GiB free$", header), header
 
 
 def test_a_loop_that_raises_restores_the_signal_handlers_and_closes_the_logger_and_trackers(tmp_path, monkeypatch):

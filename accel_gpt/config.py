@@ -30,7 +30,8 @@ def _opt(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
-# Options that set the network's shape: layered over a preset, and refused with init_from (which has its own).
+# Options that set the network's shape: layered over a preset; with init_from (which has its own) they may only repeat
+# it (plan.model_config_for).
 MODEL_SHAPE_OPTIONS = (
     "embedding_dim", "num_layers", "num_heads", "qkv_bias", "bias", "tie_weights", "position", "norm", "qk_norm",
     "activation", "zero_init_projections", "logit_softcap",
@@ -120,7 +121,9 @@ class TrainConfig:
         "rows are never predicted (1: no padding)",
     )
     init_from: str | None = _opt(
-        None, "start from a local Hugging Face GPT-2 folder (config.json + model.safetensors) instead of a preset"
+        None,
+        "start a new run from trained weights instead of a preset: an accel_gpt checkpoint or run directory, or a "
+        "local Hugging Face GPT-2 folder (config.json + model.safetensors); their network's shape, nothing else",
     )
     # --- optimisation
     optimizer: str = _opt(
@@ -199,7 +202,9 @@ class TrainConfig:
     )
     start_context: str = _opt("Every effort moves you", "prompt for the greedy sample printed at evaluation")
     sample_tokens: int = _opt(50, "tokens generated for each sample")
-    output_dir: str | None = _opt(None, "run directory: config, metrics.jsonl, samples (default: runs/<time>)")
+    output_dir: str | None = _opt(
+        None, "run directory: config, metrics.jsonl, samples (default: runs/<model>-<date>-<time>, made for the run)"
+    )
     report_to: str = _opt(
         "none",
         "experiment trackers that get every metrics.jsonl record, through Accelerate: none, all (every installed "
@@ -436,10 +441,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"seed must be in [0, 2**32), got {cfg.seed}")
     if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
         raise UserError(f"dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.init_from is not None:
-        shaped = [k for k in MODEL_SHAPE_OPTIONS if getattr(cfg, k) is not None]
-        if shaped:
-            raise UserError(f"init_from takes the model's shape from {cfg.init_from}; drop {', '.join(shaped)}")
     for key in ("text_column", "train_split", "val_split", "dataset", "dataset_config"):
         if getattr(cfg, key) == "":
             raise UserError(f"{key} must not be empty")
@@ -447,6 +448,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError("start_context must not be empty: the sample needs a prompt to continue")
     if not 0.0 < cfg.decay_fraction <= 1.0:
         raise UserError(f"decay_fraction must be in (0, 1], got {cfg.decay_fraction}")
+    if cfg.optimizer == "muon" and cfg.learning_rate == 0.0:
+        raise UserError("optimizer muon schedules muon_learning_rate as a multiple of learning_rate: set it above 0")
     if cfg.optimizer == "muon" and cfg.cuda_graph:
         raise UserError("cuda_graph captures AdamW's step only: use optimizer adamw with cuda_graph")
     if not 0.0 <= cfg.val_fraction < 1.0:

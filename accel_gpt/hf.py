@@ -51,7 +51,13 @@ def zeros_like_rows(weight: torch.Tensor) -> torch.Tensor:
 
 
 def to_hf_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
-    """Our parameter names -> GPT2LMHeadModel's (without vocabulary padding rows)."""
+    """Our parameter names -> GPT2LMHeadModel's (without vocabulary padding rows); a network GPT-2 cannot hold is
+    one UserError naming the options."""
+    if differences := gpt2_differences(model.config):
+        raise UserError(
+            f"GPT-2 has no {', '.join(differences)}: this model cannot be exported as GPT2LMHeadModel (train with "
+            "the GPT-2 defaults of these options to export)"
+        )
     sd, cfg = model.state_dict(), model.config
     rows = cfg.vocabulary_size
     out = {"transformer.wte.weight": sd["tok_emb.weight"][:rows], "transformer.wpe.weight": sd["pos_emb.weight"]}
@@ -92,14 +98,9 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str,
 
 def export_to_hf(model: GPTModel, out_dir: str | Path) -> Path:
     """Write `config.json` + `model.safetensors` that `GPT2LMHeadModel.from_pretrained(out_dir)` loads."""
-    if differences := gpt2_differences(model.config):
-        raise UserError(
-            f"GPT-2 has no {', '.join(differences)}: this model cannot be exported as GPT2LMHeadModel (train with "
-            "the GPT-2 defaults of these options to export)"
-        )
+    state = to_hf_state_dict(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = to_hf_state_dict(model)
     if model.config.tie_weights:  # stored once; transformers re-ties lm_head to wte on load
         state.pop("lm_head.weight")
     save_file(

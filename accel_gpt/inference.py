@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -122,16 +123,28 @@ def encode_prompt(tokenizer: tiktoken.Encoding, prompt: str, eot_id: int | None 
     return tokenizer.encode(prompt, allowed_special="all") or [tokenizer.eot_token if eot_id is None else eot_id]
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """The sampling options' ranges, checked alike for `generate` and `python -m accel_gpt.sample`."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, seed: int | None = None
+) -> None:
+    """The sampling options' types and ranges, checked alike for `generate` and `python -m accel_gpt.sample`."""
+    if not _is_integer(max_new_tokens) or max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not 0 <= temperature < math.inf:
-        raise UserError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
+    if not _is_number(temperature) or not 0 <= temperature < math.inf:
+        raise UserError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (not _is_integer(top_k) or top_k <= 0):
         raise UserError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1] or None, got {top_p}")
+    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
+        raise UserError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if seed is not None and not _is_integer(seed):
+        raise UserError(f"seed must be an integer or None, got {seed!r}")
 
 
 def generate(
@@ -147,7 +160,7 @@ def generate(
     """The prompt plus its continuation: greedy at temperature 0, else sampled (reproducibly with `seed`) from
     the top_k most likely tokens and/or the smallest set holding top_p of the probability. An empty prompt
     starts a new document (`encode_prompt`). The training loop's samples come from here too."""
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     enc = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     device = next(model.parameters()).device
     ids = encode_prompt(enc, prompt)

@@ -81,9 +81,11 @@ def check_fits(plan: RunPlan, device: torch.device, mixed_precision: str, shards
         return f"memory ~{need.total / GIB:.1f} GiB"
     if need.total > free and cfg.memory_check:
         where = f"on {device}" if device.type == "cuda" else "for each process on this machine"
+        ways = ["lower batch_size", *(["turn on activation_checkpointing"] * (not cfg.activation_checkpointing)),
+                *(["shard with FSDP"] * (shards == 1)), "or pass --memory_check false to try anyway"]  # fmt: skip
         raise UserError(
-            f"model {cfg.model} needs about {need.total / GIB:.1f} GiB a process ({need.parts()} GiB, micro-batches "
-            f"of {cfg.batch_size} x {plan.context_len}), more than the {free / GIB:.1f} GiB free {where}: lower "
-            "batch_size, turn on activation_checkpointing, shard with FSDP, or pass --memory_check false to try anyway"
+            f"model {plan.model_name} needs about {need.total / GIB:.1f} GiB a process ({need.parts()} GiB, "
+            f"micro-batches of {cfg.batch_size} x {plan.context_len}), more than the {free / GIB:.1f} GiB free "
+            f"{where}: {', '.join(ways)}"
         )
     return f"memory ~{need.total / GIB:.1f} of {free / GIB:.1f} GiB free"

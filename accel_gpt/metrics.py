@@ -221,9 +221,9 @@ class RunLogger:
         """`config`, the resolved configuration, goes to config.yaml and to the trackers as hyper-parameters;
         `accelerator` carries the trackers chosen by `tracking_options` (none: metrics.jsonl only)."""
         self.enabled, self.total_steps = enabled, total_steps
+        self.error: str | None = None  # the first write that failed: nothing more is written, the loop stops on it
         if not enabled:
             return
-        self.error: str | None = None  # the first write that failed: nothing more is written, the loop stops on it
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             if config is not None:
@@ -248,8 +248,12 @@ class RunLogger:
 
     def info(self, message: str) -> None:
         if self.enabled:
-            self._bar.write(message, file=sys.stdout)
-            sys.stdout.flush()
+            try:
+                self._bar.write(message, file=sys.stdout)
+                sys.stdout.flush()
+            except BrokenPipeError:  # the reader of stdout went away (`| head`): the run's records are in its files
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                sys.stderr.write("accel_gpt: stdout was closed; the run goes on, its records in metrics.jsonl\n")
 
     def _write(self, name: str, record: dict) -> bool:
         """Append a record to metrics.jsonl or samples.jsonl; False (and `error` set) once a write has failed."""

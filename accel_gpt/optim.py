@@ -35,7 +35,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
         return torch.optim.AdamW(groups, lr=cfg.initial_lr, betas=BETAS, eps=EPS, fused=True)
     muon = [(n, p) for n, p in named if MUON_PARAMETERS.search(n)]
     rest = [(n, p) for n, p in named if not MUON_PARAMETERS.search(n)]
-    scale = cfg.muon_learning_rate / cfg.learning_rate if cfg.learning_rate else 0.0
+    scale = muon_lr_scale(cfg)
     groups = [
         {"params": [p for n, p in muon if "att.qkv" in n], "kind": "muon", "blocks": 3, "lr_scale": scale},
         {"params": [p for n, p in muon if "att.qkv" not in n], "kind": "muon", "blocks": 1, "lr_scale": scale},
@@ -43,6 +43,20 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
         {"params": [p for _, p in rest if p.dim() < 2], "kind": "adamw", "weight_decay": 0.0},
     ]
     return MuonWithAdamW([g for g in groups if g["params"]], lr=cfg.initial_lr, weight_decay=cfg.weight_decay)
+
+
+def muon_lr_scale(cfg: TrainConfig) -> float:
+    """Muon's learning rate as a multiple of AdamW's at every step of the schedule (`validate` has made sure that
+    AdamW's peak is not 0)."""
+    return cfg.muon_learning_rate / cfg.learning_rate
+
+
+def apply_learning_rates(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """Give Muon's groups the config's rate: after a resume the saved groups' ratio would win, and a changed
+    muon_learning_rate be ignored."""
+    for group in optimizer.param_groups:
+        if group.get("kind") == "muon":
+            group["lr_scale"] = muon_lr_scale(cfg)
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from accelerate.utils import parse_flag_from_env
 
 from accel_gpt.checkpoint import CONFIG_FILE
-from accel_gpt.config import TrainConfig, validate
+from accel_gpt.config import MODEL_SHAPE_OPTIONS, TrainConfig, validate
 from accel_gpt.errors import UserError
 from accel_gpt.hf import read_hf_gpt2_config
 from accel_gpt.inference import accel_gpt_checkpoint
@@ -33,12 +34,18 @@ class RunPlan:
     context_len: int  # tokens per training window; at most the model's position table
     stride: int  # tokens between window starts
     eot_id: int  # appended after every document
+    init_checkpoint: Path | None  # the accel_gpt checkpoint that init_from names (None: a preset or an HF folder)
     # Known once the data is tokenized (`with_data`); 0 before.
     train_windows: int = 0
     steps_per_epoch: int = 0  # 0 when streaming: the stream has no epochs of a known length
     total_steps: int = 0
     stream_source: str = ""  # streaming: what is read, e.g. "Salesforce/wikitext (2 shards, column text)"
     held_out: tuple[int, int, int] = (0, 0, 0)  # streaming: where training's stream starts after a held-out slice
+
+    @property
+    def model_name(self) -> str:
+        """The model as the user named it, for messages: its preset, or where its weights come from."""
+        return f"from {self.cfg.init_from}" if self.cfg.init_from else self.cfg.model
 
     @property
     def tokens_per_step(self) -> int:
@@ -128,11 +135,12 @@ def batch_geometry(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     return cfg.global_batch_size // per_step, cfg.global_batch_size
 
 
-def model_config_for(cfg: TrainConfig, vocabulary_size: int) -> GPTConfig:
-    """The preset with the config's shape options on top, or the shape of what `init_from` names: an accel_gpt
-    checkpoint or run directory, or a Hugging Face GPT-2 folder."""
+def model_config_for(cfg: TrainConfig, vocabulary_size: int) -> tuple[GPTConfig, Path | None]:
+    """The preset with the config's shape options on top; or the shape of what `init_from` names (an accel_gpt
+    checkpoint or run directory, whose checkpoint comes back too, or a Hugging Face GPT-2 folder), where a shape
+    option may only repeat it."""
     if not cfg.init_from:
-        return cfg.model_config(vocabulary_size)
+        return cfg.model_config(vocabulary_size), None
     if (checkpoint := accel_gpt_checkpoint(cfg.init_from)) is not None:
         saved = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))["model"]
         model_cfg = GPTConfig(**saved | {"vocab_multiple": cfg.vocab_multiple})
@@ -144,7 +152,13 @@ def model_config_for(cfg: TrainConfig, vocabulary_size: int) -> GPTConfig:
         raise UserError(
             f"init_from model has {model_cfg.vocabulary_size} tokens, the {cfg.tokenizer} tokenizer {vocabulary_size}"
         )
-    return model_cfg
+    for name in MODEL_SHAPE_OPTIONS:
+        if (given := getattr(cfg, name)) is not None and given != getattr(model_cfg, name):
+            raise UserError(
+                f"init_from {cfg.init_from} has {name} {getattr(model_cfg, name)}, not {given}: its network's shape "
+                f"is the run's, so drop {name}"
+            )
+    return model_cfg, checkpoint
 
 
 def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
@@ -159,7 +173,13 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
     if cfg.max_steps is not None:
         check_warmup(cfg.warmup_steps, cfg.max_steps)
     tokenizer = get_tokenizer(cfg.tokenizer)
-    model_cfg = model_config_for(cfg, tokenizer.n_vocab)
+    model_cfg, init_checkpoint = model_config_for(cfg, tokenizer.n_vocab)
+    places = [Path(d).resolve() for d in (cfg.output_dir, cfg.checkpoint_dir) if d]
+    if cfg.overwrite and init_checkpoint and any(init_checkpoint.resolve().is_relative_to(d) for d in places):
+        raise UserError(
+            f"init_from {cfg.init_from} is in the run that overwrite moves aside before the new one starts: pass "
+            "another output_dir, or move that run first and pass its new place"
+        )
     context_len = cfg.context_len or model_cfg.context_len
     if context_len > model_cfg.context_len:
         where = cfg.init_from or f"the {cfg.model} preset"
@@ -170,5 +190,6 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
             f"special_token_id {eot_id} is outside the {cfg.tokenizer} vocabulary (0..{tokenizer.n_vocab - 1})"
         )
     return RunPlan(
-        cfg, world_size, accumulation, global_batch, model_cfg, context_len, cfg.stride or context_len, eot_id
-    )
+        cfg, world_size, accumulation, global_batch, model_cfg, context_len, cfg.stride or context_len, eot_id,
+        init_checkpoint,
+    )  # fmt: skip

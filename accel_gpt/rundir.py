@@ -6,6 +6,7 @@ new run never lands on an old one's files, and a directory that cannot be writte
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import os
@@ -34,7 +35,7 @@ class RunDirs:
     locks: list[DirLock] = field(default_factory=list)  # the main process's claims on them, for the run's life
 
     def release(self) -> None:
-        for lock in self.locks:
+        for lock in reversed(self.locks):  # the checkpoint folder first: an empty run directory may then go too
             lock.release()
         self.locks = []
 
@@ -42,9 +43,13 @@ class RunDirs:
 class DirLock:
     """An exclusive claim on a directory by the live run's main process, so that two runs never write into one.
     flock: the kernel drops it when the process ends, killed with SIGKILL too, so a dead run's claim never lingers.
-    The lock file names its holder (`claim`) for whoever else tries."""
+    The lock file names its holder (`claim`) for whoever else tries. A directory made for the run and left with
+    nothing in it (a run that failed before writing) is removed again on release."""
 
-    def __init__(self, directory: Path):
+    held: set[int] = set()  # every lock's descriptor, closed in forked children (DataLoader and tokenizer workers)
+
+    def __init__(self, directory: Path, made: bool = False):
+        self.directory, self.made = directory, made or not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -56,16 +61,32 @@ class DirLock:
                 f"{directory} is in use by a live run ({holder}): wait for it to end, or pass another --output_dir "
                 "(or --checkpoint_dir)"
             ) from None
+        DirLock.held.add(self.fd)
 
     def claim(self) -> None:
         """Name this process as the holder: once the directory is this run's (a run refused there writes nothing)."""
+        holder = f"process {os.getpid()} on {socket.gethostname()} since {datetime.now():%H:%M:%S}"
         os.ftruncate(self.fd, 0)
-        os.pwrite(
-            self.fd, f"process {os.getpid()} on {socket.gethostname()} since {datetime.now():%H:%M:%S}".encode(), 0
-        )
+        os.pwrite(self.fd, holder.encode(), 0)
 
     def release(self) -> None:
+        if self.made and [p.name for p in self.directory.iterdir()] == [LOCK_FILE]:
+            with contextlib.suppress(OSError):
+                (self.directory / LOCK_FILE).unlink()
+                self.directory.rmdir()
+        DirLock.held.discard(self.fd)
         os.close(self.fd)  # closing drops the flock
+
+
+def _close_locks_in_child() -> None:
+    # A forked child shares the lock's open file: were it to keep its copy, the lock would outlive the run's release.
+    for fd in DirLock.held:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    DirLock.held.clear()
+
+
+os.register_at_fork(after_in_child=_close_locks_in_child)
 
 
 def new_run_dir(model: str) -> Path:
@@ -181,7 +202,8 @@ def resolve_run_dirs(cfg: TrainConfig, accelerator: Accelerator) -> RunDirs:
     """Pick the run's directories, check they can be written, and decide between a new run and a resume."""
     output_dir = cfg.output_dir
     if output_dir is None:  # one new directory for all ranks, made by the main process
-        output_dir = agree(accelerator, lambda: new_run_dir(cfg.model) if accelerator.is_main_process else None)[0]
+        name = f"from-{Path(cfg.init_from).name}" if cfg.init_from else cfg.model
+        output_dir = agree(accelerator, lambda: new_run_dir(name) if accelerator.is_main_process else None)[0]
     output_dir = Path(output_dir)
     checkpoint_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else output_dir / "checkpoints"
 
@@ -197,10 +219,9 @@ def resolve_run_dirs(cfg: TrainConfig, accelerator: Accelerator) -> RunDirs:
 
     dirs = RunDirs(output_dir, checkpoint_dir, None)
 
-    def lock() -> None:  # the checkpoint folder inside the run directory is claimed with it
-        inside = checkpoint_dir.resolve().is_relative_to(output_dir.resolve())
-        for directory in [output_dir] if inside else [output_dir, checkpoint_dir]:
-            dirs.locks.append(DirLock(directory))
+    def lock() -> None:  # both, also the checkpoint folder inside the run directory: another run may name either
+        for directory in dict.fromkeys([output_dir.resolve(), checkpoint_dir.resolve()]):
+            dirs.locks.append(DirLock(directory, made=cfg.output_dir is None and directory == output_dir.resolve()))
 
     try:
         agree(accelerator, lambda: lock() if accelerator.is_main_process else None)

@@ -44,6 +44,13 @@ CANCEL = threading.Event()
 
 
 # ----------------------------------------------------------------------------------------------- token stream
+def as_numpy(column: pa.Array) -> np.ndarray:
+    """A token column (integers, no nulls) as a read-only numpy view of its memory: Arrow's own `to_numpy` would
+    import pandas, a large import, in every process that reads tokens."""
+    dtype = np.dtype(str(column.type))
+    return np.frombuffer(column.buffers()[1], dtype=dtype, count=len(column), offset=column.offset * dtype.itemsize)
+
+
 class TokenStream:
     """Read-only view `[start, stop)` of token files memory-mapped from Arrow and read one after another (a corpus's
     shards), or of arrays in memory; slicing copies only what it reads."""
@@ -54,7 +61,7 @@ class TokenStream:
             _chunks = []
             for path in self.paths:
                 reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-                _chunks += [reader.get_batch(i).column(0).to_numpy() for i in range(reader.num_record_batches)]
+                _chunks += [as_numpy(reader.get_batch(i).column(0)) for i in range(reader.num_record_batches)]
         self._chunks = [c for c in _chunks if len(c)]
         self._starts = [0]  # where each chunk begins: a list, as bisect on it beats numpy for one position
         for c in self._chunks:

@@ -41,12 +41,12 @@ from accel_gpt.config import TrainConfig, parse_config
 from accel_gpt.data import EpochBatches, GlobalBatchSampler, make_eval_loader, make_loader
 from accel_gpt.errors import UserError
 from accel_gpt.hf import load_hf_gpt2
-from accel_gpt.inference import accel_gpt_checkpoint, generate
+from accel_gpt.inference import generate
 from accel_gpt.launch import agree, launch_world_size, start_accelerator, strategy_name
 from accel_gpt.memory import check_fits
 from accel_gpt.metrics import RunLogger, StepWindow, flops_per_token, peak_flops
-from accel_gpt.model import GPTConfig, GPTModel, attention_backends
-from accel_gpt.optim import build_optimizer
+from accel_gpt.model import GPTModel, attention_backends
+from accel_gpt.optim import apply_learning_rates, build_optimizer
 from accel_gpt.plan import RunPlan, plan_run
 from accel_gpt.rundata import load_training_data
 from accel_gpt.rundir import RunDirs, complete_already, resolve_run_dirs
@@ -95,11 +95,12 @@ def seed_rank(seed: int, rank: int, step: int = 0) -> None:
     set_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
 
 
-def build_model(cfg: TrainConfig, model_cfg: GPTConfig) -> GPTModel:
-    """The model of `model_cfg`, initialised at random or from what `init_from` names (its weights alone)."""
-    if cfg.init_from and (checkpoint := accel_gpt_checkpoint(cfg.init_from)) is not None:
+def build_model(plan: RunPlan) -> GPTModel:
+    """The plan's model, initialised at random or from what `init_from` names (its weights alone)."""
+    cfg, model_cfg = plan.cfg, plan.model_config
+    if plan.init_checkpoint is not None:
         model = GPTModel(model_cfg)
-        load_model_weights(model, checkpoint / MODEL_FILE)
+        load_model_weights(model, plan.init_checkpoint / MODEL_FILE)
     else:
         model = load_hf_gpt2(cfg.init_from, model_cfg) if cfg.init_from else GPTModel(model_cfg)
     model.activation_checkpointing = cfg.activation_checkpointing
@@ -169,6 +170,15 @@ class Run:
             text = generate(self.raw_model(), cfg.start_context, cfg.sample_tokens, tokenizer=cfg.tokenizer)
             self.logger.log_sample(self.state.global_step, text)
 
+    def log_failure(self) -> str | None:
+        """The main process's failed log write, if any, known to every rank: one tiny all-reduce at each logging
+        point when there are several processes (the message itself travels only when there is one)."""
+        error, accelerator = self.logger.error, self.accelerator
+        if accelerator.num_processes == 1:
+            return error
+        failed = torch.tensor([float(error is not None)], device=accelerator.device)
+        return gather_object([error])[0] if accelerator.reduce(failed, reduction="sum").item() else None
+
     def summary(self) -> dict:
         dirs = self.dirs
         return {"output_dir": str(dirs.output_dir), "checkpoint_dir": str(dirs.checkpoint_dir),
@@ -205,7 +215,7 @@ def build_run(plan: RunPlan, accelerator: Accelerator, dirs: RunDirs, memory: st
     data = load_training_data(plan, accelerator)
     plan = data.plan
     global_batch = plan.global_batch_size
-    model = build_model(cfg, plan.model_config)
+    model = build_model(plan)
     seed_rank(cfg.seed, accelerator.process_index)  # after the weights: from here on each rank draws its own masks
     optimizer = build_optimizer(model, cfg)
     step_flops = flops_per_token(model, plan.context_len) * plan.tokens_per_step
@@ -267,7 +277,7 @@ def open_logger(run: Run, resume_note: str) -> RunLogger:
         length += f" ({epochs:.3g} epochs of {plan.steps_per_epoch})" if epochs != cfg.num_epochs else ""
     logger.info(
         f"accel_gpt | world_size {world_size} | {strategy_name(accelerator)} | device {accelerator.device} | "
-        f"mixed_precision {accelerator.mixed_precision} | model {cfg.model} ({params:,} params{shard_note}) | "
+        f"mixed_precision {accelerator.mixed_precision} | model {plan.model_name} ({params:,} params{shard_note}) | "
         f"global batch {plan.global_batch_size} = {cfg.batch_size} x {plan.gradient_accumulation_steps} "
         f"accumulation x {world_size} processes | {train_windows} train / "
         f"{len(run.val_loader.dataset):,} val windows of {plan.context_len} tokens | {length} | {run.memory}"
@@ -314,6 +324,7 @@ def resume(run: Run, path: Path) -> tuple[TrainerState, dict | None, str]:
     world_size, rank = accelerator.num_processes, accelerator.process_index
     check_optimizer(read_trainer_state(path), path, plan)
     saved = load_checkpoint(path, run.raw_model(), run.optimizer.optimizer)
+    apply_learning_rates(run.optimizer, plan.cfg)
     check_data_order(saved, path, plan, world_size)
     if accelerator.scaler is not None and "grad_scaler" in saved:  # fp16: keep the loss scale it had found
         accelerator.scaler.load_state_dict(saved["grad_scaler"])
@@ -424,34 +435,31 @@ def fit(run: Run) -> dict:
             save_due = state.global_step % cfg.save_freq == 0 or last
             if len(window) < log_every and not (eval_due or save_due):
                 continue
-            # Failures one rank met since the last sync, held for this point: a stream's bad data, a log write.
-            failure = (getattr(run.train_batches, "error", None), logger.error)
-            records, stopping = window.flush(stop.received is not None or any(failure))
-            if stopping and (failures := [f for f in gather_object([failure]) if any(f)]):
-                stop_on_failure(run, failures)
+            data_error = getattr(run.train_batches, "error", None)  # a stream's bad data, held for this sync
+            records, stopping = window.flush(stop.received is not None or data_error is not None)
+            if stopping and (errors := [e for e in gather_object([data_error]) if e]):
+                raise UserError(errors[0])  # on every rank, saving nothing: the last checkpoint is good
             nonfinite_in_a_row = count_nonfinite(run, records, nonfinite_in_a_row)
             record = records[-1]
             if eval_due:
                 run.evaluate_and_sample(record)
             for done in records:
                 logger.log_step(done)
+            if (log_error := run.log_failure()) is not None:
+                save_after_log_failure(run, log_error)
             if stopping or save_due:
                 run.save()
             if stopping:
                 logger.info(stop.stop_line(state.global_step, cfg, run.dirs.output_dir))
                 break
             window.restart_clock()
-    if logger.error:  # the last step's records (this process's alone): its checkpoint is written
-        raise UserError(f"{logger.error}; the run finished and saved its last checkpoint")
     return record
 
 
-def stop_on_failure(run: Run, failures: list[tuple[str | None, str | None]]) -> NoReturn:
-    """Stop every rank on what one met: bad data in its stream (nothing saved: the last checkpoint is good), or a
-    log write that failed, such as on a full disk (the run still tries a checkpoint of where it is)."""
-    if data_errors := [data for data, _ in failures if data]:
-        raise UserError(data_errors[0])
-    log_error, step = next(log for _, log in failures if log), run.state.global_step
+def save_after_log_failure(run: Run, log_error: str) -> NoReturn:
+    """Stop every rank on a log write that failed, such as on a full disk: the run still tries a checkpoint of the
+    step whose records could not be written, so a resume continues after it."""
+    step = run.state.global_step
     try:
         run.save()
     except UserError as err:
@@ -466,6 +474,7 @@ def train(cfg: TrainConfig) -> dict:
     run = setup(cfg)
     try:
         record = fit(run) if run.steps_left else {}
+        run.accelerator.wait_for_everyone()  # no rank tears the process group down while another still uses it
     finally:
         run.close()
     return run.summary() | record

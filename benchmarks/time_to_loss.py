@@ -12,7 +12,8 @@ how busy the machine is. So the two are measured apart:
    its final validation loss when planned that long (a warmup-stable-decay run decays at its own end). The target
    is the GPT-2 recipe's final validation loss; the steps a recipe needs are interpolated between its lengths.
 2. `timing`: each recipe's trainer runs 30 steps in a fresh process, the recipes interleaved, 3 rounds; the median
-   step time of each (steps 6-30) gives seconds per step, measured side by side. Wall time = steps x that.
+   step time of each (steps 6-30) gives seconds per step, measured side by side. Wall time = steps x that. Then
+   the fast recipe trains for as many steps as fit in the GPT-2 recipe's wall time: the losses at equal time.
 3. `optimizer`: the optimizer's step alone (AdamW, Muon + AdamW) on the model, interleaved: Muon's Newton-Schulz cost.
 4. `ablations`: at one length, the recipe without each option, and the GPT-2 recipe with each option alone.
 5. `sweep`: the recipe's learning rates at one length.
@@ -42,7 +43,7 @@ SIZES = {
 }
 FAST = {  # accel_gpt/configs/fast.yaml, flag by flag, so that ablations can drop one
     "muon": ["--optimizer", "muon", "--muon_learning_rate", "0.004"],
-    "lr": ["--learning_rate", "0.003"],
+    "lr": ["--learning_rate", "0.006"],
     "wsd": ["--lr_schedule", "wsd", "--decay_fraction", "0.2"],
     "rotary": ["--position", "rotary"],
     "rmsnorm": ["--norm", "rmsnorm"],
@@ -144,11 +145,16 @@ def steps_to(losses: dict[int, float], target: float) -> float | None:
     return points[0][0] if points and points[0][1] <= target else None
 
 
+def equal_time_steps(timing: dict) -> int:
+    """The fast recipe's steps in the GPT-2 recipe's wall time (its 297 steps), from the measured step times."""
+    return round(EPOCH * timing["gpt2"]["median"] / timing["fast"]["median"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="mini")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.8])
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.15, 0.2, 0.25, 0.3, 0.4, 0.5])
     parser.add_argument("--ablation-fraction", type=float, default=0.5)
     parser.add_argument("--phases", nargs="+", default=["all"],
                         choices=["all", "lengths", "timing", "optimizer", "ablations", "sweep", "report"])  # fmt: skip
@@ -170,7 +176,7 @@ def main() -> None:
     if every or "sweep" in phases:
         print("sweep:", flush=True)
         for muon_lr in ("0.002", "0.004", "0.008", "0.016"):
-            for lr in ("0.001", "0.003", "0.006"):
+            for lr in ("0.001", "0.003", "0.006", "0.012"):
                 flags = [*recipe([o for o in FAST if o not in ("muon", "lr")]), "--optimizer", "muon",
                          "--muon_learning_rate", muon_lr, "--learning_rate", lr]  # fmt: skip
                 cache.run(size, flags, short, args.seeds[0], work)
@@ -194,6 +200,9 @@ def main() -> None:
                 times[name].append(step_seconds(size, flags, work))
         cache.data["timing"] = {name: {"runs": t, "median": statistics.median(t)} for name, t in times.items()}
         cache.save()
+        print("equal wall time:", flush=True)
+        for seed in args.seeds:  # the fast recipe planned for the GPT-2 recipe's wall time
+            cache.run(size, fast, equal_time_steps(cache.data["timing"]), seed, work)
     if every or "optimizer" in phases:
         cache.data["optimizer"] = optimizer_step_ms(size)
         cache.save()
@@ -240,7 +249,7 @@ def report(cache: Cache, size: str, seeds: list[int], lengths: list[int], short:
                 f"steps to the target: {step_ratio:.2f}x; seconds per step: {fast_s / gpt2:.2f}x; "
                 f"**wall time to the target: {step_ratio * fast_s / gpt2:.2f}x** (goal <= 0.5x)"
             )
-        equal_time = round(EPOCH * gpt2 / fast_s)
+        equal_time = equal_time_steps(timing)
         print(f"equal wall time: the fast recipe's {EPOCH} x {gpt2:.3f} / {fast_s:.3f} = {equal_time} steps")
         for seed in seeds:
             if (ours := val(fast, equal_time, seed)) is not None and (theirs := val([], EPOCH, seed)) is not None:

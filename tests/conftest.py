@@ -23,6 +23,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="accel-gpt-tests-hf-datasets-"))
 
+# One thread per process: the suite runs a worker per core (pytest-xdist), and more threads than cores oversubscribe,
+# which slows torch's kernels far more than it parallelises them. Processes the tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 VERDICT = Path(str(resources.files("accel_gpt") / "assets" / "the-verdict.txt"))
 

@@ -66,7 +66,6 @@ def test_bundled_xiyouji_config_resolves_by_name():
             "cuda_graph does not combine with activation_checkpointing",
         ),
         (["--vocab_multiple", "0"], "vocab_multiple must be positive, got 0"),
-        (["--init_from", "hf", "--bias", "false"], "init_from takes the model's shape from hf; drop bias"),
         (["--eval_freq", "-1"], "eval_freq must be >= 0, got -1"),
     ],
 )

@@ -10,11 +10,13 @@ from conftest import REPO, VERDICT, assert_one_line_error, common_args, copy_run
 from safetensors.torch import load_file
 
 from accel_gpt.checkpoint import full_state_dicts, save_checkpoint
-from accel_gpt.config import TrainConfig
+from accel_gpt.config import TrainConfig, parse_config
+from accel_gpt.errors import UserError
 from accel_gpt.hf import to_hf_state_dict
 from accel_gpt.inference import load_model
 from accel_gpt.model import GPTModel
 from accel_gpt.optim import build_optimizer
+from accel_gpt.plan import plan_run
 from accel_gpt.tokenizer import get_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -78,7 +80,7 @@ def test_export_of_a_missing_checkpoint_is_one_clear_line(tmp_path):
         cwd=REPO,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "accel_gpt: error: no checkpoints in" in result.stderr
+    assert f"accel_gpt: error: checkpoint path {tmp_path / 'nope'} does not exist" in result.stderr
 
 
 @pytest.mark.slow
@@ -138,7 +140,7 @@ def test_pretraining_starts_from_a_local_hf_gpt2(tmp_path, train_here):
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(idx), hf(idx).logits, atol=1e-4, rtol=0)
     assert_one_line_error(
-        train_here(*args, "--embedding_dim", "64"), "init_from takes the model's shape", "embedding_dim"
+        train_here(*args, "--embedding_dim", "64"), "has embedding_dim 32, not 64", "so drop embedding_dim"
     )
     # In a new run directory: `out` now holds a run, which a new run would be refused before reaching these checks.
     fresh = ["--output_dir", tmp_path / "fresh"]
@@ -146,6 +148,15 @@ def test_pretraining_starts_from_a_local_hf_gpt2(tmp_path, train_here):
     assert_one_line_error(
         train_here(*args, *fresh, "--context_len", "128"), "context_len 128 exceeds the position table"
     )
+
+
+def test_init_from_our_checkpoint_takes_its_shape_and_is_never_moved_aside(tiny_run):
+    base = ["--train_data_path", VERDICT, "--init_from", tiny_run.out]
+    plan = plan_run(parse_config([*map(str, base), "--embedding_dim", "64", "--num_layers", "2"]), 1)  # its own
+    assert plan.init_checkpoint == tiny_run.out / "checkpoints" / "checkpoint_000004"
+    assert plan.model_name == f"from {tiny_run.out}"
+    with pytest.raises(UserError, match="is in the run that overwrite moves aside"):
+        plan_run(parse_config([*map(str, base), "--output_dir", str(tiny_run.out), "--overwrite", "true"]), 1)
 
 
 def test_export_never_writes_into_a_checkpoint_or_a_run(tiny_run, tmp_path, capfd):

@@ -36,9 +36,10 @@ def two_process_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process_run(two_process_run):
-    """The same run on one process, batch 4 instead of 2 x 2: the same global batch."""
+    """The same run on one process, batch 4 instead of 2 x 2: the same global batch. In this process: the launcher
+    is under test in the 2-process runs, and a process start costs more than this run."""
     out = two_process_run["root"] / "run1"
-    launch(common_args(out, two_process_run["cache"]) + ["--batch_size", "4"], num_processes=1)
+    train(parse_config(list(map(str, common_args(out, two_process_run["cache"]) + ["--batch_size", "4"]))))
     return out
 
 
@@ -108,11 +109,9 @@ def test_resume_onto_more_processes_gives_each_rank_its_own_stream(two_process_r
         assert resumed[step]["loss"] == pytest.approx(original[step]["loss"], abs=1e-5), step
 
 
-def test_gradient_accumulation_derived_from_global_batch_matches(two_process_run):
+def test_gradient_accumulation_derived_from_global_batch_matches(two_process_run, train_here):
     out = two_process_run["root"] / "run_accum"
-    result = launch(
-        common_args(out, two_process_run["cache"]) + ["--batch_size", "2", "--global_batch_size", "4"], num_processes=1
-    )
+    result = train_here(*common_args(out, two_process_run["cache"]), "--batch_size", "2", "--global_batch_size", "4")
     assert "global batch 4 = 2 x 2 accumulation x 1 processes" in result.stdout
     accumulated, two = read_metrics(out), two_process_run["metrics"]
     for step in range(1, 11):
@@ -213,7 +212,7 @@ def test_two_machines_with_different_files_stop_with_one_line(four_shards, tmp_p
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_fsdp_on_two_cpu_processes_matches_ddp_and_writes_one_consolidated_checkpoint(two_process_run):
+def test_fsdp_on_two_cpu_processes_matches_ddp_and_writes_one_consolidated_checkpoint(two_process_run, train_here):
     """FSDP2 over gloo (accelerate_configs/cpu_2proc_fsdp.yaml): sharded training, unsharded files.
 
     Micro-batches of 1 with 2 accumulation steps: the same global batch of 4 as the DDP run it is compared to."""
@@ -244,7 +243,7 @@ def test_fsdp_on_two_cpu_processes_matches_ddp_and_writes_one_consolidated_check
     assert "resumed at step 5" in resumed.stdout
     one = two_process_run["root"] / "run_fsdp_on_one"
     shutil.copytree(out / "checkpoints" / "checkpoint_000005", one / "checkpoints" / "checkpoint_000005")
-    launch(common_args(one, cache) + ["--batch_size", "4", "--checkpoint", "5"], num_processes=1)
+    assert train_here(*common_args(one, cache), "--batch_size", "4", "--checkpoint", "5").returncode == 0
     for run in (read_metrics(out), read_metrics(one)):
         for step in range(6, 11):
             assert run[step]["loss"] == pytest.approx(ddp[step]["loss"], abs=1e-5), step

@@ -11,7 +11,7 @@ from conftest import assert_one_line_error, common_args, launch, read_metrics
 from accel_gpt.config import TrainConfig, parse_config
 from accel_gpt.inference import generate, load_model, perplexity
 from accel_gpt.model import GPTConfig, GPTModel
-from accel_gpt.optim import MUON_PARAMETERS, MuonWithAdamW, build_optimizer, orthogonalize
+from accel_gpt.optim import MUON_PARAMETERS, MuonWithAdamW, apply_learning_rates, build_optimizer, orthogonalize
 from accel_gpt.train import train
 
 MODEL = GPTConfig(vocabulary_size=97, context_len=16, embedding_dim=32, num_heads=2, num_layers=2, dropout=0.0)
@@ -84,6 +84,16 @@ def test_a_non_finite_step_changes_nothing_under_muon():
     optimizer.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert all(torch.equal(now[k], then[k]) for now, then in zip(optimizer.state.values(), state) for k in then)
+
+
+def test_a_resume_takes_the_new_muon_learning_rate_not_the_saved_one():
+    model = with_gradients()
+    saved = build_optimizer(model, MUON).state_dict()
+    changed = TrainConfig(**{**vars(MUON), "muon_learning_rate": 4e-3})
+    resumed = build_optimizer(model, changed)
+    resumed.load_state_dict(saved)  # the saved groups, with the saved ratio
+    apply_learning_rates(resumed, changed)
+    assert {g["lr_scale"] for g in resumed.param_groups if g["kind"] == "muon"} == {4.0}
 
 
 def test_muon_and_every_model_option_train_and_resume_bit_for_bit(tmp_path, train_here):

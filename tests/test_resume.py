@@ -1,4 +1,5 @@
-"""Exact resume through `accelerate launch`: same losses and weights as a run that was never interrupted."""
+"""Exact resume: same losses and weights as a run that was never interrupted, from a 2-process run launched through
+`accelerate launch` too (1-process runs train in this process)."""
 
 import shutil
 
@@ -7,6 +8,8 @@ import torch
 from conftest import common_args, launch, read_metrics
 from safetensors.torch import load_file
 
+from accel_gpt.rundir import LOCK_FILE
+
 pytestmark = pytest.mark.slow  # every test here starts processes or trains
 
 
@@ -14,7 +17,7 @@ def weights(run_dir, step):
     return load_file(str(run_dir / "checkpoints" / f"checkpoint_{step:06d}" / "model.safetensors"))
 
 
-def test_resume_mid_epoch_with_dropout_and_accumulation_is_bit_identical(tmp_path):
+def test_resume_mid_epoch_with_dropout_and_accumulation_is_bit_identical(tmp_path, train_here):
     # 40 training windows / global batch 4 = 10 steps per epoch; checkpoints at 3, 6, 9, 12, keeping the last 2.
     args = common_args(tmp_path / "full", tmp_path / "cache") + [
         "--dropout",
@@ -34,16 +37,16 @@ def test_resume_mid_epoch_with_dropout_and_accumulation_is_bit_identical(tmp_pat
         "--eval_freq",
         "4",
     ]
-    launch(args, num_processes=1)
+    assert train_here(*args).returncode == 0
     full = read_metrics(tmp_path / "full")
-    kept = sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir())
+    kept = sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir() if p.name != LOCK_FILE)
     assert kept == ["checkpoint_000009", "checkpoint_000012"]  # keep_last pruned 3 and 6
 
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(tmp_path / "full", resumed_dir)
     shutil.rmtree(resumed_dir / "checkpoints" / "checkpoint_000012")
     (resumed_dir / "metrics.jsonl").unlink()
-    out = launch([a if a != str(tmp_path / "full") else str(resumed_dir) for a in args] + ["--checkpoint", "latest"], 1)
+    out = train_here(*[a if a != str(tmp_path / "full") else str(resumed_dir) for a in args], "--checkpoint", "latest")
     assert "resumed at step 9" in out.stdout
     resumed = read_metrics(resumed_dir)
     assert sorted(resumed) == [10, 11, 12]
@@ -55,7 +58,7 @@ def test_resume_mid_epoch_with_dropout_and_accumulation_is_bit_identical(tmp_pat
     assert all(torch.equal(final_full[k], final_resumed[k]) for k in final_full)
 
 
-def test_two_process_checkpoint_resumes_on_one_process(tmp_path):
+def test_two_process_checkpoint_resumes_on_one_process(tmp_path, train_here):
     common = common_args(tmp_path / "run2", tmp_path / "cache") + ["--max_steps", "8", "--save_freq", "4"]
     launch(common + ["--batch_size", "2"], num_processes=2)
     two = read_metrics(tmp_path / "run2")
@@ -63,7 +66,7 @@ def test_two_process_checkpoint_resumes_on_one_process(tmp_path):
     shutil.copytree(tmp_path / "run2", one_dir)
     (one_dir / "metrics.jsonl").unlink()
     args = [a if a != str(tmp_path / "run2") else str(one_dir) for a in common]
-    out = launch(args + ["--batch_size", "4", "--checkpoint", "4"], num_processes=1)
+    out = train_here(*args, "--batch_size", "4", "--checkpoint", "4")
     assert "resumed at step 4" in out.stdout and "saved by 2 processes" in out.stdout
     one = read_metrics(one_dir)
     assert sorted(one) == [5, 6, 7, 8]

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -174,21 +175,53 @@ def test_a_live_run_keeps_its_directories_to_itself(tmp_path, train_here):
     assert train_here(*command(out, tmp_path / "cache"), "--checkpoint", "auto").returncode == 0  # free again
 
 
+def test_a_lock_is_exclusive_not_inherited_and_leaves_no_empty_folder(tmp_path):
+    made = tmp_path / "new" / "checkpoints"
+    held = DirLock(made)
+    with pytest.raises(UserError, match="is in use by a live run"):
+        DirLock(made)  # a second run naming the folder, a run directory's checkpoint folder included
+    worker = os.fork()
+    if worker == 0:  # a forked DataLoader or tokenizer worker that outlives the run's release
+        time.sleep(2)
+        os._exit(0)
+    try:
+        held.release()
+        assert not made.exists()  # made for the run and left empty: removed again
+        DirLock(made).release()  # free at once, the worker still alive: it did not keep the claim
+    finally:
+        os.waitpid(worker, 0)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    DirLock(kept).release()
+    assert kept.is_dir()  # there before the run: not the run's to remove
+
+
 @pytest.mark.slow
-def test_ten_runs_started_at_once_each_get_their_own_directory(tmp_path):
-    """Issue 21's reproduction, ten times over: no --output_dir, all started together."""
+def test_ten_runs_started_at_once_each_get_their_own_directory(tmp_path, train_here):
+    """Issue 21's reproduction, ten times over: no --output_dir, all started within the same few milliseconds. They
+    are forked from one process that has imported the trainer (ten Python starts would cost a minute and spread the
+    starts out); each is the train command's entry point in a process of its own."""
     args = ["--model", "tiny", "--train_data_path", VERDICT, "--data_cache_dir", tmp_path / "cache", "--max_steps", "2",
             "--warmup_steps", "1", "--eval_freq", "0", "--save_freq", "1", "--val_fraction", "0.6"]  # fmt: skip
-    train_cli(*args, "--output_dir", tmp_path / "warm")  # tokenized once, so that the ten start together
+    assert train_here(*args, "--output_dir", tmp_path / "warm").returncode == 0  # tokenized: the ten start together
+    ten = """if True:
+        import os, sys
+        from accel_gpt.train import main
+        children = []
+        for i in range(1, 11):
+            if (pid := os.fork()) == 0:
+                try:
+                    main([*sys.argv[1:], "--learning_rate", f"{i}e-4"])
+                except SystemExit as stop:
+                    os._exit(stop.code or 0)
+                os._exit(0)
+            children.append(pid)
+        sys.exit(max(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children))
+    """
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "accel_gpt.train", *map(str, args), "--learning_rate", f"{i}e-4"],
-                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(1, 11)
-    ]  # fmt: skip
-    for proc in procs:
-        _, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, stderr[-2000:]
+    started = subprocess.run([sys.executable, "-c", ten, *map(str, args)], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+    assert started.returncode == 0, started.stderr[-3000:]
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == 10
     rates = set()
@@ -201,7 +234,7 @@ def test_ten_runs_started_at_once_each_get_their_own_directory(tmp_path):
         rates.add(config["learning_rate"])
     assert len(rates) == 10  # one run's config in each
     rate = yaml.safe_load((runs[0] / "config.yaml").read_text())["learning_rate"]
-    resumed = train_cli(*args, "--output_dir", runs[0], "--checkpoint", "1", "--learning_rate", rate)
+    resumed = train_here(*args, "--output_dir", runs[0], "--checkpoint", "1", "--learning_rate", rate)
     assert resumed.returncode == 0 and "resumed at step 1" in resumed.stdout, resumed.stderr[-2000:]
 
 
@@ -211,8 +244,8 @@ def test_a_full_disk_while_logging_is_one_line_after_a_last_checkpoint(tmp_path,
     (out / "metrics.jsonl").symlink_to("/dev/full")  # every write there fails: No space left on device
     result = train_here(*command(out, tmp_path / "cache"))
     assert_one_line_error(result, f"could not write {out / 'metrics.jsonl'}: No space left on device; saved a "
-                                  "checkpoint of step 2. Resume with the same command plus")  # fmt: skip
-    verify_checkpoint(out / "checkpoints" / "checkpoint_000002")
+                                  "checkpoint of step 1. Resume with the same command plus")  # fmt: skip
+    verify_checkpoint(out / "checkpoints" / "checkpoint_000001")  # saved as soon as the first record failed
 
 
 def test_a_failed_append_leaves_no_torn_record(tmp_path):

@@ -87,8 +87,8 @@ def test_training_and_evaluate_read_a_dataset_and_a_dataset_dict_split_as_jsonl(
     capfd.readouterr()
     evaluate_main(["--checkpoint", str(out), "--data", str(train), "--data_cache_dir", str(cache)])
     expected = analysis.perplexity(
-        analysis.load_model(out), tmp_path / "train_ds.jsonl", stride=64, data_cache_dir=cache
-    )
+        analysis.load_model(out), tmp_path / "train_ds.jsonl", data_cache_dir=cache
+    )  # both at their default stride, half the context
     assert json.loads(capfd.readouterr().out)["perplexity"] == pytest.approx(expected, rel=1e-6)
 
 

@@ -1,5 +1,6 @@
 """Hugging Face interop: export to GPT2LMHeadModel and pretraining from a local HF GPT-2 folder."""
 
+import math
 import shutil
 import subprocess
 import sys
@@ -195,10 +196,9 @@ def test_a_new_run_starts_from_our_own_checkpoint_and_resumes_itself(tmp_path, t
     continued = train_here(*second, "--init_from", tmp_path / "verdict", "--output_dir", tmp_path / "continued")
     assert continued.returncode == 0, continued.stderr[-2000:]
     assert f"initialised from {tmp_path / 'verdict'}: its weights alone" in continued.stdout
-    fresh = train_here(*second, "--model", "tiny", "--output_dir", tmp_path / "fresh")
-    assert fresh.returncode == 0, fresh.stderr[-2000:]
     started = read_metrics(tmp_path / "continued")[1]["val_loss"]
-    assert abs(started - verdict_loss) < 0.02 and read_metrics(tmp_path / "fresh")[1]["val_loss"] > started + 0.5
+    # A fresh model after one step of 1e-5 would score about ln(50257) = 10.8, uniform over the vocabulary.
+    assert abs(started - verdict_loss) < 0.02 and started < math.log(50257) - 0.5
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "continued", resumed)
     shutil.rmtree(resumed / "checkpoints" / "checkpoint_000004")

@@ -109,6 +109,21 @@ def test_resume_onto_more_processes_gives_each_rank_its_own_stream(two_process_r
         assert resumed[step]["loss"] == pytest.approx(original[step]["loss"], abs=1e-5), step
 
 
+def test_two_process_checkpoint_resumes_on_one_process(two_process_run, tmp_path, train_here):
+    one = tmp_path / "one"
+    shutil.copytree(two_process_run["out"], one)
+    (one / "metrics.jsonl").unlink()
+    resumed = train_here(*common_args(one, two_process_run["cache"]), "--batch_size", "4", "--checkpoint", "5")
+    assert "resumed at step 5" in resumed.stdout and "saved by 2 processes" in resumed.stdout
+    metrics, two = read_metrics(one), two_process_run["metrics"]
+    assert sorted(metrics) == [6, 7, 8, 9, 10]
+    for step in metrics:  # the same global batches, so the same losses (dropout 0)
+        assert metrics[step]["loss"] == pytest.approx(two[step]["loss"], abs=1e-5), step
+    final = load_file(str(one / "checkpoints" / "checkpoint_000010" / "model.safetensors"))
+    for name, tensor in two_process_run["final_weights"].items():
+        torch.testing.assert_close(final[name], tensor, atol=1e-5, rtol=0)
+
+
 def test_gradient_accumulation_derived_from_global_batch_matches(two_process_run, train_here):
     out = two_process_run["root"] / "run_accum"
     result = train_here(*common_args(out, two_process_run["cache"]), "--batch_size", "2", "--global_batch_size", "4")

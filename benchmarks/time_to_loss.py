@@ -55,6 +55,15 @@ FAST = {  # accel_gpt/configs/fast.yaml, flag by flag, so that ablations can dro
 EXTRA = {"softcap": ["--logit_softcap", "15"]}
 
 
+MUON_RATES, ADAMW_RATES = ("0.002", "0.004", "0.008", "0.016"), ("0.001", "0.003", "0.006", "0.012")
+
+
+def sweep_flags(muon_lr: str, lr: str) -> list[str]:
+    """The recipe with these two learning rates."""
+    return [*recipe([o for o in FAST if o not in ("muon", "lr")]), "--optimizer", "muon", "--muon_learning_rate",
+            muon_lr, "--learning_rate", lr]  # fmt: skip
+
+
 def recipe(options: list[str]) -> list[str]:
     return [flag for name in options for flag in (FAST | EXTRA)[name]]
 
@@ -92,27 +101,47 @@ def step_seconds(size: str, flags: list[str], work: Path) -> float:
     return statistics.median(tokens / r["tokens_per_sec"] for r in records[5:])
 
 
+class TorchMuonWithAdamW:
+    """torch.optim.Muon (Newton-Schulz in bf16) on the hidden matrices and fused AdamW on the rest: the alternative
+    to accel_gpt's fp32 Muon, timed beside it."""
+
+    def __init__(self, model):
+        import torch
+
+        from accel_gpt.optim import MUON_PARAMETERS
+
+        named = list(model.named_parameters())
+        self.muon = torch.optim.Muon([p for n, p in named if MUON_PARAMETERS.search(n)], lr=0.02)
+        self.adamw = torch.optim.AdamW([p for n, p in named if not MUON_PARAMETERS.search(n)], lr=1e-3, fused=True)
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+
 def optimizer_step_ms(size: str) -> dict[str, float]:
-    """The optimizer's step alone on the model with random gradients: AdamW and Muon + AdamW, interleaved."""
+    """The optimizer's step alone on the model with random gradients, interleaved: AdamW, accel_gpt's Muon + AdamW,
+    and torch.optim.Muon + AdamW."""
     import torch
 
     from accel_gpt.config import parse_config
     from accel_gpt.model import GPTModel
     from accel_gpt.optim import build_optimizer
 
-    times: dict[str, list[float]] = {"adamw": [], "muon": []}
-    cfgs = {name: parse_config([*SIZES[size], "--optimizer", name]) for name in times}
+    cfgs = {name: parse_config([*SIZES[size], "--optimizer", name]) for name in ("adamw", "muon")}
     model = GPTModel(cfgs["adamw"].model_config(50257))
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     optimizers = {name: build_optimizer(model, cfg) for name, cfg in cfgs.items()}
-    for _ in range(5):
+    optimizers["torch muon"] = TorchMuonWithAdamW(model)
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    for _ in range(3):  # few steps: torch's bf16 Newton-Schulz takes seconds a step on a CPU without bf16
         for name, opt in optimizers.items():
             opt.step()  # warm-up: state created
             start = time.perf_counter()
-            for _ in range(10):
+            for _ in range(3):
                 opt.step()
-            times[name].append((time.perf_counter() - start) / 10 * 1000)
+            times[name].append((time.perf_counter() - start) / 3 * 1000)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -175,11 +204,9 @@ def main() -> None:
                 cache.run(size, fast, steps, seed, work)
     if every or "sweep" in phases:
         print("sweep:", flush=True)
-        for muon_lr in ("0.002", "0.004", "0.008", "0.016"):
-            for lr in ("0.001", "0.003", "0.006", "0.012"):
-                flags = [*recipe([o for o in FAST if o not in ("muon", "lr")]), "--optimizer", "muon",
-                         "--muon_learning_rate", muon_lr, "--learning_rate", lr]  # fmt: skip
-                cache.run(size, flags, short, args.seeds[0], work)
+        for muon_lr in MUON_RATES:
+            for lr in ADAMW_RATES:
+                cache.run(size, sweep_flags(muon_lr, lr), short, args.seeds[0], work)
     if every or "ablations" in phases:
         print("ablations:", flush=True)
         for seed in args.seeds:
@@ -255,7 +282,8 @@ def report(cache: Cache, size: str, seeds: list[int], lengths: list[int], short:
             if (ours := val(fast, equal_time, seed)) is not None and (theirs := val([], EPOCH, seed)) is not None:
                 print(f"  seed {seed}: GPT-2 recipe {theirs:.3f}, fast recipe {ours:.3f}: {theirs - ours:+.3f} nats")
     if optimizer := cache.data.get("optimizer"):
-        print(f"optimizer step alone: AdamW {optimizer['adamw']:.1f} ms, Muon + AdamW {optimizer['muon']:.1f} ms")
+        print(f"optimizer step alone: AdamW {optimizer['adamw']:.1f} ms, Muon + AdamW {optimizer['muon']:.1f} ms, "
+              f"torch.optim.Muon + AdamW {optimizer['torch muon']:.1f} ms")  # fmt: skip
 
     print(f"\n## {size}: ablations at {short} steps (final validation loss; lower is better)")
     print("| option | the fast recipe without it (with it, for options not in it) | the GPT-2 recipe with it alone |")
@@ -271,13 +299,13 @@ def report(cache: Cache, size: str, seeds: list[int], lengths: list[int], short:
         print(f"| {option} | {mean(recipe([o for o in FAST if o != option]))} | {mean(alone)} |")
     for option in EXTRA:
         print(f"| + {option} | {mean(recipe([*FAST, option]))} | {mean(recipe([option]))} |")
-    sweep = [(k, v) for k, v in runs.items() if json.loads(k)[0] == size and "--muon_learning_rate" in json.loads(k)[1]
-             and json.loads(k)[2] == short and json.loads(k)[1].count("--learning_rate") == 1]  # fmt: skip
-    if sweep:
-        print(f"\nlearning rates at {short} steps (seed {seeds[0]}): " + ", ".join(
-            f"muon {json.loads(k)[1][json.loads(k)[1].index('--muon_learning_rate') + 1]} / adamw "
-            f"{json.loads(k)[1][json.loads(k)[1].index('--learning_rate') + 1]}: {v['val_loss']:.3f}" for k, v in sweep
-        ))  # fmt: skip
+    if any(val(sweep_flags(m, lr), short, seeds[0]) for m in MUON_RATES for lr in ADAMW_RATES):
+        print(f"\n## {size}: learning rates at {short} steps (seed {seeds[0]}; final validation loss)")
+        print("| muon_learning_rate \\ learning_rate | " + " | ".join(ADAMW_RATES) + " |")
+        print("| --- |" + " ---: |" * len(ADAMW_RATES))
+        for m in MUON_RATES:
+            found = [val(sweep_flags(m, lr), short, seeds[0]) for lr in ADAMW_RATES]
+            print(f"| {m} | " + " | ".join(f"{v:.3f}" if v else "-" for v in found) + " |")
 
 
 if __name__ == "__main__":

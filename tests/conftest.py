@@ -45,6 +45,7 @@ def common_args(out, cache) -> list[str]:
         "--output_dir", str(out), "--max_steps", "10", "--eval_freq", "5", "--save_freq", "5", "--eval_iter", "2",
         "--learning_rate", "1.5e-3", "--warmup_steps", "2", "--dropout", "0.0", "--seed", "11",
         "--val_fraction", "0.6",  # 32 training windows = 8 steps of 4: the 10 steps cross into epoch 1
+        "--peak_flops", "1e11",  # for MFU: measuring the CPU's peak costs each process 0.3 s (test_metrics.py tests it)
     ]  # fmt: skip
 
 

@@ -53,6 +53,8 @@ def command(out, cache):  # issue 10's first reproduction, on the small bundled 
         "1",
         "--sample_tokens",
         "4",
+        "--peak_flops",
+        "1e11",
     ]
 
 
@@ -202,7 +204,8 @@ def test_ten_runs_started_at_once_each_get_their_own_directory(tmp_path, train_h
     are forked from one process that has imported the trainer (ten Python starts would cost a minute and spread the
     starts out); each is the train command's entry point in a process of its own."""
     args = ["--model", "tiny", "--train_data_path", VERDICT, "--data_cache_dir", tmp_path / "cache", "--max_steps", "2",
-            "--warmup_steps", "1", "--eval_freq", "0", "--save_freq", "1", "--val_fraction", "0.6"]  # fmt: skip
+            "--warmup_steps", "1", "--eval_freq", "0", "--save_freq", "1", "--val_fraction", "0.6",
+            "--peak_flops", "1e11"]  # fmt: skip
     assert train_here(*args, "--output_dir", tmp_path / "warm").returncode == 0  # tokenized: the ten start together
     ten = """if True:
         import os, sys

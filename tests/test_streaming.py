@@ -237,12 +237,14 @@ def test_readers_error_when_a_reader_would_get_nothing(tmp_path):
 @pytest.mark.slow
 def test_sigkill_then_resume_gives_the_uninterrupted_stream_and_other_processes_are_refused(tmp_path, train_here):
     """2 gloo processes x 2 stream workers on a hub-layout parquet folder: killed once after a checkpoint, the same
-    command with `--checkpoint auto` gives the uninterrupted run's per-step losses."""
+    command with `--checkpoint auto` gives the uninterrupted run's per-step losses. Under Muon: its momentum, too,
+    survives a SIGKILL through the checkpoint (test_faults.py kills AdamW runs)."""
     args = [
         "--model", "tiny", "--train_data_path", hub_folder(tmp_path), "--text_column", "content", "--streaming", "true",
         "--context_len", "32", "--batch_size", "2", "--max_steps", "8", "--save_freq", "3", "--eval_freq", "4",
         "--eval_iter", "1", "--warmup_steps", "2", "--dropout", "0.1", "--shuffle_buffer", "64",
-        "--sample_tokens", "3", "--seed", "7", "--data_cache_dir", tmp_path / "cache",
+        "--sample_tokens", "3", "--seed", "7", "--data_cache_dir", tmp_path / "cache", "--peak_flops", "1e11",
+        "--optimizer", "muon", "--learning_rate", "3e-3", "--muon_learning_rate", "4e-3",
     ]  # fmt: skip
     first = launch([*args, "--output_dir", tmp_path / "ref"], num_processes=2)
     assert "training on its 4 train files, validating on its 1 validation file (1 test file not used)" in first.stdout

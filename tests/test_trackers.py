@@ -23,7 +23,7 @@ def scalars(log_dir: Path) -> dict[str, dict[int, float]]:
     return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
 
 
-def test_tensorboard_gets_every_metric_of_a_two_process_run_and_its_resume(tmp_path):
+def test_tensorboard_gets_every_metric_of_a_two_process_run_and_its_resume(tmp_path, train_here):
     pytest.importorskip("tensorboard")
     out = tmp_path / "run"
     args = common_args(out, tmp_path / "cache") + [
@@ -41,8 +41,10 @@ def test_tensorboard_gets_every_metric_of_a_two_process_run_and_its_resume(tmp_p
     launch(args, num_processes=2)
     first = scalars(out / "trackers" / "accel_gpt")
     # Resume from step 3 with another learning rate: steps 4-6 are logged again, with other losses, into the
-    # same log directory; TensorBoard must show the resumed run's values, not the abandoned ones.
-    launch(args + ["--checkpoint", "3", "--learning_rate", "5e-3"], num_processes=2)
+    # same log directory; TensorBoard must show the resumed run's values, not the abandoned ones. On one process
+    # (the same global batch), in this one: the 2-process run has shown that only the main process writes.
+    resumed = train_here(*args, "--checkpoint", "3", "--learning_rate", "5e-3", "--batch_size", "4")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = read_metrics(out)  # the latest record of each step
     logged = scalars(out / "trackers" / "accel_gpt")
     assert sorted(logged["loss"]) == list(range(1, 7))

@@ -70,8 +70,8 @@ class DirLock:
         os.pwrite(self.fd, holder.encode(), 0)
 
     def release(self) -> None:
-        if self.made and [p.name for p in self.directory.iterdir()] == [LOCK_FILE]:
-            with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # also when the folder is gone (removed by hand): nothing to tidy then
+            if self.made and [p.name for p in self.directory.iterdir()] == [LOCK_FILE]:
                 (self.directory / LOCK_FILE).unlink()
                 self.directory.rmdir()
         DirLock.held.discard(self.fd)

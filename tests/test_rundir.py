@@ -196,6 +196,9 @@ def test_a_lock_is_exclusive_not_inherited_and_leaves_no_empty_folder(tmp_path):
     kept.mkdir()
     DirLock(kept).release()
     assert kept.is_dir()  # there before the run: not the run's to remove
+    gone = DirLock(tmp_path / "gone")
+    shutil.rmtree(tmp_path / "gone")
+    gone.release()  # a folder removed by hand while the run lived: released without an error
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from safetensors.numpy import save_file as save_numpy_file
 from safetensors.torch import load_file, save_file
 
 from accel_gpt.errors import UserError
-from accel_gpt.model import VOCABULARY_PARAMETERS, GPTConfig, GPTModel, fit_vocabulary_rows
+from accel_gpt.model import VOCABULARY_PARAMETERS, GPTConfig, GPTModel, context_limit, fit_vocabulary_rows
 
 log = logging.getLogger(__name__)
 
@@ -420,8 +420,8 @@ def check_model_config(path: Path, model: GPTModel) -> None:
     requested = model.config.to_dict()
     if saved["context_len"] < requested["context_len"]:
         raise UserError(
-            f"context_len {requested['context_len']} exceeds the position table of checkpoint {path} "
-            f"({saved['context_len']} positions)"
+            f"context_len {requested['context_len']} exceeds {context_limit(saved.get('position', 'learned'))} of "
+            f"checkpoint {path} ({saved['context_len']} tokens)"
         )
     diff = {k: {"checkpoint": v, "requested": requested.get(k)} for k, v in saved.items() if requested.get(k) != v}
     if diff:

@@ -25,6 +25,12 @@ from accel_gpt.cli import CommandLineParser
 from accel_gpt.errors import UserError
 from accel_gpt.model import OPTION_VALUES, PRESETS, GPTConfig
 
+# Upper bounds where a larger value is never meant and would hang or crash the run instead of failing in one line: a
+# sample is made at every evaluation and cannot be longer than it is useful to read there; torch takes its thread
+# count as a 32-bit integer, and more threads or processes than any machine has cores only oversubscribe it.
+MAX_SAMPLE_TOKENS = 1024
+MAX_THREADS = 1024
+
 
 def _opt(default, help: str):
     return field(default=default, metadata={"help": help})
@@ -85,7 +91,9 @@ class TrainConfig:
     stride: int | None = _opt(None, "step between window starts (default: context_len, i.e. no overlap)")
     data_cache_dir: str | None = _opt(None, f"where tokenized corpora are cached (default: {DEFAULT_CACHE_DIR})")
     num_proc: int | None = _opt(
-        None, "tokenizer processes on each machine (default: the cores this process may use, at most 12)"
+        None,
+        f"tokenizer processes on each machine, at most {MAX_THREADS} (default: the cores this process may use, at most "
+        "12)",
     )
     cache_shard_mb: float = _opt(
         256.0,
@@ -93,7 +101,11 @@ class TrainConfig:
         "file alone): the unit that machines share out and that a changed file re-tokenizes",
     )
     # --- model
-    model: str = _opt("mini", f"model preset: {', '.join(PRESETS)}")
+    model: str | None = _opt(
+        None,
+        f"model preset: {', '.join(PRESETS)}; with init_from the network is what init_from names, and a preset given "
+        "too must have its shape (default: mini)",
+    )
     embedding_dim: int | None = _opt(None, "override the preset's embedding size")
     num_layers: int | None = _opt(None, "override the preset's number of transformer blocks")
     num_heads: int | None = _opt(None, "override the preset's number of attention heads")
@@ -182,7 +194,9 @@ class TrainConfig:
         None, "per-device peak FLOP/s for MFU (default: data sheet for known GPUs, a measured matmul on CPU)"
     )
     cpu_threads: int | None = _opt(
-        None, "torch threads per process when training on CPU (default: this machine's cores / local processes)"
+        None,
+        f"torch threads per process when training on CPU, at most {MAX_THREADS} (default: this machine's cores / local "
+        "processes)",
     )
     # --- evaluation and logging
     eval_freq: int = _opt(
@@ -201,7 +215,11 @@ class TrainConfig:
         "GPU never waits for the host (default: 1 on CPU, 10 on GPUs)",
     )
     start_context: str = _opt("Every effort moves you", "prompt for the greedy sample printed at evaluation")
-    sample_tokens: int = _opt(50, "tokens generated for each sample")
+    sample_tokens: int = _opt(
+        50,
+        f"tokens generated for each sample, at most {MAX_SAMPLE_TOKENS} (a glance at the model; longer text: python -m "
+        "accel_gpt.sample)",
+    )
     output_dir: str | None = _opt(
         None, "run directory: config, metrics.jsonl, samples (default: runs/<model>-<date>-<time>, made for the run)"
     )
@@ -269,6 +287,9 @@ _TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
 def _coerce(key: str, value, source: str):
     """Convert a YAML or command-line value to the field's type, or raise one clear line."""
     kind, optional = _TYPES[key], key in _OPTIONAL
+    if not isinstance(value, (str, int, float, bool, type(None))):  # a YAML list, map or other structure
+        shown = {list: "a list", dict: "a mapping"}.get(type(value), f"a {type(value).__name__}")
+        raise UserError(f"{source}: {key} expects {_EXPECTED[kind]}, got {shown} ({value!r})")
     if value is None or (isinstance(value, str) and value.lower() in {"none", "null"} and optional):
         if optional:
             return None
@@ -306,12 +327,13 @@ def _resolve_config_file(name: str) -> Path:
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.2 integers: `checkpoint: 000200` (as in the directory name) is 200, not YAML 1.1's octal 128, and
-    `1:30` stays a string instead of becoming the base-60 number 90."""
+    `1:30` stays a string instead of becoming the base-60 number 90. No field holds a date: `2024-01-01` stays the
+    text it is (a run_name, say)."""
 
 
-_INT = "tag:yaml.org,2002:int"
+_INT, _TIMESTAMP = "tag:yaml.org,2002:int", "tag:yaml.org,2002:timestamp"
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != _INT]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _TIMESTAMP)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(
@@ -330,7 +352,11 @@ _Loader.add_constructor(_INT, _construct_int)
 def load_yaml(name: str) -> dict:
     path = _resolve_config_file(name)
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
+        data = yaml.load(path.read_bytes().decode("utf-8"), Loader=_Loader) or {}
+    except OSError as err:
+        raise UserError(f"cannot read config file {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file {path} is not UTF-8 text ({err.reason} at byte offset {err.start})") from None
     except yaml.YAMLError as err:
         raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -389,6 +415,8 @@ AT_LEAST_ZERO = (
 # Negative rates run training backwards (gradient ascent) or explode; NaN passes every `<` test, so finiteness too.
 NON_NEGATIVE_FINITE = ("learning_rate", "initial_lr", "min_lr", "weight_decay", "muon_learning_rate")
 POSITIVE_FINITE = ("peak_flops", "cache_shard_mb")
+MAX_LEARNING_RATE = 1.0
+AT_MOST = {"sample_tokens": MAX_SAMPLE_TOKENS, "cpu_threads": MAX_THREADS, "num_proc": MAX_THREADS}
 
 
 def _typed(key: str, value):
@@ -421,7 +449,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if not isinstance(cfg, TrainConfig):
         raise UserError(f"expected a TrainConfig, got {type(cfg).__name__}")
     cfg = dataclasses.replace(cfg, **{key: _typed(key, getattr(cfg, key)) for key in _FIELDS})
-    if cfg.model not in PRESETS:
+    if cfg.model is None and not cfg.init_from:
+        cfg = dataclasses.replace(cfg, model="mini")
+    if cfg.model is not None and cfg.model not in PRESETS:
         raise UserError(f"unknown model preset {cfg.model!r}; choose one of {', '.join(PRESETS)}")
     for key in AT_LEAST_ONE:
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
@@ -429,6 +459,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in AT_LEAST_ZERO:
         if getattr(cfg, key) is not None and getattr(cfg, key) < 0:
             raise UserError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    for key, most in AT_MOST.items():
+        if getattr(cfg, key) is not None and getattr(cfg, key) > most:
+            raise UserError(f"{key} must be at most {most}, got {getattr(cfg, key)}")
     for key in NON_NEGATIVE_FINITE:
         if not 0.0 <= getattr(cfg, key) < math.inf:
             raise UserError(f"{key} must be a finite number >= 0, got {getattr(cfg, key)}")
@@ -481,8 +514,21 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             "cuda_graph does not combine with activation_checkpointing yet (its recomputation saves and "
             "restores the RNG state, which is not tested under a capture)"
         )
-    if cfg.min_lr > cfg.learning_rate:
-        raise UserError(f"min_lr ({cfg.min_lr}) is larger than learning_rate ({cfg.learning_rate})")
+    for key in ("learning_rate", "muon_learning_rate", "initial_lr", "min_lr"):
+        if getattr(cfg, key) > MAX_LEARNING_RATE:
+            raise UserError(
+                f"{key} must be at most {MAX_LEARNING_RATE:g}, got {getattr(cfg, key)}: AdamW and Muon move each "
+                "weight by about the rate at every step, and GPT's weights are about 0.02 in size"
+            )
+    for key in ("min_lr", "initial_lr"):  # the schedule rises from initial_lr to the peak and decays to min_lr
+        if getattr(cfg, key) > cfg.learning_rate:
+            raise UserError(f"{key} ({getattr(cfg, key)}) is larger than learning_rate ({cfg.learning_rate})")
+    peak = max(cfg.learning_rate, cfg.muon_learning_rate if cfg.optimizer == "muon" else 0.0)
+    if cfg.weight_decay * peak >= 1.0:
+        raise UserError(
+            f"weight_decay x learning_rate must be below 1, got {cfg.weight_decay} x {peak}: each step multiplies the "
+            "weights by 1 - learning_rate x weight_decay, which would zero or flip them"
+        )
     if cfg.checkpoint is not None and cfg.checkpoint not in ("latest", "auto") and not cfg.checkpoint.isdecimal():
         raise UserError(f"checkpoint must be a step number, 'latest' or 'auto', got {cfg.checkpoint!r}")
     if cfg.checkpoint is not None and cfg.overwrite:

@@ -81,6 +81,12 @@ def gpt2_differences(cfg: GPTConfig) -> list[str]:
     return [f"{name} {getattr(cfg, name)}" for name, value in GPT2_OPTIONS.items() if getattr(cfg, name) != value]
 
 
+def context_limit(position: str) -> str:
+    """What bounds a model's context, for messages: its learned position table, or the context a rotary model was
+    trained at (extending it is not supported)."""
+    return "the position table" if position == "learned" else "the context (rotary positions)"
+
+
 # GPT-2's published sizes, plus two CPU-sized presets for tests and the default run.
 PRESETS: dict[str, dict] = {
     "tiny": dict(embedding_dim=64, num_layers=2, num_heads=2, context_len=64, dropout=0.0),

@@ -19,7 +19,7 @@ from accel_gpt.config import MODEL_SHAPE_OPTIONS, TrainConfig, validate
 from accel_gpt.errors import UserError
 from accel_gpt.hf import read_hf_gpt2_config
 from accel_gpt.inference import accel_gpt_checkpoint
-from accel_gpt.model import GPTConfig
+from accel_gpt.model import PRESETS, GPTConfig, context_limit
 from accel_gpt.schedule import learning_rate_at
 from accel_gpt.tokenizer import get_tokenizer
 
@@ -152,6 +152,11 @@ def model_config_for(cfg: TrainConfig, vocabulary_size: int) -> tuple[GPTConfig,
         raise UserError(
             f"init_from model has {model_cfg.vocabulary_size} tokens, the {cfg.tokenizer} tokenizer {vocabulary_size}"
         )
+    if cfg.model is not None and (differs := preset_differences(cfg.model, model_cfg)):
+        raise UserError(
+            f"init_from {cfg.init_from} is not the {cfg.model} preset ({differs}): its network's shape is the run's, "
+            "so drop model"
+        )
     for name in MODEL_SHAPE_OPTIONS:
         if (given := getattr(cfg, name)) is not None and given != getattr(model_cfg, name):
             raise UserError(
@@ -159,6 +164,12 @@ def model_config_for(cfg: TrainConfig, vocabulary_size: int) -> tuple[GPTConfig,
                 f"is the run's, so drop {name}"
             )
     return model_cfg, checkpoint
+
+
+def preset_differences(preset: str, model_cfg: GPTConfig) -> str:
+    """How `model_cfg` differs from preset `preset` in shape ("" when it has the preset's shape)."""
+    shape = {k: v for k, v in PRESETS[preset].items() if k != "dropout"}
+    return ", ".join(f"{k} {getattr(model_cfg, k)}, not {v}" for k, v in shape.items() if getattr(model_cfg, k) != v)
 
 
 def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
@@ -183,7 +194,10 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
     context_len = cfg.context_len or model_cfg.context_len
     if context_len > model_cfg.context_len:
         where = cfg.init_from or f"the {cfg.model} preset"
-        raise UserError(f"context_len {context_len} exceeds the position table of {where} ({model_cfg.context_len})")
+        raise UserError(
+            f"context_len {context_len} exceeds {context_limit(model_cfg.position)} of {where} "
+            f"({model_cfg.context_len} tokens)"
+        )
     eot_id = tokenizer.eot_token if cfg.special_token_id is None else cfg.special_token_id
     if eot_id >= tokenizer.n_vocab:
         raise UserError(

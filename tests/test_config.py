@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import in_process
+from conftest import assert_one_line_error, in_process
 
 from accel_gpt.config import (
     AT_LEAST_ONE,
@@ -78,6 +78,28 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
     (tmp_path / "bad.yaml").write_text("learning_rat: 0.1\n")
     with pytest.raises(UserError, match="unknown key 'learning_rat'"):
         parse_config(["--config", str(tmp_path / "bad.yaml")])
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("learning_rate: [1, 2]\n", "config file: learning_rate expects a number, got a list ([1, 2])"),
+        ("batch_size: {a: 1}\n", "config file: batch_size expects an integer, got a mapping ({'a': 1})"),
+        ("learning_rate: 2024-01-01\n", "config file: learning_rate expects a number, got '2024-01-01'"),
+        (b"run_name: caf\xe9\n", "is not UTF-8 text (invalid continuation byte at byte offset 13)"),
+    ],
+    ids=["list", "map", "date", "latin-1"],
+)
+def test_a_yaml_value_of_the_wrong_shape_or_a_file_that_is_not_utf8_is_one_line(tmp_path, capfd, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    assert_one_line_error(in_process(train_main, ["--config", path], capfd), message)
+
+
+def test_a_yaml_date_is_the_text_it_reads_for_a_text_option(tmp_path):
+    (tmp_path / "run.yaml").write_text("run_name: 2024-01-01\nstart_context: 2024-01-01 10:00\n")
+    cfg = parse_config(["--config", str(tmp_path / "run.yaml")])
+    assert (cfg.run_name, cfg.start_context) == ("2024-01-01", "2024-01-01 10:00")
 
 
 def test_help_lists_every_option_with_default(capfd):
@@ -153,6 +175,12 @@ BAD_VALUES = [
     ({"special_token_id": -1}, "special_token_id must be >= 0, got -1"),
     ({"peak_flops": 0.0}, "peak_flops must be a finite number > 0"),
     ({"sample_tokens": -1}, "sample_tokens must be >= 0, got -1"),
+    ({"sample_tokens": 200000}, "sample_tokens must be at most 1024, got 200000"),
+    ({"cpu_threads": 3000000000}, "cpu_threads must be at most 1024, got 3000000000"),
+    ({"num_proc": 10**6}, "num_proc must be at most 1024, got 1000000"),
+    ({"learning_rate": 1e30}, "learning_rate must be at most 1, got 1e+30"),
+    ({"weight_decay": 1e30}, "weight_decay x learning_rate must be below 1, got 1e+30 x 0.001"),
+    ({"initial_lr": 0.01}, "initial_lr (0.01) is larger than learning_rate (0.001)"),
     ({"batch_size": 2.0}, "batch_size expects an integer, got 2.0 (float)"),
     ({"compile": 1}, "compile expects true or false, got 1 (int)"),
     ({"train_data_path": None}, "train_data_path cannot be None"),

@@ -158,7 +158,7 @@ def test_checkpoint_from_a_different_model(tiny_run, train_here):
         "'embedding_dim': {'checkpoint': 64, 'requested': 32}",
     )
     assert_one_line_error(
-        train_here(*args, "--context_len", "128"), "context_len 128 exceeds the position table", "(64 positions)"
+        train_here(*args, "--context_len", "128"), "context_len 128 exceeds the position table", "(64 tokens)"
     )
 
 

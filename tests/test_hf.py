@@ -62,6 +62,9 @@ def test_a_network_gpt2_cannot_hold_is_refused_naming_its_options(tmp_path, capf
     result = in_process(main, ["--checkpoint", ckpt, "--out", tmp_path / "hf"], capfd)
     assert_one_line_error(result, "GPT-2 has no position rotary, activation relu2: this model cannot be exported")
     assert not (tmp_path / "hf").exists()  # zero-initialised projections are only a start: not named
+    # A rotary model has no position table to outgrow: its context is what it was trained at.
+    with pytest.raises(UserError, match=f"context_len 64 exceeds the context \\(rotary positions\\) of {ckpt} \\(32"):
+        plan_run(parse_config(["--init_from", str(ckpt), "--context_len", "64"]), 1)
 
 
 @pytest.mark.slow
@@ -158,6 +161,12 @@ def test_init_from_our_checkpoint_takes_its_shape_and_is_never_moved_aside(tiny_
     assert plan.model_name == f"from {tiny_run.out}"
     with pytest.raises(UserError, match="is in the run that overwrite moves aside"):
         plan_run(parse_config([*map(str, base), "--output_dir", str(tiny_run.out), "--overwrite", "true"]), 1)
+    assert plan_run(parse_config([*map(str, base), "--model", "tiny"]), 1).model_config.embedding_dim == 64  # repeats
+    shape = "embedding_dim 64, not 128, num_heads 2, not 4, context_len 64, not 128"
+    with pytest.raises(
+        UserError, match=f"is not the mini preset \\({shape}\\): its network's shape is the run's, so drop"
+    ):
+        plan_run(parse_config([*map(str, base), "--model", "mini"]), 1)
 
 
 def test_export_never_writes_into_a_checkpoint_or_a_run(tiny_run, tmp_path, capfd):

@@ -189,6 +189,27 @@ def resolve_data(train_spec: str, val_spec: str | None) -> DataFiles:
     return DataFiles(train, validation, note)
 
 
+def scored_files(spec: str, split: str | None = None) -> tuple[list[Path], str | None, str]:
+    """The files of data path `spec` to score (evaluate, perplexity), read as training reads it: one split of a folder
+    laid out in hub splits (`split`, default validation: scoring every split would score training text), every file
+    of anything else; the split scored (None: not a split layout); and the line that says which files those are."""
+    files = _files_for("evaluation", spec)
+    one_file = len(files) == 1 and Path(spec).expanduser().is_file()
+    splits = None if one_file else hub_splits(files, _search_root(spec))
+    if splits is None:
+        if split is not None:
+            raise UserError(f"--split {split}: {spec} is not laid out in splits (train/validation/test file names)")
+        shown = str(files[0]) if len(files) == 1 else f"{_count(len(files), 'corpus')} of {spec}"
+        return files, None, f"scoring {shown}"
+    split = split or "validation"
+    if split not in splits:
+        available = ", ".join(sorted(splits))
+        raise UserError(f"{spec} is laid out in splits ({available}) and has no {split} split: pass --split")
+    others = ", ".join(_count(len(f), s) for s, f in sorted(splits.items()) if s != split)
+    note = f"{spec} is laid out in splits: scoring its {_count(len(splits[split]), split)} ({others} not scored)"
+    return splits[split], split, note
+
+
 def load_dataset_splits(name: str, config: str | None, train_split: str, val_split: str | None) -> DataFiles:
     """The Arrow files `datasets.load_dataset` prepares in its cache for a dataset's training split and validation
     split (None: hold out val_fraction of the training tokens), and the line that says which splits were taken.

@@ -1,12 +1,14 @@
-"""Score a checkpoint on any corpus: mean next-token loss and perplexity, printed as one JSON line:
+"""Score a checkpoint on any corpus: mean next-token loss and perplexity, printed as one JSON line (which files
+were scored goes to stderr):
 
-python -m accel_gpt.evaluate --checkpoint RUN_OR_CHECKPOINT_DIR --data PATH [--stride N] [--batch_size N]
+python -m accel_gpt.evaluate --checkpoint RUN_OR_CHECKPOINT_DIR --data PATH [--split NAME] [--stride N] [--batch_size N]
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 
 from accel_gpt.cache import DEFAULT_DIR as DEFAULT_CACHE_DIR
 from accel_gpt.cli import CommandLineParser, add_checkpoint_arguments, run_command
@@ -22,6 +24,11 @@ def main(argv: list[str] | None = None) -> None:
         help="text to score, in any form training takes: a .txt/.jsonl/"
         ".parquet file, a folder written by datasets' save_to_disk, a directory, a glob, or a "
         "bundled corpus name",
+    )
+    parser.add_argument(
+        "--split",
+        help="of a folder laid out in hub splits (train-*.parquet, validation-*.jsonl, ...), the split to score "
+        "(default: validation; the others are never scored with it)",
     )
     parser.add_argument(
         "--stride",
@@ -41,17 +48,21 @@ def main(argv: list[str] | None = None) -> None:
     settings = checkpoint.train_config
     # The corpus is tokenized as the checkpoint's run tokenized its own: same tokenizer, same end-of-text id.
     column = args.text_column or settings.get("text_column", "text")
-    tokens = corpus_tokens(
-        args.data, settings.get("tokenizer", "gpt2"), settings.get("special_token_id"), args.data_cache_dir, column
-    )
+    corpus = corpus_tokens(
+        args.data, settings.get("tokenizer", "gpt2"), settings.get("special_token_id"), args.data_cache_dir, column,
+        args.split,
+    )  # fmt: skip
+    print(f"evaluate: {corpus.note}", file=sys.stderr, flush=True)
     context = checkpoint.model.config.context_len
     stride = default_stride(checkpoint.model) if args.stride is None else args.stride
-    loss, scored = sliding_window_loss(checkpoint.model, tokens, stride, args.batch_size)
+    loss, scored = sliding_window_loss(checkpoint.model, corpus.tokens, stride, args.batch_size)
     print(
         json.dumps(
             {
                 "checkpoint": str(checkpoint.path),
                 "data": args.data,
+                "split": corpus.split,
+                "files": len(corpus.files),
                 "tokens": scored,
                 "context_len": context,
                 "stride": stride,

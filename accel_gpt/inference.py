@@ -10,12 +10,12 @@ import json
 import math
 import numbers
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import tiktoken
 import torch
-import torch.nn.functional as F
 import yaml
 
 from accel_gpt.cache import DEFAULT_DIR as DEFAULT_CACHE_DIR
@@ -28,9 +28,9 @@ from accel_gpt.checkpoint import (
     load_model_weights,
     verify_checkpoint,
 )
-from accel_gpt.corpus import BUNDLED_CORPORA, has_wildcards
+from accel_gpt.corpus import BUNDLED_CORPORA, has_wildcards, scored_files
 from accel_gpt.errors import UserError
-from accel_gpt.model import GPTConfig, GPTModel, generate_ids
+from accel_gpt.model import GPTConfig, GPTModel, stream_tokens
 from accel_gpt.tokenizer import get_tokenizer
 from accel_gpt.tokens import TokenStream, tokenize_corpus
 
@@ -156,10 +156,12 @@ def generate(
     seed: int | None = None,
     tokenizer: str | tiktoken.Encoding = "gpt2",
     top_p: float | None = None,
+    until: Callable[[], bool] | None = None,
 ) -> str:
     """The prompt plus its continuation: greedy at temperature 0, else sampled (reproducibly with `seed`) from
     the top_k most likely tokens and/or the smallest set holding top_p of the probability. An empty prompt
-    starts a new document (`encode_prompt`). The training loop's samples come from here too."""
+    starts a new document (`encode_prompt`). `until`, asked after each token, ends the text early when it says so
+    (the training loop's stop signal: its samples come from here too)."""
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     enc = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     device = next(model.parameters()).device
@@ -167,17 +169,15 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     was_training = model.training
     model.eval()
-    out = generate_ids(
-        model,
-        torch.tensor([ids], device=device),
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        generator=generator,
-    )
+    new_ids = []
+    options = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "generator": generator}
+    for next_id in stream_tokens(model, torch.tensor([ids], device=device), max_new_tokens, **options):
+        new_ids.append(next_id)  # kept on the device: no host sync between tokens
+        if until is not None and until():
+            break
     model.train(was_training)
-    return enc.decode(out[0, 0 if prompt else 1 :].tolist())  # the end-of-text standing in for no prompt is no text
+    new_ids = torch.cat(new_ids, dim=1)[0].tolist() if new_ids else []
+    return enc.decode(ids[0 if prompt else 1 :] + new_ids)  # the end-of-text standing in for no prompt is no text
 
 
 def is_data_path(text_or_path: str | Path) -> bool:
@@ -191,16 +191,30 @@ def is_data_path(text_or_path: str | Path) -> bool:
     return spec in BUNDLED_CORPORA or os.path.exists(spec) or (has_wildcards(spec) and bool(glob.glob(spec)))
 
 
+class ScoredCorpus(NamedTuple):
+    tokens: TokenStream
+    files: list[Path]  # the corpus files scored
+    split: str | None  # the split they are, of a folder laid out in hub splits
+    note: str  # which files those are, in one line
+
+
 def corpus_tokens(
     spec: str | Path,
     tokenizer: str = "gpt2",
     special_token_id: int | None = None,
     data_cache_dir: str | Path | None = None,
     text_column: str = "text",
-) -> TokenStream:
-    """A data path's tokens exactly as training reads them: end-of-text after each document, cached on disk."""
+    split: str | None = None,
+) -> ScoredCorpus:
+    """A data path's tokens exactly as training reads them (end-of-text after each document, cached on disk): of a
+    folder laid out in hub splits, the `split` files alone (default validation); see `corpus.scored_files`."""
     eot = get_tokenizer(tokenizer).eot_token if special_token_id is None else special_token_id
-    return tokenize_corpus(str(spec), tokenizer, eot, data_cache_dir or DEFAULT_CACHE_DIR, text_column=text_column)[0]
+    files, split, note = scored_files(str(spec), split)
+    cache_dir = data_cache_dir or DEFAULT_CACHE_DIR
+    tokens = tokenize_corpus(
+        str(spec), tokenizer, eot, cache_dir, role="evaluation", text_column=text_column, files=files
+    )
+    return ScoredCorpus(tokens[0], files, split, note)
 
 
 @torch.no_grad()
@@ -236,13 +250,12 @@ def sliding_window_loss(
     total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one host sync at the end
     for group in groups:
         windows = torch.stack([torch.as_tensor(read(s, min(s + context + 1, n))) for s in group]).to(device)
-        logits = model(windows[:, :-1])
-        losses = F.cross_entropy(logits.flatten(0, 1).float(), windows[:, 1:].flatten(), reduction="none")
-        losses = losses.view(len(group), -1)
-        for row, start in enumerate(group):
-            # Targets up to the previous window's end (start - stride + context) are already scored.
-            new = min(start + context, n - 1) - (start - stride + context if start else 0)
-            total += losses[row, -new:].sum()
+        hidden = model.hidden_states(windows[:, :-1])
+        # Each window's new targets: those after the previous window's end (start - stride + context).
+        new = [min(start + context, n - 1) - (start - stride + context if start else 0) for start in group]
+        scored = torch.cat([hidden[row, -k:] for row, k in enumerate(new)])
+        targets = torch.cat([windows[row, -k:] for row, k in enumerate(new)])
+        total += model.token_loss_sum(scored, targets).double()
     model.train(was_training)
     return total.item() / (n - 1), n - 1
 
@@ -254,12 +267,14 @@ def perplexity(
     tokenizer: str = "gpt2",
     batch_size: int = 4,
     data_cache_dir: str | Path | None = None,
+    split: str | None = None,
 ) -> float:
     """exp(mean next-token loss) over a text, or over a data path (file, directory, glob, bundled corpus name)
-    tokenized as training does it. Sliding windows of the model's context every `stride` tokens (default half
-    the context): see `sliding_window_loss`. `python -m accel_gpt.evaluate` prints the same number."""
+    tokenized as training does it (of a folder laid out in hub splits, its `split` files: validation by default).
+    Sliding windows of the model's context every `stride` tokens (default half the context): see
+    `sliding_window_loss`. `python -m accel_gpt.evaluate` prints the same number."""
     if is_data_path(text_or_path):
-        tokens = corpus_tokens(text_or_path, tokenizer, data_cache_dir=data_cache_dir)
+        tokens = corpus_tokens(text_or_path, tokenizer, data_cache_dir=data_cache_dir, split=split).tokens
     else:
         tokens = torch.tensor(get_tokenizer(tokenizer).encode_ordinary(str(text_or_path)))
     stride = default_stride(model) if stride is None else stride

@@ -386,6 +386,21 @@ class GPTModel(nn.Module):
 
         With a `cache` (decoding), `idx` continues the cached positions, its keys and values are added to the
         cache, and only the last position's logits `[batch, 1, vocabulary_size]` are returned."""
+        x = self.hidden_states(idx, cache)
+        vocabulary, softcap = self.config.vocabulary_size, self.config.logit_softcap
+        if targets is None:
+            return self.soft_cap(self.out_head(x)[..., :vocabulary])
+        chunk = self.loss_chunk if self.loss_chunk is not None else (CPU_LOSS_CHUNK if x.device.type == "cpu" else 0)
+        if chunk == 0:
+            logits = self.soft_cap(self.out_head(x))
+            if logits.shape[-1] > vocabulary:  # padding rows: never a prediction, and their gradient is zero
+                logits[..., vocabulary:] = float("-inf")
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return chunked_cross_entropy(x, self.out_head.weight, targets, chunk, vocabulary, softcap)
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final norm's output `[batch, seq, dim]`, what the output head reads (with a `cache`, the last
+        position's only): `forward` without the head, for scoring a few positions with `token_loss_sum`."""
         seq = idx.shape[1]
         start = 0 if cache is None else cache.length
         if start + seq > self.config.context_len:
@@ -406,17 +421,14 @@ class GPTModel(nn.Module):
                 x = block(x, rope)
         if cache is not None:  # decoding needs the next token's logits only: skip the head for the prompt
             x = x[:, -1:]
-        x = self.final_norm(x)
+        return self.final_norm(x)
+
+    def token_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The summed cross-entropy of `targets` `[tokens]` after `hidden` `[tokens, dim]`, in fp32, by the chunked
+        loss on every device: scoring never holds a batch's full logits (evaluation's memory and time)."""
         vocabulary, softcap = self.config.vocabulary_size, self.config.logit_softcap
-        if targets is None:
-            return self.soft_cap(self.out_head(x)[..., :vocabulary])
-        chunk = self.loss_chunk if self.loss_chunk is not None else (CPU_LOSS_CHUNK if x.device.type == "cpu" else 0)
-        if chunk == 0:
-            logits = self.soft_cap(self.out_head(x))
-            if logits.shape[-1] > vocabulary:  # padding rows: never a prediction, and their gradient is zero
-                logits[..., vocabulary:] = float("-inf")
-            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        return chunked_cross_entropy(x, self.out_head.weight, targets, chunk, vocabulary, softcap)
+        mean = chunked_cross_entropy(hidden, self.out_head.weight, targets, CPU_LOSS_CHUNK, vocabulary, softcap)
+        return mean * len(targets)
 
     def soft_cap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.config.logit_softcap

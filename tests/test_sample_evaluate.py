@@ -203,6 +203,37 @@ def test_evaluate_prints_the_notebook_perplexity(run, tmp_path, capsys):
     )
 
 
+def test_evaluate_scores_one_split_of_a_folder_laid_out_in_splits_and_says_which(run, tmp_path, capsys):
+    """Scoring every file of a hub layout would score the training split too (issue 25: 299,154 tokens where the
+    validation split had 5,064)."""
+    data = tmp_path / "hub" / "data"
+    data.mkdir(parents=True)
+    text = VERDICT.read_text()
+    parts = {"train": text[:9000], "validation": text[9000:11000], "test": text[11000:14000]}
+    for split, part in parts.items():
+        (data / f"{split}-00000-of-00001.txt").write_text(part)
+    model = analysis.load_model(run["dir"])
+    scored = {}
+    for split in parts:
+        args = ["--split", split] if split != "validation" else []  # validation unless told
+        scored[split] = evaluate(run, capsys, "--data", tmp_path / "hub", *args)
+        assert scored[split]["split"] == split and scored[split]["files"] == 1
+        alone = analysis.perplexity(model, data / f"{split}-00000-of-00001.txt", data_cache_dir=run["cache"])
+        assert scored[split]["perplexity"] == pytest.approx(alone, rel=1e-6)
+    assert scored["validation"]["tokens"] == len(get_tokenizer().encode_ordinary(parts["validation"]))  # + EOT - 1
+    main = ["--checkpoint", run["dir"], "--data_cache_dir", run["cache"], "--data"]
+    evaluate_main([*map(str, main), str(tmp_path / "hub")])
+    note = capsys.readouterr().err
+    scoring = "scoring its 1 validation file (1 test file, 1 train file not scored)"
+    assert note == f"evaluate: {tmp_path / 'hub'} is laid out in splits: {scoring}\n"
+    evaluate_main([*map(str, main), str(VERDICT)])
+    assert capsys.readouterr().err == f"evaluate: scoring {VERDICT}\n"
+    with pytest.raises(UserError, match="has no dev split: pass --split"):
+        evaluate_main([*map(str, main), str(tmp_path / "hub"), "--split", "dev"])
+    with pytest.raises(UserError, match="is not laid out in splits"):
+        evaluate_main([*map(str, main), str(VERDICT), "--split", "test"])
+
+
 @pytest.mark.parametrize("stride", [65, 256, 0, -3])
 def test_stride_outside_one_to_context_is_rejected(run, stride):
     """A stride longer than the window skipped tokens yet counted them (issue 12: 13.0 where 24,706 was right)."""

@@ -402,6 +402,17 @@ def prune_checkpoints(checkpoint_dir: str | Path, keep_last: int) -> list[Path]:
     return doomed
 
 
+def overwritten_name(*folders: Path) -> str:
+    """`overwritten-<time>`, a name free in every one of `folders`: where `--overwrite` moves what it replaces
+    (two overwrites within a second get a suffix)."""
+    stamp, suffix = time.strftime("%Y%m%d-%H%M%S"), 1
+    name = f"overwritten-{stamp}"
+    while any((folder / name).exists() for folder in folders):
+        suffix += 1
+        name = f"overwritten-{stamp}-{suffix}"
+    return name
+
+
 def set_aside_newer(checkpoint_dir: str | Path, step: int) -> Path | None:
     """Move checkpoints later than `step` (an abandoned branch of the run) out of `latest`'s way, not deleting."""
     newer = [path for s, path in list_checkpoints(checkpoint_dir) if s > step]

@@ -41,6 +41,7 @@ class RunPlan:
     total_steps: int = 0
     stream_source: str = ""  # streaming: what is read, e.g. "Salesforce/wikitext (2 shards, column text)"
     held_out: tuple[int, int, int] = (0, 0, 0)  # streaming: where training's stream starts after a held-out slice
+    stream_files: list = dataclasses.field(default_factory=list)  # streaming: what identifies its files, for resumes
 
     @property
     def model_name(self) -> str:
@@ -96,10 +97,11 @@ class RunPlan:
         )
 
     def with_stream(
-        self, train_eval_windows: int, val_windows: int, source: str, held_out: tuple[int, int, int]
+        self, train_eval_windows: int, val_windows: int, source: str, held_out: tuple[int, int, int], files: list
     ) -> RunPlan:
-        """The plan for a streaming run (max_steps long, checked by `validate`) reading `source` from `held_out`, with
-        this many windows in its fixed evaluation slices."""
+        """The plan for a streaming run (max_steps long, checked by `validate`) reading `source` (its `files`, as
+        `stream.files_fingerprint` identifies them) from `held_out`, with this many windows in its fixed evaluation
+        slices."""
         if train_eval_windows < self.global_batch_size:
             raise UserError(
                 f"training data has {train_eval_windows} windows of {self.context_len + 1} tokens"
@@ -107,7 +109,9 @@ class RunPlan:
                 f"global batch of {self.global_batch_size} (add text, give validation data or lower batch_size)"
             )
         self.check_validation(val_windows, "add validation text, or lower eval_iter or batch_size")
-        return dataclasses.replace(self, total_steps=self.cfg.max_steps, stream_source=source, held_out=held_out)
+        return dataclasses.replace(
+            self, total_steps=self.cfg.max_steps, stream_source=source, held_out=held_out, stream_files=files
+        )
 
     def check_validation(self, val_windows: int, hint: str) -> None:
         if val_windows < self.global_batch_size:  # an evaluation reads whole global batches, like a step

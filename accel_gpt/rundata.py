@@ -16,7 +16,7 @@ from accel_gpt.cache import TOKENS
 from accel_gpt.corpus import DataFiles, load_dataset_splits, resolve_data
 from accel_gpt.data import WindowDataset
 from accel_gpt.errors import UserError
-from accel_gpt.launch import agree_when_done
+from accel_gpt.launch import agree, agree_when_done
 from accel_gpt.plan import RunPlan
 from accel_gpt.stream import (
     FileSource,
@@ -203,5 +203,7 @@ def open_stream(plan: RunPlan, accelerator: Accelerator) -> TrainingData:
         reader_set, cfg.stream_workers, cfg.batch_size, context, stride, cfg.shuffle_buffer, accelerator.device,
         accelerator.num_processes,
     )  # fmt: skip
-    plan = plan.with_stream(len(train_eval), len(val_set), source, readers.start)
+    # The main process's view of the files, on every rank: a resume is refused (or not) on all of them alike.
+    files = agree(accelerator, train.fingerprint)[0]
+    plan = plan.with_stream(len(train_eval), len(val_set), source, readers.start, files)
     return TrainingData(plan, batches, train_eval, val_set)

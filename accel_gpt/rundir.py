@@ -18,13 +18,14 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from accel_gpt.checkpoint import CHECKPOINT_RE, find_checkpoint, list_checkpoints, restore_swapped_out
+from accel_gpt.checkpoint import CHECKPOINT_RE, find_checkpoint, list_checkpoints, overwritten_name, restore_swapped_out
 from accel_gpt.config import TrainConfig
 from accel_gpt.errors import UserError
 from accel_gpt.launch import agree
 
 RUN_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml")  # what a run writes into output_dir
 LOCK_FILE = ".accel_gpt.lock"  # held by a live run's main process (DirLock)
+OVERWRITE = "overwrite"  # choose_start's word for "an earlier run is here, and --overwrite true replaces it"
 
 
 @dataclass
@@ -33,6 +34,24 @@ class RunDirs:
     checkpoint_dir: Path
     resume_from: Path | None  # the verified checkpoint to continue from; None starts a new run
     locks: list[DirLock] = field(default_factory=list)  # the main process's claims on them, for the run's life
+    overwrite_pending: bool = False  # --overwrite true found an earlier run: `set_aside_earlier_run` moves it
+
+    def set_aside_earlier_run(self, accelerator: Accelerator) -> None:
+        """Move the earlier run that `--overwrite true` replaces aside, once everything that can refuse the new run
+        (its data, its model) has been checked: a run that fails before it starts leaves the earlier one in place."""
+        if not self.overwrite_pending:
+            return
+        moved = agree(
+            accelerator,
+            lambda: set_aside_run(self.output_dir, self.checkpoint_dir) if accelerator.is_main_process else None,
+        )[0]
+        self.overwrite_pending = False
+        if accelerator.is_main_process:
+            where = " and ".join(str(d) for d in moved)
+            line = (
+                f"accel_gpt: --overwrite true: moved the earlier run in {self.output_dir} to {where} (nothing deleted)"
+            )
+            print(line, flush=True)
 
     def release(self) -> None:
         for lock in reversed(self.locks):  # the checkpoint folder first: an empty run directory may then go too
@@ -148,11 +167,7 @@ def set_aside_run(output_dir: Path, checkpoint_dir: Path) -> list[Path]:
     Checkpoints kept under output_dir keep their relative place there, so the folder is itself a run directory
     (`analysis.load_run` reads it); checkpoints kept elsewhere go into an `overwritten-<time>/` of their own.
     Renames within a directory: cheap at any size, and they work where output_dir is a mount point."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    name, suffix = f"overwritten-{stamp}", 1
-    while (output_dir / name).exists() or (checkpoint_dir / name).exists():  # two overwrites within a second
-        suffix += 1
-        name = f"overwritten-{stamp}-{suffix}"
+    name = overwritten_name(output_dir, checkpoint_dir)
     dest = output_dir / name
     out, ckpt = output_dir.resolve(), checkpoint_dir.resolve()
     ckpt_dest = dest / ckpt.relative_to(out) if ckpt.is_relative_to(out) else checkpoint_dir / name
@@ -169,8 +184,9 @@ def set_aside_run(output_dir: Path, checkpoint_dir: Path) -> list[Path]:
 
 
 def choose_start(cfg: TrainConfig, output_dir: Path, checkpoint_dir: Path) -> tuple[Path | None, str]:
-    """(the checkpoint to resume from, or None for a new run; what to tell the user, or ""). On the main process
-    only: it reads and hashes checkpoints, and may move files."""
+    """(the checkpoint to resume from, or None for a new run; what to tell the user, or "", or OVERWRITE when an
+    earlier run is to be moved aside once the new one has been checked). On the main process only: it reads and
+    hashes checkpoints, and may restore one that an interrupted save left hidden."""
     if cfg.checkpoint == "auto":
         restore_swapped_out(checkpoint_dir)
         if list_checkpoints(checkpoint_dir):  # the header then says where it resumed
@@ -183,11 +199,7 @@ def choose_start(cfg: TrainConfig, output_dir: Path, checkpoint_dir: Path) -> tu
     if not found:
         return None, ""
     if cfg.overwrite:
-        moved_to = " and ".join(str(d) for d in set_aside_run(output_dir, checkpoint_dir))
-        return (
-            None,
-            f"accel_gpt: --overwrite true: moved the earlier run in {output_dir} to {moved_to} (nothing deleted)",
-        )
+        return None, OVERWRITE
     inside = checkpoint_dir.resolve().is_relative_to(output_dir.resolve())
     places = dict.fromkeys(output_dir if inside or p.parent == output_dir else checkpoint_dir for p in found)
     shown = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
@@ -234,7 +246,9 @@ def resolve_run_dirs(cfg: TrainConfig, accelerator: Accelerator) -> RunDirs:
     except BaseException:
         dirs.release()  # a notebook may try again at once
         raise
-    if note and accelerator.is_main_process:  # at once: files may have moved even if the run fails later
+    if note == OVERWRITE:
+        dirs.overwrite_pending, note = True, ""
+    if note and accelerator.is_main_process:
         print(note, flush=True)
     return dirs
 

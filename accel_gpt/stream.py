@@ -8,6 +8,7 @@ with every checkpoint, so a resumed run continues the very stream it left. docs/
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ class FileSource:
         self.formats = [format_of(f) for f in self.files]
         self.num_shards = len(self.files)
 
+    def fingerprint(self) -> list[list]:
+        return files_fingerprint(self.files)
+
     def documents(self, shard: int, start: int) -> Iterator[tuple[int, str, bool]]:
         """(document index, piece, ends_document) for the documents of `shard` from index `start` on."""
         index = 0
@@ -47,13 +51,32 @@ class FileSource:
             index += ends
 
 
+def files_fingerprint(files: list) -> list[list]:
+    """What identifies a stream's files for a resume: each local file's name, size and modification time (a file
+    edited or truncated in place between a checkpoint and its resume changes them); a remote file's address, which
+    names the revision it comes from."""
+    prints = []
+    for file in files:
+        try:
+            stat = os.stat(file)
+        except (OSError, TypeError, ValueError):
+            prints.append([str(file)])
+            continue
+        prints.append([str(file), stat.st_size, stat.st_mtime_ns])
+    return prints
+
+
 class DatasetSource:
     """A Hugging Face dataset loaded with `load_dataset(..., streaming=True)`: its shards (data files, or row groups
     of parquet files where there are too few files for the readers) read as Arrow tables."""
 
-    def __init__(self, dataset, name: str, column: str, split_names: list[str]):
+    def __init__(self, dataset, name: str, column: str, split_names: list[str], files: list[str]):
         self.dataset, self.name, self.column, self.split_names = dataset, name, column, split_names
         self.num_shards = dataset.num_shards
+        self.files = files  # the split's data files, as `datasets` resolved them (local paths or hf:// addresses)
+
+    def fingerprint(self) -> list[list]:
+        return files_fingerprint(self.files)
 
     def documents(self, shard: int, start: int) -> Iterator[tuple[int, str, bool]]:
         part = self.dataset.shard(num_shards=self.num_shards, index=shard, contiguous=True)
@@ -87,7 +110,11 @@ def open_dataset_source(name: str, config: str | None, split: str, column: str, 
         raise UserError(f"dataset {name!r} has no split {split!r} (splits: {', '.join(split_names)})")
     if stream.num_shards < readers:  # parquet files split into their row groups
         stream = stream.reshard()
-    return DatasetSource(stream, name, column, split_names)
+    try:
+        data_files = datasets.load_dataset_builder(name, config).config.data_files or {}
+    except Exception:  # a loading script or builder without data files: nothing to fingerprint (the name is kept)
+        data_files = {}
+    return DatasetSource(stream, name, column, split_names, [str(f) for f in data_files.get(split, [])])
 
 
 Source = FileSource | DatasetSource

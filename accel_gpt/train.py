@@ -150,6 +150,8 @@ class Run:
             run_state = vars(state) | plan.data_identity
             run_state |= {"world_size": accelerator.num_processes, "total_steps": plan.total_steps}
             run_state["optimizer"] = plan.cfg.optimizer
+            if streaming:
+                run_state["stream_files"] = plan.stream_files
             if accelerator.scaler is not None:  # fp16 only; its state is a handful of numbers
                 run_state["grad_scaler"] = accelerator.scaler.state_dict()
             path = save_checkpoint(
@@ -160,14 +162,22 @@ class Run:
             self.logger.info(f"saved {path}" + (f" (pruned {', '.join(p.name for p in pruned)})" if pruned else ""))
         accelerator.wait_for_everyone()
 
-    def evaluate_and_sample(self, record: dict) -> None:
-        """Train and validation loss into `record`, and a greedy sample into samples.jsonl."""
+    def evaluate(self, record: dict) -> None:
+        """Train and validation loss into `record`."""
+        record["train_loss"] = evaluate(self.model, self.train_eval_loader, self.accelerator)
+        record["val_loss"] = evaluate(self.model, self.val_loader, self.accelerator)
+
+    def sample(self, stop: StopSignal) -> None:
+        """A greedy sample into samples.jsonl. A stop signal ends it early (the loop then stops at its next sync);
+        under FSDP every rank decodes, each forward pass gathering shards from all of them, so there every rank
+        finishes the sample, lest one leave the others in a collective."""
         cfg, accelerator = self.plan.cfg, self.accelerator
-        record["train_loss"] = evaluate(self.model, self.train_eval_loader, accelerator)
-        record["val_loss"] = evaluate(self.model, self.val_loader, accelerator)
-        # Under FSDP every rank decodes: each forward pass gathers shards from all of them.
-        if accelerator.is_main_process or accelerator.distributed_type == DistributedType.FSDP:
-            text = generate(self.raw_model(), cfg.start_context, cfg.sample_tokens, tokenizer=cfg.tokenizer)
+        fsdp = accelerator.distributed_type == DistributedType.FSDP
+        if accelerator.is_main_process or fsdp:
+            until = None if fsdp else lambda: stop.received is not None
+            text = generate(
+                self.raw_model(), cfg.start_context, cfg.sample_tokens, tokenizer=cfg.tokenizer, until=until
+            )
             self.logger.log_sample(self.state.global_step, text)
 
     def log_failure(self) -> str | None:
@@ -248,6 +258,7 @@ def build_run(plan: RunPlan, accelerator: Accelerator, dirs: RunDirs, memory: st
         if accelerator.is_main_process:
             print(note, flush=True)
         return run
+    dirs.set_aside_earlier_run(accelerator)  # the data and the model are checked: nothing can refuse the run now
     run.logger = open_logger(run, note)
     return run
 
@@ -308,12 +319,31 @@ def check_data_order(saved: dict, path: Path, plan: RunPlan, world_size: int) ->
             f"x {saved['stream_workers']} stream_workers, each resuming where it stopped; resume with "
             f"{saved['world_size']} processes"
         )
+    if plan.cfg.streaming and "stream_files" in saved:  # checkpoints of earlier versions did not record them
+        check_stream_files(saved["stream_files"], plan.stream_files, path)
     changed = [f"{k} {saved[k]} -> {v}" for k, v in plan.data_identity.items() if k in saved and saved[k] != v]
     if changed:
         raise UserError(
             f"cannot resume from {path}: the data order would change ({', '.join(changed)}); resume with the "
             f"settings it was saved with, or start a new run from its weights with --init_from {path}"
         )
+
+
+def check_stream_files(saved: list, now: list, path: Path) -> None:
+    """Refuse, in one line, to resume a stream whose files changed since checkpoint `path` (edited, truncated, added
+    or removed): its saved position would point into other data."""
+    if len(saved) != len(now):
+        raise UserError(
+            f"cannot resume {path}: the stream had {len(saved)} files and has {len(now)} now; resume on the data it "
+            "was saved with, or start a new run from its weights with --init_from"
+        )
+    for before, after in zip(saved, now):
+        if before != after:
+            what = "size and modification time" if before[0] == after[0] else "name"
+            raise UserError(
+                f"cannot resume {path}: the stream's file {after[0]} changed since the checkpoint (its {what}); resume "
+                "on the data it was saved with, or start a new run from its weights with --init_from"
+            )
 
 
 def resume(run: Run, path: Path) -> tuple[TrainerState, dict | None, str]:
@@ -442,7 +472,7 @@ def fit(run: Run) -> dict:
             nonfinite_in_a_row = count_nonfinite(run, records, nonfinite_in_a_row)
             record = records[-1]
             if eval_due:
-                run.evaluate_and_sample(record)
+                run.evaluate(record)
             for done in records:
                 logger.log_step(done)
             if (log_error := run.log_failure()) is not None:
@@ -452,6 +482,8 @@ def fit(run: Run) -> dict:
             if stopping:
                 logger.info(stop.stop_line(state.global_step, cfg, run.dirs.output_dir))
                 break
+            if eval_due:  # after the step's checkpoint: however long a sample takes, the steps before it are saved
+                run.sample(stop)
             window.restart_clock()
     return record
 

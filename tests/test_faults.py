@@ -35,14 +35,21 @@ def test_sigterm_stops_every_rank_at_a_step_boundary_with_a_checkpoint(tmp_path)
     assert (out / "checkpoints" / f"checkpoint_{stopped_at:06d}" / "manifest.json").exists()
 
 
-def test_sigint_without_a_launcher_also_stops_cleanly(tmp_path):
+def test_sigint_without_a_launcher_also_stops_cleanly_and_ends_a_long_sample(tmp_path):
+    """Without a launcher too; and a stop signal that comes while a long sample is being generated ends it (issue
+    25: the run went on sampling, deaf to SIGTERM), the steps before it saved."""
     out = tmp_path / "run"
-    proc = start(common_args(out, tmp_path / "cache") + ["--max_steps", "500", "--save_freq", "1000"], 1)
-    assert wait_for(lambda: steps_logged(out) >= 2, proc)
+    long_sample = ["--model", "mini", "--eval_freq", "2", "--sample_tokens", "1024"]
+    proc = start(common_args(out, tmp_path / "cache") + ["--max_steps", "500", "--save_freq", "1000", *long_sample], 1)
+    assert wait_for(lambda: steps_logged(out) >= 2, proc)  # step 2's record is written: its sample comes next
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
     assert "received SIGINT" in stdout and "Traceback" not in stderr
+    (sample,) = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert sample["step"] == 2 and len(get_tokenizer().encode(sample["text"])) < 1024  # cut short
+    stopped_at = max(read_metrics(out))
+    assert stopped_at <= 3 and list_checkpoints(out / "checkpoints")[-1][0] == stopped_at
 
 
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_losses(tmp_path):

@@ -110,6 +110,20 @@ def test_overwrite_moves_the_earlier_run_aside_and_deletes_nothing(finished, tmp
     assert "seed: 5" in (out / "config.yaml").read_text()
 
 
+@pytest.mark.slow
+def test_overwrite_moves_nothing_when_the_new_run_is_refused_for_its_data(finished, tmp_path, train_here):
+    """Everything that can be checked is checked before the earlier run moves: a new run that cannot train leaves it
+    in place, so the next `--checkpoint auto` still continues it (issue 25: it started again from step 0)."""
+    out = tmp_path / "same"
+    shutil.copytree(finished["out"], out)
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("Too short to make one batch of windows.")
+    result = train_here(*command(out, finished["cache"]), "--overwrite", "true", "--train_data_path", tiny)
+    assert_one_line_error(result, "training data has 0 windows of 65 tokens")
+    assert "moved the earlier run" not in result.stdout
+    assert snapshot(out) == finished["files"]
+
+
 def test_overwrite_with_checkpoints_kept_elsewhere(tmp_path, train_here):
     out, ckpts = tmp_path / "run", tmp_path / "ckpts"
     for path in (out / "metrics.jsonl", ckpts / "checkpoint_000002" / "manifest.json", ckpts / "notes.txt"):

@@ -226,6 +226,12 @@ def test_streaming_settings_that_cannot_work_are_one_line(tmp_path, train_here, 
     assert train_here(*run).returncode == 0
     moved = train_here(*run, "--checkpoint", "3", "--eval_iter", "2")  # the held-out slice would grow into trained text
     assert_one_line_error(moved, "the data order would change (held_out")
+    lines = shards[2].read_text().splitlines(keepends=True)
+    shards[2].write_text("".join(lines[:-3]))  # edited in place: the saved positions would point into other text
+    edited = train_here(*run, "--checkpoint", "3")
+    assert_one_line_error(edited, f"the stream's file {shards[2]} changed since the checkpoint (its size and")
+    shards[4].unlink()
+    assert_one_line_error(train_here(*run, "--checkpoint", "3"), "the stream had 5 files and has 4 now")
 
 
 def test_readers_error_when_a_reader_would_get_nothing(tmp_path):

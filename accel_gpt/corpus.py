@@ -64,6 +64,8 @@ def resolve_files(spec: str) -> list[Path]:
             hint = " (a Hugging Face dataset by name goes to --dataset)" if by_name else ""
             raise UserError(f"data path not found: {spec}{hint}")
         candidates = [p for p in matches if p.is_file()]
+        if not candidates and path.exists() and not path.is_dir():  # a device, a pipe, a socket: /dev/null
+            raise UserError(f"{spec} is not a regular file or a directory: pass a corpus file, a directory or a glob")
         if not candidates:
             raise UserError(
                 f"{spec} matches only directories ({matches[0]}, ...): pass a directory, or a pattern "
@@ -99,9 +101,15 @@ def one_format(spec: str, files: list[Path]) -> str:
     return next(iter(formats))
 
 
+def compression_of(path: Path) -> str | None:
+    """The compression a corpus file is read with, from its name (".gz", ...), or None."""
+    suffix = path.suffix.lower()
+    return suffix if suffix in COMPRESSIONS else None
+
+
 def _open(path: Path):
     """A corpus file as bytes, decompressed as its name says."""
-    return COMPRESSIONS.get(path.suffix.lower(), open)(path, "rb")
+    return COMPRESSIONS.get(compression_of(path), open)(path, "rb")
 
 
 # Hugging Face's split names, as `datasets` reads them from a repository's folder and file names: a keyword between
@@ -487,10 +495,13 @@ def text_values(
     """The strings of consecutive slices of the text column `name`, a list per slice; nulls and invalid UTF-8 are
     errors naming the row (counted from `first_row`)."""
     row = first_row
+    columns = iter(columns)
     for column in columns:
         if column.null_count:
             first = row + column.is_null().to_pylist().index(True)
-            raise UserError(f"{path}: {column.null_count} rows from row index {first} have no '{name}' value (null)")
+            nulls = column.null_count + sum(rest.null_count for rest in columns)  # the whole column's, for the message
+            rows = f"{nulls} rows have" if nulls > 1 else "1 row has"
+            raise UserError(f"{path}: {rows} no '{name}' value (null), the first at row index {first}")
         try:
             yield column.to_pylist()
         except UnicodeDecodeError as err:  # Arrow writers do not all check that strings are UTF-8
@@ -517,6 +528,8 @@ def read_pieces(path: Path, fmt: str, column: str) -> Iterator[tuple[str, bool]]
     """The documents of one corpus file as (piece, ends_document) pairs, its read errors as one line each."""
     try:
         yield from READERS[fmt](path, column)
+    except gzip.BadGzipFile as err:  # an OSError, but not one of reading: the bytes are not what the name says
+        raise UserError(f"{path} is not gzip-compressed, as its name says ({err})") from None
     except OSError as err:
         raise UserError(f"cannot read {path}: {err.strerror or err}") from None
     except pa.ArrowException as err:

@@ -28,7 +28,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from accel_gpt import cache
-from accel_gpt.corpus import dataset_shards, one_format, read_pieces, resolve_files
+from accel_gpt.corpus import compression_of, dataset_shards, one_format, read_pieces, resolve_files
 from accel_gpt.errors import UserError
 from accel_gpt.tokenizer import get_tokenizer
 
@@ -155,9 +155,14 @@ def share_out(sizes: list[int], machines: int) -> list[int]:
 
 
 def shard_entry(corpus: Corpus, index: int, cache_dir: str | Path | None) -> Path:
-    """The cache folder of a shard's tokens: keyed on its files' bytes (hashed here) and the corpus's settings."""
+    """The cache folder of a shard's tokens: keyed on its files' bytes (hashed here), how each is read (a `.gz`
+    name is decompressed: the same bytes named `a.txt` and `a.txt.gz` are not the same text) and the corpus's
+    settings."""
     files = corpus.shards[index]
-    return cache.entry_for(cache_dir, dataset_shards(files[0]) if corpus.fmt == "dataset" else files, corpus.settings)
+    settings = corpus.settings
+    if any(compression_of(f) for f in files):  # absent when none: the keys of earlier versions still hit
+        settings = settings | {"compression": [compression_of(f) for f in files]}
+    return cache.entry_for(cache_dir, dataset_shards(files[0]) if corpus.fmt == "dataset" else files, settings)
 
 
 @dataclass

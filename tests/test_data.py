@@ -118,7 +118,9 @@ def test_errors_name_the_role_the_file_and_the_line(tmp_path, cache_dir):
     with pytest.raises(UserError, match=r"rows.jsonl line 2 has a 'text' number, not a string"):
         tokenize_corpus(str(rows), "gpt2", EOS, cache_dir)
     shards = write_parquet_shards(tmp_path / "shards", ["a"], ["b", None, None])
-    with pytest.raises(UserError, match=r"shard1.parquet: 2 rows from row index 1 have no 'text' value"):
+    with pytest.raises(
+        UserError, match=r"shard1.parquet: 2 rows have no 'text' value \(null\), the first at row index 1"
+    ):
         tokenize_corpus(str(shards), "gpt2", EOS, cache_dir)
 
 

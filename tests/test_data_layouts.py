@@ -260,6 +260,17 @@ def test_a_damaged_compressed_file_is_one_line(tmp_path, damage):
         tokenize_corpus(str(path), "gpt2", EOS, tmp_path / "cache")
 
 
+def test_a_gz_name_on_a_file_that_is_not_gzip_never_reuses_the_plain_files_tokens(tmp_path):
+    """The cache key holds how a file is read: `a.txt.gz` holding `a.txt`'s bytes is not `a.txt`'s text, so the
+    outcome never depends on what the cache holds (issue 25: it trained on `a.txt`'s cached tokens)."""
+    plain, named_gz = tmp_path / "a.txt", tmp_path / "a.txt.gz"
+    plain.write_bytes(VERDICT.read_bytes())
+    named_gz.write_bytes(VERDICT.read_bytes())
+    tokenize_corpus(str(plain), "gpt2", EOS, tmp_path / "cache")  # a.txt's tokens are in the cache now
+    with pytest.raises(UserError, match=r"a.txt.gz is not gzip-compressed, as its name says"):  # as with a fresh cache
+        tokenize_corpus(str(named_gz), "gpt2", EOS, tmp_path / "cache")
+
+
 def test_failed_tokenization_leaves_nothing_in_the_cache(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine text, then " + "schön".encode("latin-1"))
@@ -279,3 +290,5 @@ def test_what_is_not_a_corpus_folder_says_what_to_pass_instead(tmp_path):
         resolve_files("Salesforce/wikitext")
     with pytest.raises(UserError, match=r"data path not found: nope\.txt$"):
         resolve_files("nope.txt")
+    with pytest.raises(UserError, match=r"^/dev/null is not a regular file or a directory"):  # not "only directories"
+        resolve_files("/dev/null")

@@ -1,38 +1,73 @@
 """Export a checkpoint as a Hugging Face GPT-2 folder:
 
-    python -m accel_gpt.export --checkpoint RUN_OR_CHECKPOINT_DIR [--step N] --out HF_DIR
+    python -m accel_gpt.export --checkpoint RUN_OR_CHECKPOINT_DIR [--step N] --out HF_DIR [--overwrite]
 
 The folder loads with `transformers.GPT2LMHeadModel.from_pretrained(HF_DIR)` and gives the same logits.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from accel_gpt.checkpoint import MANIFEST, list_checkpoints
+from accel_gpt.checkpoint import MANIFEST, list_checkpoints, overwritten_name
 from accel_gpt.cli import CommandLineParser, add_checkpoint_arguments, run_command
+from accel_gpt.corpus import DATASET_DICT_FILE, DATASET_FILES
 from accel_gpt.errors import UserError
-from accel_gpt.hf import export_to_hf
+from accel_gpt.hf import EXPORT_FILES, export_to_hf
 from accel_gpt.inference import load_model
 
 
-def refuse_run_folder(out: Path) -> None:
-    """Export writes config.json and model.safetensors: never into a checkpoint (they would replace its own), nor
-    into a run directory or the folder of its checkpoints (a folder of its own inside a run directory is fine)."""
+def check_out_folder(out: Path, overwrite: bool) -> list[Path]:
+    """The files of an earlier export in `out` that this one replaces (refused unless `overwrite`). Never a
+    checkpoint (its own files would be replaced), a run directory or the folder of its checkpoints, or a folder
+    saved by `datasets` (a folder of its own inside any of them is fine)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: export into a folder")
     if checkpoint := next((f for f in (out, *out.resolve().parents) if (f / MANIFEST).is_file()), None):
         raise UserError(f"--out {out} is inside checkpoint {checkpoint}: export into a folder of its own")
     if (out / "metrics.jsonl").is_file() or (out / "config.yaml").is_file() or list_checkpoints(out):
         raise UserError(f"--out {out} holds a run or its checkpoints: export into a folder of its own")
+    if (out / DATASET_DICT_FILE).is_file() or all((out / name).is_file() for name in DATASET_FILES):
+        raise UserError(f"--out {out} holds a dataset saved by `datasets`: export into a folder of its own")
+    found = [out / name for name in EXPORT_FILES if (out / name).exists()]
+    if found and not overwrite:
+        raise UserError(
+            f"--out {out} already holds {', '.join(p.name for p in found)}: export into a new folder, or pass "
+            "--overwrite (moves them aside, deletes nothing)"
+        )
+    return found
+
+
+def set_aside(out: Path, files: list[Path]) -> Path:
+    """Move an earlier export's files into `out/overwritten-<time>/`, deleting nothing."""
+    dest = out / overwritten_name(out)
+    try:
+        dest.mkdir()
+        for path in files:
+            os.replace(path, dest / path.name)
+    except OSError as err:
+        raise UserError(f"could not move the earlier export in {out} aside: {err.strerror or err}") from None
+    return dest
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = CommandLineParser(prog="python -m accel_gpt.export", description=__doc__.splitlines()[0])
     add_checkpoint_arguments(parser)
-    parser.add_argument("--out", required=True, help="output folder for config.json + model.safetensors")
+    parser.add_argument("--out", required=True, help=f"output folder for {' + '.join(EXPORT_FILES)}")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier export in --out: its files are moved into --out/overwritten-<time>/, never deleted",
+    )
     args = parser.parse_args(argv)
-    refuse_run_folder(Path(args.out))
-    out = export_to_hf(load_model(args.checkpoint, step=args.step), args.out)
-    print(f"wrote {out}/config.json and {out}/model.safetensors (GPT2LMHeadModel)")
+    out = Path(args.out)
+    earlier = check_out_folder(out, args.overwrite)
+    model = load_model(args.checkpoint, step=args.step)  # before anything moves: a bad checkpoint changes nothing
+    if earlier:
+        print(f"moved the earlier export's {', '.join(p.name for p in earlier)} to {set_aside(out, earlier)}")
+    export_to_hf(model, out)
+    print(f"wrote {' and '.join(f'{out}/{name}' for name in EXPORT_FILES)} (GPT2LMHeadModel)")
 
 
 if __name__ == "__main__":

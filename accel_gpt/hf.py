@@ -96,6 +96,9 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str,
     return out
 
 
+EXPORT_FILES = ("config.json", "model.safetensors")  # what export_to_hf writes
+
+
 def export_to_hf(model: GPTModel, out_dir: str | Path) -> Path:
     """Write `config.json` + `model.safetensors` that `GPT2LMHeadModel.from_pretrained(out_dir)` loads."""
     state = to_hf_state_dict(model)

@@ -183,6 +183,33 @@ def test_export_never_writes_into_a_checkpoint_or_a_run(tiny_run, tmp_path, capf
     assert in_process(main, ["--checkpoint", run, "--out", run / "hf"], capfd).returncode == 0  # a folder of its own
 
 
+def test_export_refuses_a_folder_holding_its_files_and_overwrite_moves_them_aside(tiny_run, tmp_path, capfd):
+    from accel_gpt.export import main
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}')  # a user's own file, which export would replace
+    (out / "notes.txt").write_text("kept")
+    refused = in_process(main, ["--checkpoint", tiny_run.out, "--out", out], capfd)
+    assert_one_line_error(
+        refused, f"--out {out} already holds config.json: export into a new folder, or pass --overwrite"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt"]
+    assert (out / "config.json").read_text() == '{"mine": true}'
+    replaced = in_process(main, ["--checkpoint", tiny_run.out, "--out", out, "--overwrite"], capfd)
+    assert replaced.returncode == 0, replaced.stderr
+    (aside,) = out.glob("overwritten-*")  # moved, never deleted
+    assert (aside / "config.json").read_text() == '{"mine": true}' and (out / "notes.txt").read_text() == "kept"
+    assert transformers.GPT2Config.from_pretrained(out).n_embd == 64
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    for name in ("dataset_info.json", "state.json"):  # what datasets' save_to_disk writes
+        (dataset / name).write_text("{}")
+    saved = in_process(main, ["--checkpoint", tiny_run.out, "--out", dataset, "--overwrite"], capfd)
+    assert_one_line_error(saved, "holds a dataset saved by `datasets`: export into a folder of its own")
+    assert sorted(p.name for p in dataset.iterdir()) == ["dataset_info.json", "state.json"]
+
+
 @pytest.mark.slow
 def test_a_new_run_starts_from_our_own_checkpoint_and_resumes_itself(tmp_path, train_here):
     """Continued pretraining: a run on The Verdict, then a new run on 西游记 from its checkpoint (its weights and

@@ -17,4 +17,6 @@ def __getattr__(name: str):
         from accel_gpt import inference
 
         return getattr(inference, name)
-    raise AttributeError(f"module 'accel_gpt' has no attribute {name!r}")
+    from accel_gpt.compat import old_name  # names of earlier releases
+
+    return old_name(__name__, name)

@@ -26,6 +26,7 @@ class Run:
     path: Path
     config: dict  # the resolved config.yaml the run wrote
     metrics: pandas.DataFrame  # one row per optimizer step, columns = metrics.jsonl fields
+    samples: pandas.DataFrame | None = None  # the greedy sample of each evaluation (samples.jsonl): step, text
 
     @property
     def name(self) -> str:
@@ -43,32 +44,45 @@ class Run:
 
 
 def load_run(run_dir: str | Path) -> Run:
-    """Read a run directory. A resumed run logs again from its checkpoint's step: what was logged from there on
-    before belongs to the abandoned attempt, and only the resumed run's records are kept."""
+    """Read a run directory: its config, metrics and samples. A resumed run logs again from its checkpoint's step:
+    what was logged from there on before belongs to the abandoned attempt, and only the resumed run's records are
+    kept."""
     import pandas as pd
 
     path = Path(run_dir)
     if not (path / "metrics.jsonl").exists():
         raise UserError(f"{path} is not a run directory (no metrics.jsonl)")
-    records: dict[int, dict] = {}  # in step order: each attempt logs steps in increasing order
-    lines = (path / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
+    metrics = step_records(path / "metrics.jsonl")
+    # A sample comes after its step's record: one beyond the last step logged is an abandoned attempt's, which the
+    # resumed run stopped before sampling again.
+    last = metrics[-1]["step"] if metrics else 0
+    samples = [record for record in step_records(path / "samples.jsonl") if record["step"] <= last]
+    return Run(path, read_run_config(path), pd.DataFrame(metrics), pd.DataFrame(samples, columns=["step", "text"]))
+
+
+def step_records(path: Path) -> list[dict]:
+    """The records of a file of one JSON object per step (metrics.jsonl, samples.jsonl) as the run that finished
+    logged them: each attempt logs steps in increasing order, so a record at or before the step of the one before
+    it starts a resumed attempt, and the abandoned attempt's records from that step on are dropped. A line torn by
+    a kill is skipped with a warning. No file: no records."""
+    if not path.exists():
+        return []
+    records: dict[int, dict] = {}
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     for number, line in enumerate(lines, 1):
         if line.strip():
             try:
                 record = json.loads(line)
             except ValueError:  # a run killed mid-write tears its last line; the records around it still count
                 warnings.warn(
-                    f"{path / 'metrics.jsonl'} line {number} is not a whole record (a run killed while "
-                    "writing it?): skipped",
-                    stacklevel=2,
+                    f"{path} line {number} is not a whole record (a run killed while writing it?): skipped",
+                    stacklevel=3,
                 )
                 continue
-            # Resumed from an earlier checkpoint and stopped sooner, a run must not show the old attempt's tail.
             while records and next(reversed(records)) >= record["step"]:
                 records.popitem()
             records[record["step"]] = record
-    metrics = pd.DataFrame(list(records.values()))
-    return Run(path=path, config=read_run_config(path), metrics=metrics)
+    return list(records.values())
 
 
 def _logged(run: Run) -> pandas.DataFrame:
@@ -139,6 +153,12 @@ def plot_lr(run: Run, path: str | Path | None = None):
     if path is not None:
         fig.savefig(path, dpi=100)
     return fig
+
+
+def __getattr__(name: str):  # names of earlier releases (accel_gpt/compat.py)
+    from accel_gpt.compat import old_name
+
+    return old_name(__name__, name)
 
 
 __all__ = ["Run", "generate", "load_model", "load_run", "open_checkpoint", "perplexity", "plot_losses", "plot_lr"]

@@ -6,3 +6,9 @@ Command lines print its message as a single line and exit non-zero (`accel_gpt.c
 
 class UserError(Exception):
     """A problem with the user's input, reported as one clear line."""
+
+
+def __getattr__(name: str):  # names of earlier releases (accel_gpt/compat.py)
+    from accel_gpt.compat import old_name
+
+    return old_name(__name__, name)

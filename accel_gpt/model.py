@@ -514,3 +514,9 @@ def generate_ids(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, *args,
     """`idx` `[batch, seq]` extended by up to `max_new_tokens` tokens; the options are `stream_tokens`'
     (context_size, temperature, top_k, eos_id, generator, top_p, use_cache): greedy by default."""
     return torch.cat([idx, *stream_tokens(model, idx, max_new_tokens, *args, **kwargs)], dim=1)
+
+
+def __getattr__(name: str):  # names of earlier releases (accel_gpt/compat.py)
+    from accel_gpt.compat import old_name
+
+    return old_name(__name__, name)

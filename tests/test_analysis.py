@@ -190,6 +190,23 @@ def test_a_resume_from_an_earlier_checkpoint_drops_the_abandoned_steps(tmp_path)
     assert metrics["step"].tolist() == [1, 2, 3, 4] and metrics["lr"].iloc[-1] == 1e-5
 
 
+def test_samples_of_an_abandoned_attempt_are_dropped_as_its_metrics_are(tmp_path):
+    """Samples at 2, 4, 6 (a torn 6), then a resume from step 2 that sampled at 4 and stopped at 5: samples.jsonl
+    shows the resumed run's 4, not the abandoned 4 or 6."""
+    run_dir = write_metrics(tmp_path / "r", range(1, 7))
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        for step in (3, 4, 5):
+            f.write(json.dumps({"step": step, "epoch": 0, "tokens_seen": 256 * step, "lr": 1e-5, "loss": 9.0}) + "\n")
+    samples = [{"step": 2, "text": "first"}, {"step": 4, "text": "abandoned"}, {"step": 6, "text": "abandoned"}]
+    lines = [json.dumps(sample) for sample in samples] + ['{"step": 6, "te', json.dumps({"step": 4, "text": "resumed"})]
+    (run_dir / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match="samples.jsonl line 4 is not a whole record"):
+        run = analysis.load_run(run_dir)
+    assert run.samples.to_dict("records") == [{"step": 2, "text": "first"}, {"step": 4, "text": "resumed"}]
+    (run_dir / "samples.jsonl").write_text("\n".join(lines[:3]) + "\n")  # no sample of the resumed run yet:
+    assert analysis.load_run(run_dir).samples["step"].tolist() == [2, 4]  # 6 lies past its last step, 5
+
+
 def test_plotting_a_run_with_no_logged_step_yet_is_one_clear_error(tmp_path):
     """The trainer creates metrics.jsonl at start and logs the first steps later (every 10 on a GPU)."""
     (tmp_path / "r").mkdir()

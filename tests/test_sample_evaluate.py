@@ -76,7 +76,7 @@ def test_greedy_cli_output_is_the_notebook_api_output(run):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == expected + "\n"
     piped = cli(
-        "sample",
+        "generate",  # the command's name in earlier releases: the same command, with a notice
         "--checkpoint",
         run["dir"] / "checkpoints" / "checkpoint_000004",
         "--max_new_tokens",
@@ -86,6 +86,32 @@ def test_greedy_cli_output_is_the_notebook_api_output(run):
         stdin="Every effort moves you\n",
     )  # the prompt from stdin; echo's newline dropped
     assert piped.stdout == expected + "\n"
+    notice = "accel_gpt: note: python -m accel_gpt.generate is now python -m accel_gpt.sample (same options)\n"
+    assert piped.stderr == notice
+
+
+def test_the_names_of_earlier_releases_still_work_with_a_notice(run):
+    """Scripts and notebooks of earlier releases keep working for one release, told in one line what to use."""
+    import torch
+
+    import accel_gpt
+    import accel_gpt.generate  # the old command's module: importing it leaves the package's function in place
+
+    model = analysis.load_model(run["dir"])
+    expected = analysis.generate(model, "Every effort moves you", max_new_tokens=6)
+    assert accel_gpt.generate is analysis.generate
+    with pytest.warns(FutureWarning, match="accel_gpt.generate_text is now accel_gpt.generate"):
+        assert accel_gpt.generate_text(model, "Every effort moves you", 6, get_tokenizer()) == expected
+    from accel_gpt.model import generate as old_generate
+
+    with pytest.warns(FutureWarning, match="accel_gpt.model.generate is now accel_gpt.model.generate_ids"):
+        assert old_generate(model, torch.tensor([[1, 2]]), 3).shape == (1, 5)
+    from accel_gpt.errors import run_command
+
+    with pytest.warns(FutureWarning, match="accel_gpt.errors.run_command is now accel_gpt.cli.run_command"):
+        run_command(lambda: None)
+    with pytest.raises(AttributeError):
+        accel_gpt.no_such_name  # noqa: B018
 
 
 def run_in_process(main, capsys, *args) -> str:

@@ -1,0 +1,63 @@
+"""Names of earlier releases, kept working for one more release: each use says once, in one line, what replaced it.
+
+Modules that lost a name look it up here from their `__getattr__`; `python -m accel_gpt.generate` is `generate.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import warnings
+
+# (module, old name) -> (where the new one lives, its name there, how users now write it)
+RENAMED = {
+    ("accel_gpt.model", "generate"): ("accel_gpt.model", "generate_ids", "accel_gpt.model.generate_ids"),
+    ("accel_gpt.errors", "run_command"): ("accel_gpt.cli", "run_command", "accel_gpt.cli.run_command"),
+    **{
+        ("accel_gpt.analysis", name): ("accel_gpt.inference", name, f"accel_gpt.inference.{name}")
+        for name in ("resolve_device", "sliding_window_loss", "corpus_tokens", "is_data_path", "Checkpoint")
+    },
+    **{
+        (module, "generate_text"): ("accel_gpt.compat", "generate_text", "accel_gpt.generate")
+        for module in ("accel_gpt", "accel_gpt.model")
+    },
+}
+
+
+def notice(old: str, new: str, stacklevel: int = 3) -> None:
+    warnings.warn(f"{old} is now {new}; the old name goes in a later release", FutureWarning, stacklevel=stacklevel)
+
+
+def old_name(module: str, name: str):
+    """What `module.name` was, for a module's `__getattr__`; AttributeError for a name it never had."""
+    if (module, name) not in RENAMED:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    home, new_name, shown = RENAMED[module, name]
+    new = getattr(importlib.import_module(home), new_name)
+    if isinstance(new, type):  # a class (a NamedTuple): said on lookup, as it may be used without a call
+        notice(f"{module}.{name}", shown)
+        return new
+
+    @functools.wraps(new)
+    def renamed(*args, **kwargs):
+        notice(f"{module}.{name}", shown)
+        return new(*args, **kwargs)
+
+    return renamed
+
+
+def generate_text(
+    model, start_context: str, max_new_tokens: int, tokenizer, context_size=None, top_k=1, temperature=0.0, top_p=None
+) -> str:
+    """The text generator of earlier releases (greedy by default), as it was: `accel_gpt.generate` replaces it."""
+    import torch
+
+    from accel_gpt.model import generate_ids
+
+    was_training = model.training
+    model.eval()
+    ids = tokenizer.encode(start_context, allowed_special={"<|endoftext|>"})
+    idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
+    out = generate_ids(model, idx, max_new_tokens, context_size, temperature=temperature, top_k=top_k, top_p=top_p)
+    model.train(was_training)
+    return tokenizer.decode(out[0].tolist())

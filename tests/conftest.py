@@ -27,6 +27,18 @@ os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="accel-gpt-te
 # which slows torch's kernels far more than it parallelises them. Processes the tests start inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# And one thread per training process: the trainer's default, a thread per core, puts two or three threads on each
+# core while the other xdist worker runs, and OpenMP threads that wait for a descheduled partner cost the suite a
+# sixth of its time (benchmarks/RESULTS.md, "The test suite's threads"). The helpers below add --cpu_threads 1 to
+# every trainer they start, in this process or another, unless a test gives its own.
+TRAINER_THREADS = ["--cpu_threads", "1"]
+
+
+def one_thread(args) -> list[str]:
+    args = [str(a) for a in args]
+    return args if "--cpu_threads" in args else [*args, *TRAINER_THREADS]
+
+
 REPO = Path(__file__).resolve().parents[1]
 VERDICT = Path(str(resources.files("accel_gpt") / "assets" / "the-verdict.txt"))
 
@@ -46,6 +58,7 @@ def common_args(out, cache) -> list[str]:
         "--learning_rate", "1.5e-3", "--warmup_steps", "2", "--dropout", "0.0", "--seed", "11",
         "--val_fraction", "0.6",  # 32 training windows = 8 steps of 4: the 10 steps cross into epoch 1
         "--peak_flops", "1e11",  # for MFU: measuring the CPU's peak costs each process 0.3 s (test_metrics.py tests it)
+        *TRAINER_THREADS,
     ]  # fmt: skip
 
 
@@ -83,7 +96,7 @@ def launch(
     args: list[str], num_processes: int, timeout: int = 300, config: str | None = None, launcher_args=()
 ) -> subprocess.CompletedProcess:
     """Run the real trainer through `accelerate launch` and require it to succeed."""
-    cmd = launch_command(num_processes, config, launcher_args) + list(map(str, args))
+    cmd = launch_command(num_processes, config, launcher_args) + one_thread(args)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=launch_env(), cwd=REPO)
     if result.returncode != 0:
         raise AssertionError(f"launch failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
@@ -104,7 +117,7 @@ def run_module(module: str, *args, stdin: str | None = None, timeout: int = 300,
 
 
 def train_cli(*args, timeout: int = 300, prefix=()):
-    return run_module("train", *args, timeout=timeout, prefix=prefix)
+    return run_module("train", *one_thread(args), timeout=timeout, prefix=prefix)
 
 
 def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -120,7 +133,7 @@ def start(args, num_processes, env_extra=None):
     """Start the trainer (through `accelerate launch` for 2 processes) in its own process group."""
     prefix = [sys.executable, "-m", "accel_gpt.train"] if num_processes == 1 else launch_command(2)
     return subprocess.Popen(
-        [*prefix, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [*prefix, *one_thread(args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=launch_env(**(env_extra or {})), cwd=REPO, start_new_session=True,
     )  # fmt: skip
 
@@ -232,7 +245,7 @@ def tiny_run(tmp_path_factory, cache_root) -> FinishedRun:
     from accel_gpt.train import train
 
     args = common_args(root / "run", cache_root) + ["--max_steps", "4", "--save_freq", "2", "--eval_freq", "2"]
-    train(parse_config([str(a) for a in args]))  # in this process: a Python start costs more than the run
+    train(parse_config(one_thread(args)))  # in this process: a Python start costs more than the run
     return FinishedRun(root / "run", cache_root, root)
 
 
@@ -243,7 +256,7 @@ def train_here(capfd):
     concurrency, the launcher) use train_cli or launch."""
     from accel_gpt.train import main
 
-    return lambda *args: in_process(main, args, capfd)
+    return lambda *args: in_process(main, one_thread(args), capfd)
 
 
 @pytest.fixture
@@ -261,3 +274,13 @@ LONGEST_FIRST = ("test_launch.py", "test_faults.py", "test_streaming.py", "test_
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_after_each_test():
+    """A trainer run in this process sets torch's threads for it: the next test starts with one again."""
+    yield
+    import torch
+
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, VERDICT, common_args, free_port, run_python
+from conftest import REPO, VERDICT, common_args, free_port, one_thread, run_python
 from safetensors.torch import load_file
 
 from accel_gpt import analysis
@@ -36,7 +36,7 @@ def run_dir(tmp_path_factory):
         "false",
     ]
     for extra in ([], ["--checkpoint", "3"]):  # in this process, as a notebook trains
-        train(parse_config([str(a) for a in args + extra]))
+        train(parse_config(one_thread(args + extra)))
     return root / "run"
 
 
@@ -132,7 +132,7 @@ def test_train_is_callable_from_python_and_leaves_the_signal_handlers_as_it_foun
         "before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}\n"
         f"summary = train(TrainConfig(model='tiny', train_data_path=Path({str(VERDICT)!r}),"
         f" output_dir=Path({str(tmp_path / 'r')!r}), data_cache_dir=Path({str(tmp_path / 'c')!r}),"
-        " max_steps=3, warmup_steps=1, eval_freq=3, batch_size=4))\n"
+        " max_steps=3, warmup_steps=1, eval_freq=3, batch_size=4, cpu_threads=1, peak_flops=1e11))\n"
         "print('STEP', summary['step'], 'VAL', summary['val_loss'])\n"
         "assert {s: signal.getsignal(s) for s in before} == before\n"
         "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler\n"
@@ -154,7 +154,8 @@ def test_notebook_launcher_trains_with_two_processes(tmp_path):
         "from accel_gpt.train import train\n"
         "from accel_gpt.config import TrainConfig\n"
         f"cfg = TrainConfig(model='tiny', train_data_path={str(VERDICT)!r}, output_dir={str(tmp_path / 'r')!r},"
-        f" data_cache_dir={str(tmp_path / 'c')!r}, max_steps=3, warmup_steps=1, eval_freq=3, batch_size=2)\n"
+        f" data_cache_dir={str(tmp_path / 'c')!r}, max_steps=3, warmup_steps=1, eval_freq=3, batch_size=2,"
+        " cpu_threads=1, peak_flops=1e11)\n"
         f"notebook_launcher(train, (cfg,), num_processes=2, use_port={str(free_port())!r})\n"
     )
     result = run_python(code)

@@ -99,10 +99,9 @@ def test_two_runs_started_together_share_one_valid_cache_through_the_cli(tmp_pat
     for i in range(4):  # ~1.4M tokens: seconds of tokenizing, so the builds most likely overlap (forced above)
         (corpus / f"part{i}.txt").write_text(f"Part {i}.\n{text}", encoding="utf-8")
     runs = [tmp_path / f"run{i}" for i in range(2)]
-    # One thread each: the two processes compute alike by construction whatever else the machine runs (with a
-    # thread per core each, 10.836809 and 10.836794 were seen once at step 1 under xdist).
-    args = ["--max_steps", "3", "--eval_freq", "3", "--save_freq", "100", "--train_data_path", str(corpus),
-            "--cpu_threads", "1"]  # fmt: skip
+    # One thread each (common_args): the two processes compute alike by construction whatever else the machine runs
+    # (with a thread per core each, 10.836809 and 10.836794 were seen once at step 1 under xdist).
+    args = ["--max_steps", "3", "--eval_freq", "3", "--save_freq", "100", "--train_data_path", str(corpus)]
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "accel_gpt.train", *common_args(run, tmp_path / "cache"), *args],

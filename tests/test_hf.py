@@ -28,7 +28,9 @@ SIZES = dict(vocabulary_size=50257, context_len=32, embedding_dim=32, num_heads=
 @pytest.mark.parametrize(
     "qkv_bias, bias, tie", [(False, True, False), (True, True, True), (False, True, True), (False, False, True)]
 )
-def test_exported_folder_loads_in_transformers_with_the_same_logits(tmp_path, qkv_bias, bias, tie):
+def test_exported_folder_loads_in_transformers_with_the_same_logits(tmp_path, capfd, qkv_bias, bias, tie):
+    from accel_gpt.export import main
+
     torch.manual_seed(0)
     model = GPTModel(**SIZES, qkv_bias=qkv_bias, bias=bias, tie_weights=tie).eval()
     with torch.no_grad():
@@ -38,12 +40,7 @@ def test_exported_folder_loads_in_transformers_with_the_same_logits(tmp_path, qk
     ckpt = save_checkpoint(
         tmp_path / "ckpts", 7, model.config, full_state_dicts(model, build_optimizer(model, TrainConfig())), {}, {}
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "accel_gpt.export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    result = in_process(main, ["--checkpoint", ckpt, "--out", tmp_path / "hf"], capfd)  # a process of its own below
     assert result.returncode == 0, result.stderr[-2000:]
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.tie_word_embeddings is tie

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, VERDICT, common_args, free_port, launch, launch_env, read_metrics
+from conftest import REPO, VERDICT, common_args, free_port, launch, launch_env, one_thread, read_metrics
 from safetensors.torch import load_file
 
 from accel_gpt.config import parse_config
@@ -39,7 +39,7 @@ def one_process_run(two_process_run):
     """The same run on one process, batch 4 instead of 2 x 2: the same global batch. In this process: the launcher
     is under test in the 2-process runs, and a process start costs more than this run."""
     out = two_process_run["root"] / "run1"
-    train(parse_config(list(map(str, common_args(out, two_process_run["cache"]) + ["--batch_size", "4"]))))
+    train(parse_config(one_thread(common_args(out, two_process_run["cache"]) + ["--batch_size", "4"])))
     return out
 
 
@@ -146,7 +146,11 @@ def test_python_m_with_a_separate_validation_path(tmp_path):
     out = tmp_path / "run"
     args = common_args(out, tmp_path / "cache") + ["--val_data_path", str(val_dir), "--max_steps", "3"]
     result = subprocess.run(
-        [sys.executable, "-m", "accel_gpt.train", *args], capture_output=True, text=True, timeout=300, cwd=REPO
+        [sys.executable, "-m", "accel_gpt.train", *one_thread(args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world_size 1 | one process |" in result.stdout
@@ -167,7 +171,7 @@ def four_shards(tmp_path_factory):
     args = [*common_args(root / "one", root / "cache"), "--train_data_path", corpus, "--batch_size", "2"]
     args += ["--cache_shard_mb", "0.000001"]  # one file per shard
     # One machine, in this process: 1 process x batch 4 trains as 2 x 2 (test_one_process_equals_two_processes...)
-    train(parse_config([*map(str, args), "--batch_size", "4"]))
+    train(parse_config(one_thread([*args, "--batch_size", "4"])))
     return {"args": args, "metrics": read_metrics(root / "one"), "corpus": corpus}
 
 
@@ -181,7 +185,7 @@ def two_machines(args_of_machine) -> list[tuple[int, str, str]]:
             sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
             "--num_processes", "2", "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1",
             "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", "accel_gpt.train", *map(str, args_of_machine(machine_rank)),
+            "-m", "accel_gpt.train", *one_thread(args_of_machine(machine_rank)),
         ]  # fmt: skip
         procs.append(
             subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch_env(), cwd=REPO)

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_one_line_error, common_args, launch, read_metrics
+from conftest import assert_one_line_error, common_args, launch, one_thread, read_metrics
 
 from accel_gpt.config import TrainConfig, parse_config
 from accel_gpt.inference import generate, load_model, perplexity
@@ -98,13 +98,13 @@ def test_a_resume_takes_the_new_muon_learning_rate_not_the_saved_one():
 
 def test_muon_and_every_model_option_train_and_resume_bit_for_bit(tmp_path, train_here):
     args = [*common_args(tmp_path / "full", tmp_path / "cache"), *RECIPE, "--dropout", "0.1", "--save_freq", "5"]
-    train(parse_config(list(map(str, args))))
+    train(parse_config(one_thread(args)))
     full = read_metrics(tmp_path / "full")
     assert full[10]["loss"] < full[1]["loss"] - 1.0 and full[10]["val_loss"] < full[5]["val_loss"]
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "full", resumed)
     shutil.rmtree(resumed / "checkpoints" / "checkpoint_000010")
-    train(parse_config([*map(str, args), "--output_dir", str(resumed), "--checkpoint", "5"]))
+    train(parse_config(one_thread([*args, "--output_dir", resumed, "--checkpoint", "5"])))
     again = read_metrics(resumed)
     assert all(again[step]["loss"] == full[step]["loss"] for step in range(6, 11))
     switched = train_here(*args, "--output_dir", resumed, "--checkpoint", "5", "--optimizer", "adamw")
@@ -134,7 +134,7 @@ def test_muon_on_two_gloo_processes_trains_as_one_process(tmp_path):
     4's losses: every rank applies the update that one process would."""
     args = [*common_args(tmp_path / "two", tmp_path / "cache"), *RECIPE, "--batch_size", "2"]
     launch(args, num_processes=2)
-    train(parse_config([*map(str, args), "--output_dir", str(tmp_path / "one"), "--batch_size", "4"]))
+    train(parse_config(one_thread([*args, "--output_dir", tmp_path / "one", "--batch_size", "4"])))
     two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
     for step in range(1, 11):
         assert two[step]["loss"] == pytest.approx(one[step]["loss"], abs=1e-5), step

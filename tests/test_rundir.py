@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, VERDICT, assert_one_line_error, train_cli
+from conftest import REPO, VERDICT, assert_one_line_error, one_thread, train_cli
 
 from accel_gpt.checkpoint import verify_checkpoint
 from accel_gpt.config import parse_config
@@ -61,7 +61,7 @@ def command(out, cache):  # issue 10's first reproduction, on the small bundled 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     root = tmp_path_factory.mktemp("rundir")
-    train(parse_config([str(a) for a in command(root / "same", root / "cache")]))
+    train(parse_config(one_thread(command(root / "same", root / "cache"))))
     return {"root": root, "out": root / "same", "cache": root / "cache", "files": snapshot(root / "same")}
 
 
@@ -239,7 +239,7 @@ def test_ten_runs_started_at_once_each_get_their_own_directory(tmp_path, train_h
         sys.exit(max(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children))
     """
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    started = subprocess.run([sys.executable, "-c", ten, *map(str, args)], cwd=tmp_path, env=env, capture_output=True,
+    started = subprocess.run([sys.executable, "-c", ten, *one_thread(args)], cwd=tmp_path, env=env, capture_output=True,
                              text=True, timeout=300)  # fmt: skip
     assert started.returncode == 0, started.stderr[-3000:]
     runs = sorted((tmp_path / "runs").iterdir())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, assert_one_line_error, common_args, launch, read_metrics, train_cli
+from conftest import REPO, assert_one_line_error, common_args, launch, one_thread, read_metrics, train_cli
 
 pytestmark = pytest.mark.slow  # every test here starts processes or trains
 
@@ -103,7 +103,12 @@ def test_wandb_offline_run_holds_the_metrics_and_config(tmp_path):
         "xiyouji-tests",
     ]
     result = subprocess.run(
-        [sys.executable, "-m", "accel_gpt.train", *args], capture_output=True, text=True, cwd=REPO, timeout=300, env=env
+        [sys.executable, "-m", "accel_gpt.train", *one_thread(args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     [run_file] = (out / "wandb").glob("offline-run-*/run-*.wandb")

@@ -21,6 +21,8 @@ RENAMED = {
         (module, "generate_text"): ("accel_gpt.compat", "generate_text", "accel_gpt.generate")
         for module in ("accel_gpt", "accel_gpt.model")
     },
+    # The notebook API re-exported the trainer before it stopped importing training code.
+    ("accel_gpt.analysis", "train"): ("accel_gpt.train", "train", "accel_gpt.train.train"),
 }
 
 
@@ -35,7 +37,7 @@ def old_name(module: str, name: str):
     home, new_name, shown = RENAMED[module, name]
     new = getattr(importlib.import_module(home), new_name)
     if isinstance(new, type):  # a class (a NamedTuple): said on lookup, as it may be used without a call
-        notice(f"{module}.{name}", shown)
+        notice(f"{module}.{name}", shown, stacklevel=4)  # above this function and the module's __getattr__
         return new
 
     @functools.wraps(new)

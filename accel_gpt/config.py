@@ -29,6 +29,9 @@ from accel_gpt.model import OPTION_VALUES, PRESETS, GPTConfig
 # sample is made at every evaluation and cannot be longer than it is useful to read there; torch takes its thread
 # count as a 32-bit integer, and more threads or processes than any machine has cores only oversubscribe it.
 MAX_SAMPLE_TOKENS = 1024
+# The preset of a run that names none. The field itself defaults to None, so that a preset given with init_from
+# (which brings its own network) is seen and checked against it.
+DEFAULT_MODEL = "mini"
 MAX_THREADS = 1024
 
 
@@ -252,7 +255,7 @@ class TrainConfig:
 
     def model_config(self, vocabulary_size: int) -> GPTConfig:
         """The preset with every model field that was set here layered on top."""
-        sizes = dict(PRESETS[self.model], vocabulary_size=vocabulary_size)
+        sizes = dict(PRESETS[self.model or DEFAULT_MODEL], vocabulary_size=vocabulary_size)
         for name in (*MODEL_SHAPE_OPTIONS, "dropout", "context_len"):
             if getattr(self, name) is not None:
                 sizes[name] = getattr(self, name)
@@ -450,7 +453,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"expected a TrainConfig, got {type(cfg).__name__}")
     cfg = dataclasses.replace(cfg, **{key: _typed(key, getattr(cfg, key)) for key in _FIELDS})
     if cfg.model is None and not cfg.init_from:
-        cfg = dataclasses.replace(cfg, model="mini")
+        cfg = dataclasses.replace(cfg, model=DEFAULT_MODEL)
     if cfg.model is not None and cfg.model not in PRESETS:
         raise UserError(f"unknown model preset {cfg.model!r}; choose one of {', '.join(PRESETS)}")
     for key in AT_LEAST_ONE:

@@ -64,8 +64,10 @@ def resolve_files(spec: str) -> list[Path]:
             hint = " (a Hugging Face dataset by name goes to --dataset)" if by_name else ""
             raise UserError(f"data path not found: {spec}{hint}")
         candidates = [p for p in matches if p.is_file()]
-        if not candidates and path.exists() and not path.is_dir():  # a device, a pipe, a socket: /dev/null
-            raise UserError(f"{spec} is not a regular file or a directory: pass a corpus file, a directory or a glob")
+        if not candidates and not any(p.is_dir() for p in matches):  # a device, a pipe, a socket: /dev/null
+            raise UserError(
+                f"{matches[0]} is not a regular file or a directory: pass a corpus file, a directory or a glob"
+            )
         if not candidates:
             raise UserError(
                 f"{spec} matches only directories ({matches[0]}, ...): pass a directory, or a pattern "
@@ -84,6 +86,11 @@ def _file_format(path: Path) -> str | None:
         inner = FORMATS.get(suffixes[0]) if len(suffixes) == 2 else None
         return inner if inner in COMPRESSIBLE else None
     return FORMATS.get(suffixes[-1]) if suffixes else None
+
+
+def is_corpus_file(path: Path) -> bool:
+    """Whether a data path that finds `path` reads it as corpus text (by its name, as `resolve_files` does)."""
+    return _file_format(path) is not None
 
 
 def has_wildcards(spec: str) -> bool:
@@ -201,8 +208,17 @@ def scored_files(spec: str, split: str | None = None) -> tuple[list[Path], str |
     """The files of data path `spec` to score (evaluate, perplexity), read as training reads it: one split of a folder
     laid out in hub splits (`split`, default validation: scoring every split would score training text), every file
     of anything else; the split scored (None: not a split layout); and the line that says which files those are."""
+    path = Path(spec).expanduser()
+    if (path / DATASET_DICT_FILE).is_file():  # saved by DatasetDict.save_to_disk: a folder per split
+        split = split or "validation"
+        splits = sorted(p.name for p in path.iterdir() if p.is_dir() and _is_saved_dataset(p))
+        if split not in splits:
+            raise UserError(
+                f"{spec} is a saved DatasetDict with no {split} split (splits: {', '.join(splits)}): pass --split"
+            )
+        return [path / split], split, f"{spec} is a saved DatasetDict: scoring its {split} split"
     files = _files_for("evaluation", spec)
-    one_file = len(files) == 1 and Path(spec).expanduser().is_file()
+    one_file = len(files) == 1 and path.is_file()
     splits = None if one_file else hub_splits(files, _search_root(spec))
     if splits is None:
         if split is not None:

@@ -12,7 +12,7 @@ import sys
 
 from accel_gpt.cache import DEFAULT_DIR as DEFAULT_CACHE_DIR
 from accel_gpt.cli import CommandLineParser, add_checkpoint_arguments, run_command
-from accel_gpt.inference import corpus_tokens, default_stride, open_checkpoint, resolve_device, sliding_window_loss
+from accel_gpt.inference import default_stride, open_checkpoint, resolve_device, scored_corpus, sliding_window_loss
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = checkpoint.train_config
     # The corpus is tokenized as the checkpoint's run tokenized its own: same tokenizer, same end-of-text id.
     column = args.text_column or settings.get("text_column", "text")
-    corpus = corpus_tokens(
+    corpus = scored_corpus(
         args.data, settings.get("tokenizer", "gpt2"), settings.get("special_token_id"), args.data_cache_dir, column,
         args.split,
     )  # fmt: skip

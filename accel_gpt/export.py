@@ -12,7 +12,7 @@ from pathlib import Path
 
 from accel_gpt.checkpoint import MANIFEST, list_checkpoints, overwritten_name
 from accel_gpt.cli import CommandLineParser, add_checkpoint_arguments, run_command
-from accel_gpt.corpus import DATASET_DICT_FILE, DATASET_FILES
+from accel_gpt.corpus import DATASET_DICT_FILE, DATASET_FILES, is_corpus_file
 from accel_gpt.errors import UserError
 from accel_gpt.hf import EXPORT_FILES, export_to_hf
 from accel_gpt.inference import load_model
@@ -20,8 +20,9 @@ from accel_gpt.inference import load_model
 
 def check_out_folder(out: Path, overwrite: bool) -> list[Path]:
     """The files of an earlier export in `out` that this one replaces (refused unless `overwrite`). Never a
-    checkpoint (its own files would be replaced), a run directory or the folder of its checkpoints, or a folder
-    saved by `datasets` (a folder of its own inside any of them is fine)."""
+    checkpoint (its own files would be replaced), a run directory or the folder of its checkpoints, a folder saved
+    by `datasets`, or a folder holding corpus files, whose data path config.json would join (a folder of its own
+    inside a run is fine)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: export into a folder")
     if checkpoint := next((f for f in (out, *out.resolve().parents) if (f / MANIFEST).is_file()), None):
@@ -30,6 +31,11 @@ def check_out_folder(out: Path, overwrite: bool) -> list[Path]:
         raise UserError(f"--out {out} holds a run or its checkpoints: export into a folder of its own")
     if (out / DATASET_DICT_FILE).is_file() or all((out / name).is_file() for name in DATASET_FILES):
         raise UserError(f"--out {out} holds a dataset saved by `datasets`: export into a folder of its own")
+    if corpus := next(corpus_files(out), None):
+        raise UserError(
+            f"--out {out} holds corpus files ({corpus}): export's config.json would join them as a JSON file of the "
+            "corpus; export into a folder of its own"
+        )
     found = [out / name for name in EXPORT_FILES if (out / name).exists()]
     if found and not overwrite:
         raise UserError(
@@ -37,6 +43,17 @@ def check_out_folder(out: Path, overwrite: bool) -> list[Path]:
             "--overwrite (moves them aside, deletes nothing)"
         )
     return found
+
+
+def corpus_files(folder: Path):
+    """The files below `folder` that a data path would read as corpus text (.txt, .jsonl, .json, .parquet, or
+    compressed), export's own files and earlier exports' set-aside folders excepted; lazily, so the first one
+    found ends the search."""
+    for root, folders, names in os.walk(folder):
+        folders[:] = [f for f in folders if not f.startswith(("overwritten-", "."))]
+        for name in names:
+            if not name.startswith(".") and name not in EXPORT_FILES and is_corpus_file(Path(root, name)):
+                yield Path(root, name)
 
 
 def set_aside(out: Path, files: list[Path]) -> Path:

@@ -198,7 +198,7 @@ class ScoredCorpus(NamedTuple):
     note: str  # which files those are, in one line
 
 
-def corpus_tokens(
+def scored_corpus(
     spec: str | Path,
     tokenizer: str = "gpt2",
     special_token_id: int | None = None,
@@ -206,8 +206,9 @@ def corpus_tokens(
     text_column: str = "text",
     split: str | None = None,
 ) -> ScoredCorpus:
-    """A data path's tokens exactly as training reads them (end-of-text after each document, cached on disk): of a
-    folder laid out in hub splits, the `split` files alone (default validation); see `corpus.scored_files`."""
+    """A data path's tokens exactly as training reads them (end-of-text after each document, cached on disk), with
+    the files they come from: of a folder laid out in hub splits, the `split` files alone (default validation); see
+    `corpus.scored_files`."""
     eot = get_tokenizer(tokenizer).eot_token if special_token_id is None else special_token_id
     files, split, note = scored_files(str(spec), split)
     cache_dir = data_cache_dir or DEFAULT_CACHE_DIR
@@ -215,6 +216,18 @@ def corpus_tokens(
         str(spec), tokenizer, eot, cache_dir, role="evaluation", text_column=text_column, files=files
     )
     return ScoredCorpus(tokens[0], files, split, note)
+
+
+def corpus_tokens(
+    spec: str | Path,
+    tokenizer: str = "gpt2",
+    special_token_id: int | None = None,
+    data_cache_dir: str | Path | None = None,
+    text_column: str = "text",
+    split: str | None = None,
+) -> TokenStream:
+    """The tokens of `scored_corpus`."""
+    return scored_corpus(spec, tokenizer, special_token_id, data_cache_dir, text_column, split).tokens
 
 
 @torch.no_grad()
@@ -274,7 +287,7 @@ def perplexity(
     Sliding windows of the model's context every `stride` tokens (default half the context): see
     `sliding_window_loss`. `python -m accel_gpt.evaluate` prints the same number."""
     if is_data_path(text_or_path):
-        tokens = corpus_tokens(text_or_path, tokenizer, data_cache_dir=data_cache_dir, split=split).tokens
+        tokens = corpus_tokens(text_or_path, tokenizer, data_cache_dir=data_cache_dir, split=split)
     else:
         tokens = torch.tensor(get_tokenizer(tokenizer).encode_ordinary(str(text_or_path)))
     stride = default_stride(model) if stride is None else stride

@@ -156,7 +156,7 @@ def model_config_for(cfg: TrainConfig, vocabulary_size: int) -> tuple[GPTConfig,
         raise UserError(
             f"init_from model has {model_cfg.vocabulary_size} tokens, the {cfg.tokenizer} tokenizer {vocabulary_size}"
         )
-    if cfg.model is not None and (differs := preset_differences(cfg.model, model_cfg)):
+    if cfg.model is not None and (differs := preset_differences(cfg, model_cfg)):
         raise UserError(
             f"init_from {cfg.init_from} is not the {cfg.model} preset ({differs}): its network's shape is the run's, "
             "so drop model"
@@ -170,9 +170,12 @@ def model_config_for(cfg: TrainConfig, vocabulary_size: int) -> tuple[GPTConfig,
     return model_cfg, checkpoint
 
 
-def preset_differences(preset: str, model_cfg: GPTConfig) -> str:
-    """How `model_cfg` differs from preset `preset` in shape ("" when it has the preset's shape)."""
-    shape = {k: v for k, v in PRESETS[preset].items() if k != "dropout"}
+def preset_differences(cfg: TrainConfig, model_cfg: GPTConfig) -> str:
+    """How `model_cfg` differs in shape from the preset `cfg.model` with `cfg`'s shape options on top ("" when they
+    are the same network). The context is not compared: context_len may be shorter than the model's, and is
+    checked on its own."""
+    shape = {k: v for k, v in PRESETS[cfg.model].items() if k not in ("dropout", "context_len")}
+    shape |= {k: getattr(cfg, k) for k in shape if getattr(cfg, k) is not None}
     return ", ".join(f"{k} {getattr(model_cfg, k)}, not {v}" for k, v in shape.items() if getattr(model_cfg, k) != v)
 
 

@@ -339,10 +339,15 @@ def check_stream_files(saved: list, now: list, path: Path) -> None:
         )
     for before, after in zip(saved, now):
         if before != after:
-            what = "size and modification time" if before[0] == after[0] else "name"
+            if before[0] != after[0] or len(before) != len(after):
+                what = f"in place of {before[0]}"
+            elif before[1] != after[1]:
+                what = f"its size: {before[1]:,} -> {after[1]:,} bytes"
+            else:
+                what = "its modification time: edited in place"
             raise UserError(
-                f"cannot resume {path}: the stream's file {after[0]} changed since the checkpoint (its {what}); resume "
-                "on the data it was saved with, or start a new run from its weights with --init_from"
+                f"cannot resume {path}: the stream's file {after[0]} changed since the checkpoint ({what}); resume on "
+                "the data it was saved with, or start a new run from its weights with --init_from"
             )
 
 

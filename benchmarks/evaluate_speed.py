@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=10)
     args = parser.parse_args()
-    corpus = corpus_tokens("tinyshakespeare").tokens
+    corpus = corpus_tokens("tinyshakespeare")
     tokens = torch.from_numpy(corpus.read(0, min(args.tokens, len(corpus))))
     print(f"{len(tokens):,} tokens of Tiny Shakespeare, {torch.get_num_threads()} threads\n")
     print("| model | what | batch | tokens/s | vs training |")

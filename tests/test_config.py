@@ -211,6 +211,11 @@ def test_python_api_refuses_bad_values_before_any_work(values, message, tmp_path
     assert capsys.readouterr().err == f"accel_gpt: error: {caught.value}\n"
 
 
+def test_a_bare_config_has_the_default_model():
+    assert TrainConfig().model_config(50257).embedding_dim == 128  # mini, before validate too
+    assert validate(TrainConfig()).model == "mini" and validate(TrainConfig(init_from="run")).model is None
+
+
 def test_paths_may_be_path_objects_and_checkpoint_a_step_number(tmp_path):
     cfg = validate(TrainConfig(train_data_path=tmp_path / "corpus.txt", output_dir=tmp_path, checkpoint=200))
     assert cfg.train_data_path == str(tmp_path / "corpus.txt") and cfg.output_dir == str(tmp_path)

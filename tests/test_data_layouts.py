@@ -290,5 +290,6 @@ def test_what_is_not_a_corpus_folder_says_what_to_pass_instead(tmp_path):
         resolve_files("Salesforce/wikitext")
     with pytest.raises(UserError, match=r"data path not found: nope\.txt$"):
         resolve_files("nope.txt")
-    with pytest.raises(UserError, match=r"^/dev/null is not a regular file or a directory"):  # not "only directories"
-        resolve_files("/dev/null")
+    for spec in ("/dev/null", "/dev/nul[l]"):  # not "matches only directories"
+        with pytest.raises(UserError, match=r"^/dev/null is not a regular file or a directory"):
+            resolve_files(spec)

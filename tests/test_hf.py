@@ -159,7 +159,10 @@ def test_init_from_our_checkpoint_takes_its_shape_and_is_never_moved_aside(tiny_
     with pytest.raises(UserError, match="is in the run that overwrite moves aside"):
         plan_run(parse_config([*map(str, base), "--output_dir", str(tiny_run.out), "--overwrite", "true"]), 1)
     assert plan_run(parse_config([*map(str, base), "--model", "tiny"]), 1).model_config.embedding_dim == 64  # repeats
-    shape = "embedding_dim 64, not 128, num_heads 2, not 4, context_len 64, not 128"
+    # A preset with shape options, and a shorter context, that make the network's shape repeat it.
+    repeats = ["--model", "mini", "--embedding_dim", "64", "--num_heads", "2", "--context_len", "32"]
+    assert plan_run(parse_config([*map(str, base), *repeats]), 1).context_len == 32
+    shape = "embedding_dim 64, not 128, num_heads 2, not 4"
     with pytest.raises(
         UserError, match=f"is not the mini preset \\({shape}\\): its network's shape is the run's, so drop"
     ):
@@ -186,17 +189,17 @@ def test_export_refuses_a_folder_holding_its_files_and_overwrite_moves_them_asid
     out = tmp_path / "mine"
     out.mkdir()
     (out / "config.json").write_text('{"mine": true}')  # a user's own file, which export would replace
-    (out / "notes.txt").write_text("kept")
+    (out / "notes.md").write_text("kept")
     refused = in_process(main, ["--checkpoint", tiny_run.out, "--out", out], capfd)
     assert_one_line_error(
         refused, f"--out {out} already holds config.json: export into a new folder, or pass --overwrite"
     )
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.md"]
     assert (out / "config.json").read_text() == '{"mine": true}'
     replaced = in_process(main, ["--checkpoint", tiny_run.out, "--out", out, "--overwrite"], capfd)
     assert replaced.returncode == 0, replaced.stderr
     (aside,) = out.glob("overwritten-*")  # moved, never deleted
-    assert (aside / "config.json").read_text() == '{"mine": true}' and (out / "notes.txt").read_text() == "kept"
+    assert (aside / "config.json").read_text() == '{"mine": true}' and (out / "notes.md").read_text() == "kept"
     assert transformers.GPT2Config.from_pretrained(out).n_embd == 64
     dataset = tmp_path / "dataset"
     dataset.mkdir()
@@ -205,6 +208,13 @@ def test_export_refuses_a_folder_holding_its_files_and_overwrite_moves_them_asid
     saved = in_process(main, ["--checkpoint", tiny_run.out, "--out", dataset, "--overwrite"], capfd)
     assert_one_line_error(saved, "holds a dataset saved by `datasets`: export into a folder of its own")
     assert sorted(p.name for p in dataset.iterdir()) == ["dataset_info.json", "state.json"]
+    corpus = tmp_path / "hub" / "data"  # config.json there would join the corpus as a JSON file
+    corpus.mkdir(parents=True)
+    (corpus / "train-00000-of-00001.txt").write_text("text")
+    for out in (corpus, corpus.parent):
+        refused = in_process(main, ["--checkpoint", tiny_run.out, "--out", out], capfd)
+        assert_one_line_error(refused, f"--out {out} holds corpus files ({corpus / 'train-00000-of-00001.txt'})")
+    assert sorted(p.name for p in corpus.parent.rglob("*")) == ["data", "train-00000-of-00001.txt"]
 
 
 @pytest.mark.slow

@@ -110,6 +110,15 @@ def test_the_names_of_earlier_releases_still_work_with_a_notice(run):
 
     with pytest.warns(FutureWarning, match="accel_gpt.errors.run_command is now accel_gpt.cli.run_command"):
         run_command(lambda: None)
+    with pytest.warns(FutureWarning, match="accel_gpt.analysis.corpus_tokens is now accel_gpt.inference"):
+        tokens = analysis.corpus_tokens("the-verdict", data_cache_dir=run["cache"])
+    assert (
+        len(tokens) == 5146 and tokens.read(0, 4).tolist() == get_tokenizer().encode_ordinary(VERDICT.read_text())[:4]
+    )
+    from accel_gpt.analysis import train
+    from accel_gpt.train import train as new_train
+
+    assert train.__wrapped__ is new_train  # a call says where it went
     with pytest.raises(AttributeError):
         accel_gpt.no_such_name  # noqa: B018
 

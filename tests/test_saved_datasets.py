@@ -90,6 +90,15 @@ def test_training_and_evaluate_read_a_dataset_and_a_dataset_dict_split_as_jsonl(
         analysis.load_model(out), tmp_path / "train_ds.jsonl", data_cache_dir=cache
     )  # both at their default stride, half the context
     assert json.loads(capfd.readouterr().out)["perplexity"] == pytest.approx(expected, rel=1e-6)
+    # A whole DatasetDict folder: one split is scored, validation unless --split names another.
+    for split, texts in (("validation", val_texts), ("train", train_texts)):
+        evaluate_main(["--checkpoint", str(out), "--data", str(tmp_path / "dict"), "--data_cache_dir", str(cache),
+                       *(["--split", split] if split == "train" else [])])  # fmt: skip
+        printed = capfd.readouterr()
+        expected = analysis.perplexity(analysis.load_model(out), as_jsonl(tmp_path / f"{split}.jsonl", texts),
+                                       data_cache_dir=cache)  # fmt: skip
+        assert json.loads(printed.out)["perplexity"] == pytest.approx(expected, rel=1e-6)
+        assert printed.err == f"evaluate: {tmp_path / 'dict'} is a saved DatasetDict: scoring its {split} split\n"
 
 
 def test_the_cache_key_is_the_shards_content(tmp_path, cache_dir):

@@ -230,7 +230,8 @@ def test_streaming_settings_that_cannot_work_are_one_line(tmp_path, train_here, 
     lines = shards[2].read_text().splitlines(keepends=True)
     shards[2].write_text("".join(lines[:-3]))  # edited in place: the saved positions would point into other text
     edited = train_here(*run, "--checkpoint", "3")
-    assert_one_line_error(edited, f"the stream's file {shards[2]} changed since the checkpoint (its size and")
+    sizes = f"{len(''.join(lines).encode()):,} -> {shards[2].stat().st_size:,}"
+    assert_one_line_error(edited, f"the stream's file {shards[2]} changed since the checkpoint (its size: {sizes}")
     shards[4].unlink()
     assert_one_line_error(train_here(*run, "--checkpoint", "3"), "the stream had 5 files and has 4 now")
 

@@ -23,6 +23,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="accel-gpt-tests-hf-datasets-"))
 
+# A suite started in the background by a shell without job control (`pytest &` in a script, a CI step run so)
+# inherits SIGINT ignored, and so would every process the tests start, where Python then leaves it ignored: the tests
+# that interrupt a command, or check that train() leaves Python's Ctrl-C handler in place, need it as a terminal
+# gives it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # One thread per process: the suite runs a worker per core (pytest-xdist), and more threads than cores oversubscribe,
 # which slows torch's kernels far more than it parallelises them. Processes the tests start inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -50,11 +50,29 @@ REPO = Path(__file__).resolve().parents[1]
 VERDICT = Path(str(resources.files("accel_gpt") / "assets" / "the-verdict.txt"))
 
 
+_PORTS = None  # this worker's ports not yet handed out
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on now: launches never share the default 29500, so tests can run side by side."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port nothing listens on now, for a launch's rendezvous: launches never share the default 29500, so tests
+    run side by side. Not one the kernel hands out (an ephemeral port, in 32768-60999): between this call and the
+    launcher binding it seconds later, any process's outgoing connection could take one of those, and another xdist
+    worker asking the kernel could be given the same one, a rendezvous of two tests that hangs. Each worker has its
+    own slice of 20000-32767 and walks it, so no two launches of a session share a port."""
+    global _PORTS
+    if _PORTS is None:
+        worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        size = (32768 - 20000) // workers
+        _PORTS = iter(range(20000 + worker * size, 20000 + (worker + 1) * size))
+    for port in _PORTS:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # another program's
+                continue
+            return port
+    raise RuntimeError("no free port left in this worker's slice")
 
 
 def common_args(out, cache) -> list[str]:

@@ -1,7 +1,8 @@
 """The notebook API: load a finished (or running) run, plot it, and use its checkpoints.
 
-`load_run` -> metrics as a pandas DataFrame; `plot_losses` / `plot_lr` -> matplotlib Figures; `load_model`,
-`generate` and `perplexity` (from `accel_gpt.inference`) work from checkpoints with no pickle and no network.
+`load_run` -> metrics as a pandas DataFrame; `plot_losses` / `plot_lr` / `plot_tasks` -> matplotlib Figures;
+`load_model`, `generate`, `perplexity` and `bits_per_byte` (from `accel_gpt.inference`) work from checkpoints with
+no pickle and no network.
 Training from Python is `accel_gpt.train.train(TrainConfig(...))`.
 """
 
@@ -15,7 +16,15 @@ from typing import TYPE_CHECKING
 
 from accel_gpt.checkpoint import list_checkpoints
 from accel_gpt.errors import UserError
-from accel_gpt.inference import generate, load_model, open_checkpoint, perplexity, read_run_config, run_checkpoint_dir
+from accel_gpt.inference import (
+    bits_per_byte,
+    generate,
+    load_model,
+    open_checkpoint,
+    perplexity,
+    read_run_config,
+    run_checkpoint_dir,
+)
 
 if TYPE_CHECKING:  # pandas is imported where it is used: `import accel_gpt.analysis` stays light
     import pandas
@@ -141,6 +150,31 @@ def plot_losses(
     return fig
 
 
+def plot_tasks(runs: Run | list[Run], path: str | Path | None = None, labels: list[str] | None = None):
+    """Task scores at each evaluation (`--eval_tasks`): every task's acc and acc_norm (or acc alone for a completion
+    task) against the step, several runs in one figure. Returns the Figure and saves a PNG when `path` is given."""
+    plt = _figure()
+    runs = [runs] if isinstance(runs, Run) else list(runs)
+    frames = [_logged(run) for run in runs]
+    columns = sorted({c for m in frames for c in m.columns if c.endswith(("/acc", "/acc_norm"))})
+    if not columns:
+        raise UserError("no task scores to plot: train with --eval_tasks to log them")
+    labels = labels or [run.name for run in runs]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for m, label in zip(frames, labels):
+        for column in columns:
+            if column in m:
+                points = m[["step", column]].dropna()
+                ax.plot(points["step"], points[column], "o-", label=column if len(runs) == 1 else f"{label} {column}")
+    ax.set(xlabel="optimizer step", ylabel="accuracy", title=runs[0].name if len(runs) == 1 else "task accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig
+
+
 def plot_lr(run: Run, path: str | Path | None = None):
     """The learning rate at every step: warmup, then cosine decay."""
     m = _logged(run)
@@ -161,4 +195,15 @@ def __getattr__(name: str):  # names of earlier releases (accel_gpt/compat.py)
     return old_name(__name__, name)
 
 
-__all__ = ["Run", "generate", "load_model", "load_run", "open_checkpoint", "perplexity", "plot_losses", "plot_lr"]
+__all__ = [
+    "Run",
+    "bits_per_byte",
+    "generate",
+    "load_model",
+    "load_run",
+    "open_checkpoint",
+    "perplexity",
+    "plot_losses",
+    "plot_lr",
+    "plot_tasks",
+]

@@ -29,6 +29,9 @@ from accel_gpt.model import OPTION_VALUES, PRESETS, GPTConfig
 # sample is made at every evaluation and cannot be longer than it is useful to read there; torch takes its thread
 # count as a 32-bit integer, and more threads or processes than any machine has cores only oversubscribe it.
 MAX_SAMPLE_TOKENS = 1024
+# Examples of each --eval_tasks task per evaluation: the standard error of an accuracy near 0.3 is then about 0.02,
+# and on 2 CPU cores the mini model scores them in seconds (benchmarks/RESULTS.md, "Task evaluation").
+DEFAULT_EVAL_TASK_LIMIT = 500
 # The preset of a run that names none. The field itself defaults to None, so that a preset given with init_from
 # (which brings its own network) is seen and checked against it.
 DEFAULT_MODEL = "mini"
@@ -211,6 +214,15 @@ class TrainConfig:
         5,
         "global batches averaged for each train/val loss estimate: the first ones of each split, in corpus order, "
         "the same windows at any number of processes",
+    )
+    eval_tasks: str | None = _opt(
+        None,
+        "task files scored at every evaluation, PATH[,PATH...] (NAME=PATH names one): JSONL in the forms of "
+        "docs/evaluation.md (HellaSwag, LAMBADA, multiple choice, completion), scored as lm-evaluation-harness does; "
+        "logged as <task>/acc, <task>/acc_norm or <task>/perplexity",
+    )
+    eval_task_limit: int = _opt(
+        DEFAULT_EVAL_TASK_LIMIT, "examples of each task scored at every evaluation: its first ones, shared out to ranks"
     )
     log_every: int | None = _opt(
         None,
@@ -404,12 +416,13 @@ CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 # Path options: a notebook passes pathlib.Path objects, the config keeps their text.
 PATH_OPTIONS = (
-    "train_data_path", "val_data_path", "dataset", "data_cache_dir", "init_from", "output_dir", "checkpoint_dir"
+    "train_data_path", "val_data_path", "dataset", "data_cache_dir", "init_from", "output_dir", "checkpoint_dir",
+    "eval_tasks",
 )  # fmt: skip
 AT_LEAST_ONE = (
     "batch_size", "gradient_accumulation_steps", "num_epochs", "eval_iter", "save_freq", "max_nonfinite_steps",
     "vocab_multiple", "max_steps", "global_batch_size", "context_len", "stride", "cpu_threads", "embedding_dim",
-    "num_layers", "num_heads", "log_every", "num_proc",
+    "num_layers", "num_heads", "log_every", "num_proc", "eval_task_limit",
 )  # fmt: skip
 AT_LEAST_ZERO = (
     "warmup_steps", "keep_last", "eval_freq", "loss_chunk", "sample_tokens", "special_token_id", "stream_workers",
@@ -492,6 +505,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.dataset is not None and cfg.val_data_path is not None:
         raise UserError("dataset brings its own splits: choose the validation one with val_split, not val_data_path")
+    if cfg.eval_tasks is not None and cfg.eval_freq == 0:
+        raise UserError("eval_tasks are scored at evaluations: set eval_freq above 0")
     if cfg.streaming and cfg.max_steps is None:
         raise UserError("streaming reads a corpus of unknown length: set max_steps")
     if cfg.dataset is None and cfg.val_data_path is None and cfg.val_fraction == 0.0 and not cfg.streaming:

@@ -106,6 +106,20 @@ def make_eval_loader(dataset: WindowDataset, batch_size: int, global_batch_size:
     return make_loader(dataset, sampler)
 
 
+def eval_bytes_per_token(
+    dataset: WindowDataset, global_batch_size: int, eval_iter: int, byte_lengths: np.ndarray
+) -> float:
+    """The mean UTF-8 bytes of text per target token of the windows `make_eval_loader` reads (`byte_lengths`: each
+    token id's, `tokenizer.token_byte_lengths`): their loss in nats per token, divided by this and by ln 2, is bits
+    per byte, which compares models with different tokenizers."""
+    windows = min(len(dataset) // global_batch_size, eval_iter) * global_batch_size
+    total = 0
+    for i in range(windows):
+        start = i * dataset.stride + 1
+        total += int(byte_lengths[dataset.stream.read(start, start + dataset.context_len)].sum())
+    return total / (windows * dataset.context_len)
+
+
 def make_loader(dataset: WindowDataset, sampler: GlobalBatchSampler) -> DataLoader:
     # Reading a window is a memory-mapped slice, far faster than a training step: no worker processes needed.
     # A private generator: creating an iterator then draws nothing from the global RNG that dropout uses,

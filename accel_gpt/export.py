@@ -8,6 +8,7 @@ The folder loads with `transformers.GPT2LMHeadModel.from_pretrained(HF_DIR)` and
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from accel_gpt.checkpoint import MANIFEST, list_checkpoints, overwritten_name
@@ -15,7 +16,7 @@ from accel_gpt.cli import CommandLineParser, add_checkpoint_arguments, run_comma
 from accel_gpt.corpus import DATASET_DICT_FILE, DATASET_FILES, is_corpus_file
 from accel_gpt.errors import UserError
 from accel_gpt.hf import EXPORT_FILES, export_to_hf
-from accel_gpt.inference import load_model
+from accel_gpt.inference import open_checkpoint
 
 
 def check_out_folder(out: Path, overwrite: bool) -> list[Path]:
@@ -71,7 +72,7 @@ def set_aside(out: Path, files: list[Path]) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = CommandLineParser(prog="python -m accel_gpt.export", description=__doc__.splitlines()[0])
     add_checkpoint_arguments(parser)
-    parser.add_argument("--out", required=True, help=f"output folder for {' + '.join(EXPORT_FILES)}")
+    parser.add_argument("--out", required=True, help=f"output folder for {', '.join(EXPORT_FILES)}")
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -80,11 +81,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     earlier = check_out_folder(out, args.overwrite)
-    model = load_model(args.checkpoint, step=args.step)  # before anything moves: a bad checkpoint changes nothing
+    checkpoint = open_checkpoint(args.checkpoint, args.step)  # before anything moves: a bad one changes nothing
     if earlier:
         print(f"moved the earlier export's {', '.join(p.name for p in earlier)} to {set_aside(out, earlier)}")
-    export_to_hf(model, out)
-    print(f"wrote {' and '.join(f'{out}/{name}' for name in EXPORT_FILES)} (GPT2LMHeadModel)")
+    tokenizer = checkpoint.train_config.get("tokenizer", "gpt2")
+    export_to_hf(checkpoint.model, out, tokenizer)
+    written = [name for name in EXPORT_FILES if (out / name).exists()]
+    print(f"wrote {', '.join(written)} to {out} (GPT2LMHeadModel{', and its tokenizer' if len(written) > 2 else ''})")
+    if len(written) == 2:
+        print(f"no tokenizer files: the {tokenizer} tokenizer has no Hugging Face form yet", file=sys.stderr)
 
 
 if __name__ == "__main__":

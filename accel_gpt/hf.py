@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from accel_gpt.checkpoint import load_safetensors
 from accel_gpt.errors import UserError
 from accel_gpt.model import GPTConfig, GPTModel, fit_vocabulary_rows, gpt2_differences
+from accel_gpt.tokenizer import HF_TOKENIZER_FILES, write_hf_tokenizer
 
 # Our block's parameter names -> GPT-2's (HF stores the Linear weights transposed, as Conv1D).
 BLOCK_NAMES = {
@@ -96,11 +97,12 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str,
     return out
 
 
-EXPORT_FILES = ("config.json", "model.safetensors")  # what export_to_hf writes
+EXPORT_FILES = ("config.json", "model.safetensors", *HF_TOKENIZER_FILES)  # what export_to_hf writes
 
 
-def export_to_hf(model: GPTModel, out_dir: str | Path) -> Path:
-    """Write `config.json` + `model.safetensors` that `GPT2LMHeadModel.from_pretrained(out_dir)` loads."""
+def export_to_hf(model: GPTModel, out_dir: str | Path, tokenizer: str = "gpt2") -> Path:
+    """Write `config.json` + `model.safetensors` that `GPT2LMHeadModel.from_pretrained(out_dir)` loads, and the
+    tokenizer's files that `AutoTokenizer.from_pretrained(out_dir)` loads (GPT-2's; other tokenizers have none yet)."""
     state = to_hf_state_dict(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,6 +122,7 @@ def export_to_hf(model: GPTModel, out_dir: str | Path) -> Path:
         **hf_config_kwargs(model.config),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_hf_tokenizer(tokenizer, out, model.config.context_len)
     return out
 
 

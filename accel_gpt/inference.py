@@ -31,7 +31,7 @@ from accel_gpt.checkpoint import (
 from accel_gpt.corpus import BUNDLED_CORPORA, has_wildcards, scored_files
 from accel_gpt.errors import UserError
 from accel_gpt.model import GPTConfig, GPTModel, stream_tokens
-from accel_gpt.tokenizer import get_tokenizer
+from accel_gpt.tokenizer import get_tokenizer, token_byte_lengths
 from accel_gpt.tokens import TokenStream, tokenize_corpus
 
 
@@ -286,12 +286,47 @@ def perplexity(
     tokenized as training does it (of a folder laid out in hub splits, its `split` files: validation by default).
     Sliding windows of the model's context every `stride` tokens (default half the context): see
     `sliding_window_loss`. `python -m accel_gpt.evaluate` prints the same number."""
+    return math.exp(_score(model, text_or_path, stride, tokenizer, batch_size, data_cache_dir, split)[0])
+
+
+def bits_per_byte(
+    model: GPTModel,
+    text_or_path: str | Path,
+    stride: int | None = None,
+    tokenizer: str = "gpt2",
+    batch_size: int = 4,
+    data_cache_dir: str | Path | None = None,
+    split: str | None = None,
+) -> float:
+    """The loss of `perplexity`'s tokens in bits per byte of their text: nats per token x tokens scored / (UTF-8
+    bytes those tokens stand for x ln 2). Unlike a loss per token, it compares models with different tokenizers.
+    `python -m accel_gpt.evaluate` prints it as `bpb`."""
+    loss, scored, tokens = _score(model, text_or_path, stride, tokenizer, batch_size, data_cache_dir, split)
+    return loss_in_bits_per_byte(loss, scored, target_bytes(tokens, tokenizer))
+
+
+def _score(model, text_or_path, stride, tokenizer, batch_size, data_cache_dir, split):
+    """(mean loss, tokens scored, the tokens) of a text or data path, for perplexity and bits per byte."""
     if is_data_path(text_or_path):
         tokens = corpus_tokens(text_or_path, tokenizer, data_cache_dir=data_cache_dir, split=split)
     else:
         tokens = torch.tensor(get_tokenizer(tokenizer).encode_ordinary(str(text_or_path)))
     stride = default_stride(model) if stride is None else stride
-    return math.exp(sliding_window_loss(model, tokens, stride, batch_size)[0])
+    return (*sliding_window_loss(model, tokens, stride, batch_size), tokens)
+
+
+def target_bytes(tokens: torch.Tensor | TokenStream, tokenizer: str = "gpt2") -> int:
+    """The UTF-8 bytes of text that the targets `sliding_window_loss` scores, every token after the first, stand
+    for (special tokens: none), read a million tokens at a time."""
+    lengths, n = token_byte_lengths(tokenizer), len(tokens)
+    read = tokens.read if isinstance(tokens, TokenStream) else lambda a, b: tokens[a:b].numpy()
+    return sum(int(lengths[read(start, min(start + (1 << 20), n))].sum()) for start in range(1, n, 1 << 20))
+
+
+def loss_in_bits_per_byte(loss: float, tokens: int, text_bytes: int) -> float | None:
+    """A mean loss in nats per token over `tokens` tokens that stand for `text_bytes` bytes, in bits per byte
+    (None for tokens that stand for no text)."""
+    return loss * tokens / (text_bytes * math.log(2)) if text_bytes else None
 
 
 def default_stride(model: GPTModel) -> int:

@@ -21,6 +21,7 @@ from accel_gpt.hf import read_hf_gpt2_config
 from accel_gpt.inference import accel_gpt_checkpoint
 from accel_gpt.model import PRESETS, GPTConfig, context_limit
 from accel_gpt.schedule import learning_rate_at
+from accel_gpt.tasks import Task, load_tasks
 from accel_gpt.tokenizer import get_tokenizer
 
 
@@ -42,6 +43,7 @@ class RunPlan:
     stream_source: str = ""  # streaming: what is read, e.g. "Salesforce/wikitext (2 shards, column text)"
     held_out: tuple[int, int, int] = (0, 0, 0)  # streaming: where training's stream starts after a held-out slice
     stream_files: list = dataclasses.field(default_factory=list)  # streaming: what identifies its files, for resumes
+    tasks: tuple[Task, ...] = ()  # eval_tasks, read and checked
 
     @property
     def model_name(self) -> str:
@@ -210,7 +212,8 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
         raise UserError(
             f"special_token_id {eot_id} is outside the {cfg.tokenizer} vocabulary (0..{tokenizer.n_vocab - 1})"
         )
+    tasks = tuple(load_tasks(cfg.eval_tasks)) if cfg.eval_tasks is not None else ()
     return RunPlan(
         cfg, world_size, accumulation, global_batch, model_cfg, context_len, cfg.stride or context_len, eot_id,
-        init_checkpoint,
+        init_checkpoint, tasks=tasks,
     )  # fmt: skip

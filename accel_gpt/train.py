@@ -7,6 +7,7 @@ the launcher, not this code, decides between one CPU, gloo processes, GPUs and m
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType, gather_object, set_seed
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
@@ -38,7 +40,7 @@ from accel_gpt.checkpoint import (
 )
 from accel_gpt.cli import run_command
 from accel_gpt.config import TrainConfig, parse_config
-from accel_gpt.data import EpochBatches, GlobalBatchSampler, make_eval_loader, make_loader
+from accel_gpt.data import EpochBatches, GlobalBatchSampler, eval_bytes_per_token, make_eval_loader, make_loader
 from accel_gpt.errors import UserError
 from accel_gpt.hf import load_hf_gpt2
 from accel_gpt.inference import generate
@@ -53,6 +55,8 @@ from accel_gpt.rundir import RunDirs, complete_already, resolve_run_dirs
 from accel_gpt.schedule import clips_gradients_at
 from accel_gpt.step import make_step
 from accel_gpt.stream import StreamBatches
+from accel_gpt.tasks import evaluate_task
+from accel_gpt.tokenizer import get_tokenizer, token_byte_lengths
 
 
 @dataclass
@@ -87,6 +91,21 @@ def evaluate(model, loader, accelerator: Accelerator) -> float:
         batches += 1
     model.train()
     return accelerator.reduce(total / batches, reduction="mean").item()
+
+
+@contextlib.contextmanager
+def unsharded(model: torch.nn.Module):
+    """`model` with its own parameters whole for the body of the block: under FSDP2 the root's parameters (embedding,
+    final norm, head) are gathered only by its forward, which task scoring does not call (the blocks gather their
+    own as they run). Anything else as it is."""
+    if isinstance(model, FSDPModule):
+        model.unshard()
+        try:
+            yield model
+        finally:
+            model.reshard()
+    else:
+        yield model
 
 
 def seed_rank(seed: int, rank: int, step: int = 0) -> None:
@@ -128,6 +147,7 @@ class Run:
     state: TrainerState
     rng_state: dict | None = None  # resuming: this rank's RNG state, restored just before the first step
     logger: RunLogger | None = None  # None for a resumed run with nothing left to train
+    bytes_per_token: tuple[float, float] = (0.0, 0.0)  # of the train and validation evaluation windows' targets
 
     @property
     def steps_left(self) -> int:
@@ -163,9 +183,37 @@ class Run:
         accelerator.wait_for_everyone()
 
     def evaluate(self, record: dict) -> None:
-        """Train and validation loss into `record`."""
-        record["train_loss"] = evaluate(self.model, self.train_eval_loader, self.accelerator)
-        record["val_loss"] = evaluate(self.model, self.val_loader, self.accelerator)
+        """Train and validation loss into `record`, and each in bits per byte (nats per token / ln 2 / bytes per
+        token: comparable across tokenizers)."""
+        for split, loader, per_token in zip(("train", "val"), (self.train_eval_loader, self.val_loader),
+                                            self.bytes_per_token):  # fmt: skip
+            loss = record[f"{split}_loss"] = evaluate(self.model, loader, self.accelerator)
+            if per_token:  # 0 for windows of special tokens alone
+                record[f"{split}_bpb"] = loss / (math.log(2) * per_token)
+        if self.plan.tasks:
+            record |= self.score_tasks()
+
+    def score_tasks(self) -> dict:
+        """Each of `eval_tasks`' first `eval_task_limit` examples, shared out to the ranks and the counts summed:
+        `<task>/acc`, and `<task>/acc_norm` or `<task>/perplexity`."""
+        accelerator, plan = self.accelerator, self.plan
+        tokenizer = get_tokenizer(plan.cfg.tokenizer)
+
+        def reduce(counts: list[float]) -> list[float]:
+            summed = accelerator.reduce(torch.tensor(counts, dtype=torch.float64, device=accelerator.device), "sum")
+            return summed.tolist()
+
+        scores = {}
+        with unsharded(self.raw_model()) as model:
+            for task in plan.tasks:
+                result = evaluate_task(
+                    model, task, tokenizer, plan.eot_id, plan.cfg.eval_task_limit, accelerator.process_index,
+                    accelerator.num_processes, reduce,
+                )  # fmt: skip
+                for metric in ("acc", "acc_norm", "perplexity"):
+                    if metric in result:
+                        scores[f"{task.name}/{metric}"] = result[metric]
+        return scores
 
     def sample(self, stop: StopSignal) -> None:
         """A greedy sample into samples.jsonl. A stop signal ends it early (the loop then stops at its next sync);
@@ -245,9 +293,13 @@ def build_run(plan: RunPlan, accelerator: Accelerator, dirs: RunDirs, memory: st
             model, optimizer, train_loader, *eval_loaders
         )
         train_batches = EpochBatches(sampler, train_loader)
+    byte_lengths = token_byte_lengths(cfg.tokenizer)
+    bytes_per_token = tuple(
+        eval_bytes_per_token(ds, global_batch, cfg.eval_iter, byte_lengths) for ds in (data.train_eval, data.val)
+    )
     run = Run(
         plan, accelerator, dirs, model, optimizer, train_batches, *eval_loaders, step_flops, device_peak, memory,
-        TrainerState(),
+        TrainerState(), bytes_per_token=bytes_per_token,
     )  # fmt: skip
     note = ""
     if dirs.resume_from is not None:

@@ -49,6 +49,22 @@ def test_exported_folder_loads_in_transformers_with_the_same_logits(tmp_path, ca
         torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-4, rtol=0)
 
 
+def test_the_exported_tokenizer_gives_accel_gpts_ids_offline(tiny_run, tmp_path, capfd):
+    """export writes GPT-2's tokenizer beside the weights: AutoTokenizer loads it with no network and encodes every
+    text, English, Chinese, emoji and runs of spaces, to the ids training used."""
+    from accel_gpt.export import main
+
+    assert in_process(main, ["--checkpoint", tiny_run.out, "--out", tmp_path / "hf"], capfd).returncode == 0
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = get_tokenizer()
+    assets = REPO / "accel_gpt" / "assets"
+    texts = [VERDICT.read_text(), (assets / "xiyouji.txt").read_text(encoding="utf-8")[:5000],
+             "Hello   world\n\n\t  🐒 café  it's you'll I'M  \r\n"]  # fmt: skip
+    for text in texts:
+        assert tokenizer(text)["input_ids"] == ours.encode_ordinary(text)
+    assert tokenizer.eos_token_id == 50256 and tokenizer.decode(ours.encode_ordinary(texts[2])) == texts[2]
+
+
 def test_a_network_gpt2_cannot_hold_is_refused_naming_its_options(tmp_path, capfd):
     from accel_gpt.export import main
 

@@ -2,9 +2,12 @@
 
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
+from subprocess import Popen
 
 import pytest
 import torch
@@ -18,11 +21,24 @@ from accel_gpt.train import train
 pytestmark = pytest.mark.slow  # every test here starts processes or trains
 
 
+def task_args(root) -> list[str]:
+    """--eval_tasks of 17 examples each from The Verdict's lines: three groups of 8, which 2 processes share 2 + 1."""
+    lines = [line for line in VERDICT.read_text().splitlines() if len(line.split()) > 6][:20]
+    mc = [{"query": " ".join(line.split()[:4]), "choices": [" ".join(other.split()[4:8]) for other in lines[i : i + 3]],
+           "gold": 0} for i, line in enumerate(lines[:17])]  # fmt: skip
+    completion = [
+        {"context": " ".join(line.split()[:-1]), "continuation": " " + line.split()[-1]} for line in lines[:17]
+    ]
+    for name, rows in (("mc", mc), ("completion", completion)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return ["--eval_tasks", f"{root / 'mc.jsonl'},{root / 'completion.jsonl'}"]
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("launch")
     out = root / "run2"
-    result = launch(common_args(out, root / "cache") + ["--batch_size", "2"], num_processes=2)
+    result = launch(common_args(out, root / "cache") + ["--batch_size", "2", *task_args(root)], num_processes=2)
     final_weights = load_file(str(out / "checkpoints" / "checkpoint_000010" / "model.safetensors"))
     return {
         "out": out,
@@ -39,7 +55,8 @@ def one_process_run(two_process_run):
     """The same run on one process, batch 4 instead of 2 x 2: the same global batch. In this process: the launcher
     is under test in the 2-process runs, and a process start costs more than this run."""
     out = two_process_run["root"] / "run1"
-    train(parse_config(one_thread(common_args(out, two_process_run["cache"]) + ["--batch_size", "4"])))
+    args = common_args(out, two_process_run["cache"]) + ["--batch_size", "4", *task_args(two_process_run["root"])]
+    train(parse_config(one_thread(args)))
     return out
 
 
@@ -86,6 +103,11 @@ def test_one_process_equals_two_processes_at_the_same_global_batch(two_process_r
     for step in range(1, 11):
         assert one[step]["loss"] == pytest.approx(two[step]["loss"], abs=1e-5), step
     assert one[10]["val_loss"] == pytest.approx(two[10]["val_loss"], abs=1e-5)
+    # --eval_tasks: the examples shared out to the ranks, the counts summed: the numbers of one process.
+    for step in (5, 10):
+        assert one[step]["mc/acc"] == two[step]["mc/acc"] and one[step]["mc/acc_norm"] == two[step]["mc/acc_norm"]
+        assert one[step]["completion/acc"] == two[step]["completion/acc"]
+        assert one[step]["completion/perplexity"] == pytest.approx(two[step]["completion/perplexity"], rel=1e-4)
     w1 = load_file(str(out1 / "checkpoints" / "checkpoint_000010" / "model.safetensors"))
     w2 = two_process_run["final_weights"]
     for name in w1:
@@ -188,9 +210,26 @@ def two_machines(args_of_machine) -> list[tuple[int, str, str]]:
             "-m", "accel_gpt.train", *one_thread(args_of_machine(machine_rank)),
         ]  # fmt: skip
         procs.append(
-            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch_env(), cwd=REPO)
+            subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=launch_env(),
+                cwd=REPO,
+                start_new_session=True,
+            )
         )
-    return [(p.returncode, *out) for p, out in ((p, p.communicate(timeout=300)) for p in procs)]
+    try:
+        return [(p.returncode, *out) for p, out in ((p, p.communicate(timeout=300)) for p in procs)]
+    except subprocess.TimeoutExpired:
+        for proc in procs:  # the whole group: the trainer the launcher started holds the pipes too
+            os.killpg(proc.pid, signal.SIGKILL)
+        outputs = enumerate(map(Popen.communicate, procs))
+        pytest.fail(
+            "two machines ran past 300 s\n"
+            + "\n".join(f"machine {m}:\n{o[-2000:]}\n{e[-3000:]}" for m, (o, e) in outputs)
+        )
 
 
 @pytest.mark.parametrize("cache", ["shared", "one per machine"])
@@ -237,13 +276,16 @@ def test_fsdp_on_two_cpu_processes_matches_ddp_and_writes_one_consolidated_check
     Micro-batches of 1 with 2 accumulation steps: the same global batch of 4 as the DDP run it is compared to."""
     out, cache = two_process_run["root"] / "run_fsdp", two_process_run["cache"]
     args = common_args(out, cache) + ["--batch_size", "1", "--global_batch_size", "4"]
-    result = launch(args, num_processes=2, config="cpu_2proc_fsdp.yaml")
+    result = launch([*args, *task_args(two_process_run["root"])], num_processes=2, config="cpu_2proc_fsdp.yaml")
     header = next(line for line in result.stdout.splitlines() if line.startswith("accel_gpt |"))
     assert "world_size 2 | FSDP (gloo) |" in header and "held per process" in header
     assert "1 x 2 accumulation x 2 processes" in header
     fsdp, ddp = read_metrics(out), two_process_run["metrics"]
     for step in range(1, 11):
         assert fsdp[step]["loss"] == pytest.approx(ddp[step]["loss"], abs=1e-5), step
+    for metric in ("mc/acc", "mc/acc_norm", "completion/acc"):  # tasks scored on sharded parameters
+        assert fsdp[10][metric] == ddp[10][metric], metric
+    assert fsdp[10]["completion/perplexity"] == pytest.approx(ddp[10]["completion/perplexity"], rel=1e-4)
     ckpt = out / "checkpoints" / "checkpoint_000010"
     weights = load_file(str(ckpt / "model.safetensors"))  # one file, full shapes, written by the main process
     assert sorted(p.name for p in ckpt.iterdir() if "safetensors" in p.name) == [

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 import warnings
 
 # (module, old name) -> (where the new one lives, its name there, how users now write it)
@@ -23,6 +24,15 @@ RENAMED = {
     },
     # The notebook API re-exported the trainer before it stopped importing training code.
     ("accel_gpt.analysis", "train"): ("accel_gpt.train", "train", "accel_gpt.train.train"),
+}
+
+
+# Modules that moved into the data package (accel_gpt/data/): the old module is the new one, said on import.
+MOVED_MODULES = {
+    "accel_gpt.corpus": "accel_gpt.data.sources",
+    "accel_gpt.tokens": "accel_gpt.data.tokens",
+    "accel_gpt.stream": "accel_gpt.data.streaming",
+    "accel_gpt.rundata": "accel_gpt.data.run_data",
 }
 
 
@@ -46,6 +56,23 @@ def old_name(module: str, name: str):
         return new(*args, **kwargs)
 
     return renamed
+
+
+def moved_module(old: str) -> None:
+    """Make module `old` (a file that holds only this call) the module it moved to, for its importer."""
+    new = MOVED_MODULES[old]
+    notice(old, new)
+    sys.modules[old] = importlib.import_module(new)  # the import statement hands over what sys.modules holds
+
+
+def moved_name(module: str, home: str, name: str):
+    """For a module's `__getattr__`: `name` of module `home`, where it moved from `module`, said once per use."""
+    try:
+        new = getattr(importlib.import_module(home), name)
+    except AttributeError:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}") from None
+    notice(f"{module}.{name}", f"{home}.{name}")
+    return new
 
 
 def generate_text(

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from accel_gpt.cache import DEFAULT_DIR as DEFAULT_CACHE_DIR
 from accel_gpt.cli import CommandLineParser
+from accel_gpt.data.cache import DEFAULT_DIR as DEFAULT_CACHE_DIR
 from accel_gpt.errors import UserError
 from accel_gpt.model import OPTION_VALUES, PRESETS, GPTConfig
 

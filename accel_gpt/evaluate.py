@@ -11,8 +11,8 @@ import json
 import math
 import sys
 
-from accel_gpt.cache import DEFAULT_DIR as DEFAULT_CACHE_DIR
 from accel_gpt.cli import CommandLineParser, add_checkpoint_arguments, run_command
+from accel_gpt.data.cache import DEFAULT_DIR as DEFAULT_CACHE_DIR
 from accel_gpt.errors import UserError
 from accel_gpt.inference import (
     Checkpoint,

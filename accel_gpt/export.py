@@ -13,7 +13,7 @@ from pathlib import Path
 
 from accel_gpt.checkpoint import MANIFEST, list_checkpoints, overwritten_name
 from accel_gpt.cli import CommandLineParser, add_checkpoint_arguments, run_command
-from accel_gpt.corpus import DATASET_DICT_FILE, DATASET_FILES, is_corpus_file
+from accel_gpt.data.sources import DATASET_DICT_FILE, DATASET_FILES, is_corpus_file
 from accel_gpt.errors import UserError
 from accel_gpt.hf import EXPORT_FILES, export_to_hf
 from accel_gpt.inference import open_checkpoint

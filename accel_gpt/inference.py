@@ -18,7 +18,6 @@ import tiktoken
 import torch
 import yaml
 
-from accel_gpt.cache import DEFAULT_DIR as DEFAULT_CACHE_DIR
 from accel_gpt.checkpoint import (
     CONFIG_FILE,
     MANIFEST,
@@ -28,11 +27,12 @@ from accel_gpt.checkpoint import (
     load_model_weights,
     verify_checkpoint,
 )
-from accel_gpt.corpus import BUNDLED_CORPORA, has_wildcards, scored_files
+from accel_gpt.data.cache import DEFAULT_DIR as DEFAULT_CACHE_DIR
+from accel_gpt.data.sources import BUNDLED_CORPORA, has_wildcards, scored_files
+from accel_gpt.data.tokens import TokenStream, tokenize_corpus
 from accel_gpt.errors import UserError
 from accel_gpt.model import GPTConfig, GPTModel, stream_tokens
 from accel_gpt.tokenizer import get_tokenizer, token_byte_lengths
-from accel_gpt.tokens import TokenStream, tokenize_corpus
 
 
 def read_run_config(run_dir: Path) -> dict:

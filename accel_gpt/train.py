@@ -40,7 +40,9 @@ from accel_gpt.checkpoint import (
 )
 from accel_gpt.cli import run_command
 from accel_gpt.config import TrainConfig, parse_config
-from accel_gpt.data import EpochBatches, GlobalBatchSampler, eval_bytes_per_token, make_eval_loader, make_loader
+from accel_gpt.data.run_data import load_training_data
+from accel_gpt.data.streaming import StreamBatches
+from accel_gpt.data.windows import EpochBatches, GlobalBatchSampler, eval_bytes_per_token, make_eval_loader, make_loader
 from accel_gpt.errors import UserError
 from accel_gpt.hf import load_hf_gpt2
 from accel_gpt.inference import generate
@@ -50,11 +52,9 @@ from accel_gpt.metrics import RunLogger, StepWindow, flops_per_token, peak_flops
 from accel_gpt.model import GPTModel, attention_backends
 from accel_gpt.optim import apply_learning_rates, build_optimizer
 from accel_gpt.plan import RunPlan, plan_run
-from accel_gpt.rundata import load_training_data
 from accel_gpt.rundir import RunDirs, complete_already, resolve_run_dirs
 from accel_gpt.schedule import clips_gradients_at
 from accel_gpt.step import make_step
-from accel_gpt.stream import StreamBatches
 from accel_gpt.tasks import evaluate_task
 from accel_gpt.tokenizer import get_tokenizer, token_byte_lengths
 

@@ -37,8 +37,8 @@ def rss_kib() -> dict[str, int]:
 
 def stream_epoch(tokens_file: str) -> None:
     """Child process: one epoch of the trainer's loader over the token file; prints peak memory as JSON."""
-    from accel_gpt.data import GlobalBatchSampler, WindowDataset, make_loader
-    from accel_gpt.tokens import TokenStream
+    from accel_gpt.data.tokens import TokenStream
+    from accel_gpt.data.windows import GlobalBatchSampler, WindowDataset, make_loader
 
     ds = WindowDataset(TokenStream([tokens_file]), context_len=128, stride=128)
     sampler = GlobalBatchSampler(len(ds), batch_size=8, global_batch_size=8, seed=0)
@@ -71,8 +71,8 @@ def tokenize_once(side: str, corpus: str, cache: str, num_proc: int) -> None:
     """Child process: one timed tokenization of `corpus` (imports excluded); prints wall and CPU seconds (all
     threads and worker processes: the work done, which a busy shared machine inflates less than the wall time)
     and tokens as JSON."""
+    from accel_gpt.data.tokens import tokenize_corpus
     from accel_gpt.tokenizer import get_tokenizer
-    from accel_gpt.tokens import tokenize_corpus
 
     enc = get_tokenizer("gpt2")
     start, cpu_start = time.perf_counter(), _cpu_seconds()
@@ -152,7 +152,7 @@ def main() -> None:
     if args.tokenize_once:
         return tokenize_once(*args.tokenize_once, num_proc=args.num_proc)
 
-    from accel_gpt.tokens import tokenize_corpus
+    from accel_gpt.data.tokens import tokenize_corpus
 
     source = Path(str(resources.files("accel_gpt") / "assets" / "tinyshakespeare.txt"))
     work = Path(tempfile.mkdtemp(prefix="accel_gpt_data_"))

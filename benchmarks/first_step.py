@@ -83,8 +83,8 @@ def steady_tokens_per_sec(records: list[dict]) -> float:
 
 def stream_alone(folder: Path, seconds: float = 20.0) -> float:
     """Tokens/s of windows that the stream hands the training process, with nothing training."""
-    from accel_gpt.corpus import resolve_data
-    from accel_gpt.stream import FileSource, ReaderDataset, Readers, StreamBatches
+    from accel_gpt.data.sources import resolve_data
+    from accel_gpt.data.streaming import FileSource, ReaderDataset, Readers, StreamBatches
 
     files = resolve_data(str(folder), None)
     readers = ReaderDataset(FileSource(files.train, "text"), Readers(count=2, seed=0), 0, 2, "gpt2", 50256)

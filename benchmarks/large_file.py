@@ -31,8 +31,8 @@ def status_mib(key: str) -> float:
 
 def measure(corpus: str, cache: str, num_proc: int) -> None:
     """Child process: tokenize, hash and hit one corpus; prints the measurements as JSON."""
-    from accel_gpt.cache import file_digest
-    from accel_gpt.tokens import tokenize_corpus
+    from accel_gpt.data.cache import file_digest
+    from accel_gpt.data.tokens import tokenize_corpus
 
     tokenize_corpus("the-verdict", "gpt2", 50256, cache, num_proc=num_proc)  # warm-up: imports, tokenizer, threads
     baseline = status_mib("VmRSS")
@@ -68,8 +68,8 @@ def differing_tokens(corpus: Path, tokens_file: str) -> tuple[int, int]:
     """(tokens that differ between the cached pieces and the whole file tokenized at once, tokens)."""
     import difflib
 
+    from accel_gpt.data.tokens import TokenStream
     from accel_gpt.tokenizer import get_tokenizer
-    from accel_gpt.tokens import TokenStream
 
     whole = get_tokenizer("gpt2").encode_ordinary(corpus.read_text(encoding="utf-8")) + [50256]
     stream = TokenStream([tokens_file])

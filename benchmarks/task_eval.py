@@ -27,7 +27,7 @@ import torch
 
 from accel_gpt.checkpoint import full_state_dicts, save_checkpoint
 from accel_gpt.config import DEFAULT_EVAL_TASK_LIMIT, TrainConfig
-from accel_gpt.corpus import resolve_files
+from accel_gpt.data.sources import resolve_files
 from accel_gpt.hf import export_to_hf
 from accel_gpt.model import GPTModel
 from accel_gpt.optim import build_optimizer

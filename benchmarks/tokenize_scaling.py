@@ -45,8 +45,8 @@ def child(variant: str, corpus: Path, cache: Path, workers: int) -> None:
     children's CPU seconds and the token count as JSON."""
     import concurrent.futures.process  # noqa: F401 (imported on first use: a one-time cost, not per token)
 
+    from accel_gpt.data.tokens import tokenize_corpus
     from accel_gpt.tokenizer import get_tokenizer
-    from accel_gpt.tokens import tokenize_corpus
 
     enc = get_tokenizer("gpt2")
     files = sorted(corpus.iterdir())

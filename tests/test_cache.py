@@ -11,8 +11,9 @@ import pytest
 import yaml
 from conftest import REPO, VERDICT, assert_one_line_error, common_args, in_process, read_metrics, train_cli
 
-from accel_gpt import cache
-from accel_gpt.tokens import tokenize_corpus
+from accel_gpt import cache as cache_command
+from accel_gpt.data import cache
+from accel_gpt.data.tokens import tokenize_corpus
 
 EOS = 50256
 
@@ -59,7 +60,7 @@ def test_concurrent_builders_both_finish_with_the_same_valid_cache(tmp_path):
         (corpus / f"part{i}.txt").write_text(f"Part {i}.\n{text}", encoding="utf-8")
     child = f"""
 import json, os, sys, time
-from accel_gpt.tokens import tokenize_corpus
+from accel_gpt.data.tokens import tokenize_corpus
 open(sys.argv[1] + '.ready', 'w').close()
 while not os.path.exists({str(tmp_path / "go")!r}):
     time.sleep(0.01)
@@ -189,15 +190,15 @@ def test_the_cache_cli_lists_and_prunes(tmp_path, capsys):
     assert "tokens.arrow has" in status[damaged.paths[0].parent.name] and "busy" in status[busy.name]
     assert "obsolete: raw corpus copies" in status["hf"]
 
-    cache.main(["--data_cache_dir", str(root), "prune", "--dry_run"])
+    cache_command.main(["--data_cache_dir", str(root), "prune", "--dry_run"])
     assert "would free" in capsys.readouterr().out and (root / "hf").exists() and stale.exists()
-    cache.main(["--data_cache_dir", str(root), "prune"])
+    cache_command.main(["--data_cache_dir", str(root), "prune"])
     out = capsys.readouterr().out
     assert not (root / "hf").exists() and not damaged.paths[0].parent.exists() and not stale.exists()
     assert busy.exists() and "kept" in out and cache.check(good.paths[0].parent) is None
-    cache.main(["--data_cache_dir", str(root), "prune", "--unused_days", "2"])
+    cache_command.main(["--data_cache_dir", str(root), "prune", "--unused_days", "2"])
     assert good.paths[0].parent.exists()  # used just now
     os.utime(good.paths[0].parent, (time.time() - 3 * 86400,) * 2)
-    cache.main(["--data_cache_dir", str(root), "prune", "--unused_days", "2"])
+    cache_command.main(["--data_cache_dir", str(root), "prune", "--unused_days", "2"])
     assert not good.paths[0].parent.exists() and "unused for 2 days" in capsys.readouterr().out
     assert tokenize_corpus(str(VERDICT), "gpt2", EOS, root)[1] is False  # pruned: built again on next use

@@ -14,12 +14,9 @@ import pytest
 from accelerate.data_loader import prepare_data_loader
 from conftest import REPO
 
-from accel_gpt import corpus, tokens
-from accel_gpt.corpus import resolve_files
-from accel_gpt.data import GlobalBatchSampler, WindowDataset, make_loader
-from accel_gpt.errors import UserError
-from accel_gpt.tokenizer import get_tokenizer
-from accel_gpt.tokens import (
+from accel_gpt.data import sources, tokens
+from accel_gpt.data.sources import resolve_files
+from accel_gpt.data.tokens import (
     CHUNK_TOKENS,
     TokenStream,
     build_shards,
@@ -28,6 +25,9 @@ from accel_gpt.tokens import (
     share_out,
     tokenize_corpus,
 )
+from accel_gpt.data.windows import GlobalBatchSampler, WindowDataset, make_loader
+from accel_gpt.errors import UserError
+from accel_gpt.tokenizer import get_tokenizer
 
 DOCS = ["The first document.", "Second one, a little longer than the first.", "第三个文件：西游记。"]
 EOS = 50256
@@ -147,7 +147,7 @@ LARGE_TEXTS = {
 
 @pytest.mark.parametrize("kind", LARGE_TEXTS)
 def test_a_large_file_is_tokenized_in_pieces_with_the_tokens_of_the_whole(tmp_path, cache_dir, monkeypatch, kind):
-    monkeypatch.setattr(corpus, "PIECE_CHARS", 300)  # ~40 pieces, read in 300-byte blocks that split characters
+    monkeypatch.setattr(sources, "PIECE_CHARS", 300)  # ~40 pieces, read in 300-byte blocks that split characters
     text = LARGE_TEXTS[kind]
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "big.txt").write_text(text, encoding="utf-8", newline="")
@@ -159,7 +159,7 @@ def test_a_large_file_is_tokenized_in_pieces_with_the_tokens_of_the_whole(tmp_pa
 
 
 def test_text_without_whitespace_differs_only_at_the_cuts(tmp_path, cache_dir, monkeypatch):
-    monkeypatch.setattr(corpus, "PIECE_CHARS", 300)
+    monkeypatch.setattr(sources, "PIECE_CHARS", 300)
     text = random_text(3, ["漢字", "abc", "!!", "123", "é"], [""], n=3000)  # nowhere to cut between pre-tokens
     (tmp_path / "blob.txt").write_text(text, encoding="utf-8")
     stream, _ = tokenize_corpus(str(tmp_path / "blob.txt"), "gpt2", EOS, cache_dir)
@@ -183,7 +183,7 @@ def test_tokenizing_a_large_file_keeps_memory_bounded(tmp_path):
             f.write(f"Part {i}.\n{text}")
     child = f"""
 import json
-from accel_gpt.tokens import tokenize_corpus
+from accel_gpt.data.tokens import tokenize_corpus
 def status(key):
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key + ':')) // 1024
 tokenize_corpus('the-verdict', 'gpt2', {EOS}, {str(tmp_path / "cache")!r})  # warm: imports, tokenizer, threads

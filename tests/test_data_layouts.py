@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import VERDICT, assert_one_line_error
 
-from accel_gpt.corpus import hub_splits, resolve_data, resolve_files
+from accel_gpt.data.sources import hub_splits, resolve_data, resolve_files
+from accel_gpt.data.tokens import tokenize_corpus
 from accel_gpt.errors import UserError
-from accel_gpt.tokens import tokenize_corpus
 
 EOS = 50256
 

@@ -123,6 +123,38 @@ def test_the_names_of_earlier_releases_still_work_with_a_notice(run):
         accel_gpt.no_such_name  # noqa: B018
 
 
+def test_the_data_modules_of_earlier_releases_are_the_data_packages_with_a_notice():
+    """accel_gpt.corpus, .tokens, .stream, .rundata and the names of accel_gpt.data and accel_gpt.cache moved into
+    the data package (accel_gpt/data/): the old imports give the new objects, each said in one line."""
+    code = """
+import warnings
+warnings.simplefilter("always")
+import accel_gpt.corpus, accel_gpt.tokens, accel_gpt.stream, accel_gpt.rundata
+import accel_gpt.data.run_data, accel_gpt.data.sources, accel_gpt.data.streaming, accel_gpt.data.tokens
+from accel_gpt.corpus import resolve_files
+from accel_gpt.data import GlobalBatchSampler
+from accel_gpt.cache import DEFAULT_DIR, file_digest
+from accel_gpt.data import cache, windows
+assert accel_gpt.corpus is accel_gpt.data.sources and accel_gpt.tokens is accel_gpt.data.tokens
+assert accel_gpt.stream is accel_gpt.data.streaming and accel_gpt.rundata is accel_gpt.data.run_data
+assert GlobalBatchSampler is windows.GlobalBatchSampler and file_digest is cache.file_digest
+print(resolve_files("the-verdict")[0].name, DEFAULT_DIR == cache.DEFAULT_DIR)
+"""
+    result = run_python(code)
+    assert result.stdout.split() == ["the-verdict.txt", "True"]
+    notices = [line.split("FutureWarning: ")[1] for line in result.stderr.splitlines() if "FutureWarning" in line]
+    moved = [("corpus", "data.sources"), ("tokens", "data.tokens"), ("stream", "data.streaming")]
+    moved += [("rundata", "data.run_data"), ("data.GlobalBatchSampler", "data.windows.GlobalBatchSampler")]
+    moved += [("cache.file_digest", "data.cache.file_digest")]
+    assert notices == [
+        f"accel_gpt.{old} is now accel_gpt.{new}; the old name goes in a later release" for old, new in moved
+    ]
+    with pytest.raises(AttributeError):
+        import accel_gpt.data
+
+        accel_gpt.data.no_such_name  # noqa: B018
+
+
 def run_in_process(main, capsys, *args) -> str:
     main([str(a) for a in args])
     return capsys.readouterr().out

@@ -10,10 +10,10 @@ import pytest
 from conftest import REPO, VERDICT, assert_only_line_error
 
 from accel_gpt import analysis
-from accel_gpt.corpus import resolve_files
+from accel_gpt.data.sources import resolve_files
+from accel_gpt.data.tokens import TokenStream, tokenize_corpus
 from accel_gpt.errors import UserError
 from accel_gpt.evaluate import main as evaluate_main
-from accel_gpt.tokens import TokenStream, tokenize_corpus
 
 EOS = 50256
 PARAGRAPHS = [p for p in VERDICT.read_text().split("\n\n") if p.strip()]  # ~5,200 tokens in 80-odd documents
@@ -122,7 +122,7 @@ def test_datasets_is_imported_only_to_read_a_dataset(tmp_path):
     folder = save_dataset(tmp_path / "ds", PARAGRAPHS[:3])
     tokenize_corpus(str(folder), "gpt2", EOS, tmp_path / "cache")
     code = (
-        f"import sys\nfrom accel_gpt.tokens import tokenize_corpus\n"
+        f"import sys\nfrom accel_gpt.data.tokens import tokenize_corpus\n"
         f"assert not tokenize_corpus({str(VERDICT)!r}, 'gpt2', {EOS}, {str(tmp_path / 'cache')!r})[1]\n"
         f"assert tokenize_corpus({str(folder)!r}, 'gpt2', {EOS}, {str(tmp_path / 'cache')!r})[1]\n"
         "print('datasets' in sys.modules)"

@@ -26,8 +26,8 @@ from conftest import (
     wait_for,
 )
 
+from accel_gpt.data.streaming import FileSource, ReaderDataset, Readers, StreamBatches, read_chunks, read_slice
 from accel_gpt.errors import UserError
-from accel_gpt.stream import FileSource, ReaderDataset, Readers, StreamBatches, read_chunks, read_slice
 from accel_gpt.tokenizer import get_tokenizer
 
 EOS = 50256
@@ -133,7 +133,7 @@ def hub_folder(root: Path) -> Path:
 def test_a_dataset_streams_the_documents_of_its_files(tmp_path):
     """`--dataset FOLDER --streaming true` reads what `--train_data_path FOLDER --streaming true` reads: the train
     split's shards, row groups as shards where there are too few files for the readers, the validation split."""
-    from accel_gpt.stream import open_dataset_source
+    from accel_gpt.data.streaming import open_dataset_source
 
     hub = hub_folder(tmp_path)
     files = FileSource(sorted((hub / "data").glob("train-*")), "content")
@@ -152,7 +152,7 @@ def test_a_dataset_streams_the_documents_of_its_files(tmp_path):
 
 
 def test_dataset_documents_are_its_rows_even_when_some_are_empty(tmp_path):
-    from accel_gpt.stream import open_dataset_source
+    from accel_gpt.data.streaming import open_dataset_source
 
     texts = ["" if i % 7 == 0 else f"row {i}" for i in range(600)]  # more than one 256-row table
     (tmp_path / "d" / "data").mkdir(parents=True)
@@ -169,10 +169,10 @@ def test_dataset_documents_are_its_rows_even_when_some_are_empty(tmp_path):
 
 
 def test_a_long_document_streams_in_chunks_and_resumes_inside_it(tmp_path, monkeypatch):
-    from accel_gpt import corpus, stream
+    from accel_gpt.data import sources, streaming
 
-    monkeypatch.setattr(corpus, "PIECE_CHARS", 2000)
-    monkeypatch.setattr(stream, "CHUNK_TOKENS", 1000)
+    monkeypatch.setattr(sources, "PIECE_CHARS", 2000)
+    monkeypatch.setattr(streaming, "CHUNK_TOKENS", 1000)
     book = tmp_path / "book.txt"
     book.write_text("\n".join(f"Line {i} of one long document, said the reader." for i in range(4000)))
     source, readers = FileSource([book], "text"), Readers(1, 0)

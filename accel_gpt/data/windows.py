@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from accel_gpt.tokens import TokenStream
+from accel_gpt.data.tokens import TokenStream
 
 
 # ----------------------------------------------------------------------------------------------- windows

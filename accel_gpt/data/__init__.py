@@ -1,0 +1,31 @@
+"""How text becomes the windows each training step reads: one package, read in this order.
+
+    sources.py    a data path or dataset -> files, each read as documents, piece by piece
+    tokens.py     documents -> token shards in the cache, on every core; read back memory-mapped
+    cache.py      the content-keyed token cache on disk
+    windows.py    tokens -> (input, target) windows -> world-size-independent global batches
+    streaming.py  the same windows from a stream read while training runs (`--streaming true`)
+    run_data.py   a run's data, both modes: `load_training_data`, the one entry point `train.py` calls
+
+Nothing is imported until used, so `python -m accel_gpt.cache` loads only the cache.
+"""
+
+_WINDOWS = (
+    "WindowDataset",
+    "GlobalBatchSampler",
+    "EpochBatches",
+    "make_loader",
+    "make_eval_loader",
+    "already_collated",
+)
+
+
+def __getattr__(name: str):
+    if name in _WINDOWS:  # `accel_gpt.data` was the module of windows in earlier releases
+        from accel_gpt.compat import moved_name
+
+        # Kept here after the first use: `from accel_gpt.data import X` looks X up twice (a package's names may be
+        # submodules), and the notice is said once.
+        value = globals()[name] = moved_name(__name__, "accel_gpt.data.windows", name)
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -246,6 +246,12 @@ class Run:
         """Close the run's files and trackers, and give its directories up; also when the loop raised."""
         if self.logger is not None:
             self.logger.close()
+        # DDP's reducer holds the process group in C++, and were it the last holder, its release would join gloo's
+        # threads with the GIL held while one of them may need the GIL to free a finished collective's tensors: a
+        # hang at exit, seen once in the suite. Released first, the group's last holder is torch's registry, whose
+        # release (in end_training) gives the GIL up.
+        self.model = None
+        self.accelerator.free_memory()
         self.accelerator.end_training()
         self.dirs.release()
 

@@ -304,8 +304,11 @@ def _streams_to_files(stream_states: list[dict]) -> tuple[dict[str, np.ndarray],
     return arrays, {f"rank{rank}": state["meta"] for rank, state in enumerate(stream_states)}
 
 
-def load_stream_states(path: Path) -> list[dict]:
-    """Per-rank stream states saved in checkpoint `path` by a streaming run, in rank order."""
+def load_stream_states(path: Path) -> list[dict] | None:
+    """Per-rank stream states saved in checkpoint `path` by a streaming run, in rank order; None where it holds none
+    (a run on the token cache)."""
+    if not (path / STREAM_FILE).exists() and not (path / STREAM_META).exists():
+        return None
     read_safetensors_header(path / STREAM_FILE)
     arrays = load_numpy_file(str(path / STREAM_FILE))
     meta = json.loads((path / STREAM_META).read_text(encoding="utf-8"))

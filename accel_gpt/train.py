@@ -21,7 +21,6 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType, gather_object, set_seed
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
-from torch.utils.data import DataLoader
 
 from accel_gpt.checkpoint import (
     MODEL_FILE,
@@ -40,9 +39,7 @@ from accel_gpt.checkpoint import (
 )
 from accel_gpt.cli import run_command
 from accel_gpt.config import TrainConfig, parse_config
-from accel_gpt.data.run_data import load_training_data
-from accel_gpt.data.streaming import StreamBatches
-from accel_gpt.data.windows import EpochBatches, GlobalBatchSampler, eval_bytes_per_token, make_eval_loader, make_loader
+from accel_gpt.data.run_data import RunData, load_training_data
 from accel_gpt.errors import UserError
 from accel_gpt.hf import load_hf_gpt2
 from accel_gpt.inference import generate
@@ -136,11 +133,7 @@ class Run:
     dirs: RunDirs
     model: torch.nn.Module  # as prepared: DDP/FSDP and torch.compile wrappers around the GPTModel
     optimizer: AcceleratedOptimizer
-    # Training micro-batches step by step: from the token cache through a prepared loader (Accelerate deals them
-    # out to ranks), or this rank's own stream. The evaluation loaders are prepared, so they are dealt out alike.
-    train_batches: EpochBatches | StreamBatches
-    train_eval_loader: DataLoader
-    val_loader: DataLoader
+    data: RunData  # prepared with the model: training micro-batches step by step, and the evaluation loaders
     step_flops: float
     device_peak_flops: float | None
     memory: str  # what memory_check estimated, for the header
@@ -163,20 +156,18 @@ class Run:
         accelerator, plan, state = self.accelerator, self.plan, self.state
         states = full_state_dicts(self.raw_model(), self.optimizer.optimizer)
         rng_states = gather_object([capture_rng_state()])
-        streaming = isinstance(self.train_batches, StreamBatches)
-        stream_states = gather_object([self.train_batches.state_dict()]) if streaming else None
+        data_positions = self.data.positions()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             run_state = vars(state) | plan.data_identity
             run_state |= {"world_size": accelerator.num_processes, "total_steps": plan.total_steps}
             run_state["optimizer"] = plan.cfg.optimizer
-            if streaming:
-                run_state["stream_files"] = plan.stream_files
+            run_state |= self.data.checkpoint_fields()
             if accelerator.scaler is not None:  # fp16 only; its state is a handful of numbers
                 run_state["grad_scaler"] = accelerator.scaler.state_dict()
             path = save_checkpoint(
                 self.dirs.checkpoint_dir, state.global_step, plan.model_config, states, run_state,
-                plan.cfg.to_dict(), rng_states, stream_states,
+                plan.cfg.to_dict(), rng_states, data_positions,
             )  # fmt: skip
             pruned = prune_checkpoints(self.dirs.checkpoint_dir, plan.cfg.keep_last)
             self.logger.info(f"saved {path}" + (f" (pruned {', '.join(p.name for p in pruned)})" if pruned else ""))
@@ -185,8 +176,7 @@ class Run:
     def evaluate(self, record: dict) -> None:
         """Train and validation loss into `record`, and each in bits per byte (nats per token / ln 2 / bytes per
         token: comparable across tokenizers)."""
-        for split, loader, per_token in zip(("train", "val"), (self.train_eval_loader, self.val_loader),
-                                            self.bytes_per_token):  # fmt: skip
+        for split, loader, per_token in zip(("train", "val"), self.data.eval_loaders, self.bytes_per_token):
             loss = record[f"{split}_loss"] = evaluate(self.model, loader, self.accelerator)
             if per_token:  # 0 for windows of special tokens alone
                 record[f"{split}_bpb"] = loss / (math.log(2) * per_token)
@@ -278,7 +268,6 @@ def build_run(plan: RunPlan, accelerator: Accelerator, dirs: RunDirs, memory: st
     cfg = plan.cfg
     data = load_training_data(plan, accelerator)
     plan = data.plan
-    global_batch = plan.global_batch_size
     model = build_model(plan)
     seed_rank(cfg.seed, accelerator.process_index)  # after the weights: from here on each rank draws its own masks
     optimizer = build_optimizer(model, cfg)
@@ -286,26 +275,10 @@ def build_run(plan: RunPlan, accelerator: Accelerator, dirs: RunDirs, memory: st
     device_peak = cfg.peak_flops or peak_flops(accelerator.device, accelerator.mixed_precision, cfg.token_cache_dir())
     if cfg.compile:
         model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
-    eval_loaders = [
-        make_eval_loader(ds, cfg.batch_size, global_batch, cfg.eval_iter) for ds in (data.train_eval, data.val)
-    ]
-    if isinstance(data.train, StreamBatches):  # this rank's own stream: nothing to deal out
-        model, optimizer, *eval_loaders = accelerator.prepare(model, optimizer, *eval_loaders)
-        train_batches = data.train
-    else:
-        sampler = GlobalBatchSampler(len(data.train), cfg.batch_size, global_batch, seed=cfg.seed)
-        train_loader = make_loader(data.train, sampler)
-        model, optimizer, train_loader, *eval_loaders = accelerator.prepare(
-            model, optimizer, train_loader, *eval_loaders
-        )
-        train_batches = EpochBatches(sampler, train_loader)
-    byte_lengths = token_byte_lengths(cfg.tokenizer)
-    bytes_per_token = tuple(
-        eval_bytes_per_token(ds, global_batch, cfg.eval_iter, byte_lengths) for ds in (data.train_eval, data.val)
-    )
+    model, optimizer = data.prepare(accelerator, model, optimizer)
     run = Run(
-        plan, accelerator, dirs, model, optimizer, train_batches, *eval_loaders, step_flops, device_peak, memory,
-        TrainerState(), bytes_per_token=bytes_per_token,
+        plan, accelerator, dirs, model, optimizer, data, step_flops, device_peak, memory, TrainerState(),
+        bytes_per_token=data.bytes_per_token(token_byte_lengths(cfg.tokenizer)),
     )  # fmt: skip
     note = ""
     if dirs.resume_from is not None:
@@ -339,7 +312,6 @@ def open_logger(run: Run, resume_note: str) -> RunLogger:
         held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
         shard_note = f", {held:,} held per process"
     world_size = accelerator.num_processes
-    train_windows = f"streamed from {plan.stream_source}" if cfg.streaming else f"{plan.train_windows:,}"
     length = f"{plan.total_steps} steps"
     if plan.steps_per_epoch:  # the epochs that many steps make, when that is not what num_epochs says
         epochs = plan.total_steps / plan.steps_per_epoch
@@ -348,8 +320,8 @@ def open_logger(run: Run, resume_note: str) -> RunLogger:
         f"accel_gpt | world_size {world_size} | {strategy_name(accelerator)} | device {accelerator.device} | "
         f"mixed_precision {accelerator.mixed_precision} | model {plan.model_name} ({params:,} params{shard_note}) | "
         f"global batch {plan.global_batch_size} = {cfg.batch_size} x {plan.gradient_accumulation_steps} "
-        f"accumulation x {world_size} processes | {train_windows} train / "
-        f"{len(run.val_loader.dataset):,} val windows of {plan.context_len} tokens | {length} | {run.memory}"
+        f"accumulation x {world_size} processes | {run.data.description} train / "
+        f"{len(run.data.val):,} val windows of {plan.context_len} tokens | {length} | {run.memory}"
         f"{resume_note}"
     )
     return logger
@@ -365,50 +337,6 @@ def check_optimizer(saved: dict, path: Path, plan: RunPlan) -> None:
         )
 
 
-def check_data_order(saved: dict, path: Path, plan: RunPlan, world_size: int) -> None:
-    """Refuse, in one line, to resume checkpoint `path` into a run that would not continue its data: another kind
-    of data, stream split or data order."""
-    if saved.get("streaming", False) != plan.cfg.streaming:
-        kind = "a streaming run" if saved.get("streaming") else "a run on the token cache"
-        raise UserError(f"cannot resume {path}: it was saved by {kind}; resume with streaming {not plan.cfg.streaming}")
-    if plan.cfg.streaming and saved["world_size"] != world_size:
-        raise UserError(
-            f"cannot resume {path} on {world_size} processes: its stream was read by {saved['world_size']} processes "
-            f"x {saved['stream_workers']} stream_workers, each resuming where it stopped; resume with "
-            f"{saved['world_size']} processes"
-        )
-    if plan.cfg.streaming and "stream_files" in saved:  # checkpoints of earlier versions did not record them
-        check_stream_files(saved["stream_files"], plan.stream_files, path)
-    changed = [f"{k} {saved[k]} -> {v}" for k, v in plan.data_identity.items() if k in saved and saved[k] != v]
-    if changed:
-        raise UserError(
-            f"cannot resume from {path}: the data order would change ({', '.join(changed)}); resume with the "
-            f"settings it was saved with, or start a new run from its weights with --init_from {path}"
-        )
-
-
-def check_stream_files(saved: list, now: list, path: Path) -> None:
-    """Refuse, in one line, to resume a stream whose files changed since checkpoint `path` (edited, truncated, added
-    or removed): its saved position would point into other data."""
-    if len(saved) != len(now):
-        raise UserError(
-            f"cannot resume {path}: the stream had {len(saved)} files and has {len(now)} now; resume on the data it "
-            "was saved with, or start a new run from its weights with --init_from"
-        )
-    for before, after in zip(saved, now):
-        if before != after:
-            if before[0] != after[0] or len(before) != len(after):
-                what = f"in place of {before[0]}"
-            elif before[1] != after[1]:
-                what = f"its size: {before[1]:,} -> {after[1]:,} bytes"
-            else:
-                what = "its modification time: edited in place"
-            raise UserError(
-                f"cannot resume {path}: the stream's file {after[0]} changed since the checkpoint ({what}); resume on "
-                "the data it was saved with, or start a new run from its weights with --init_from"
-            )
-
-
 def resume(run: Run, path: Path) -> tuple[TrainerState, dict | None, str]:
     """Load checkpoint `path` into the model and optimizer on every rank: returns where the run is, this rank's
     RNG state to restore just before the first step (None if it cannot map one to one) and a note for the console
@@ -418,12 +346,11 @@ def resume(run: Run, path: Path) -> tuple[TrainerState, dict | None, str]:
     check_optimizer(read_trainer_state(path), path, plan)
     saved = load_checkpoint(path, run.raw_model(), run.optimizer.optimizer)
     apply_learning_rates(run.optimizer, plan.cfg)
-    check_data_order(saved, path, plan, world_size)
+    run.data.check_resume(saved, path, world_size)
     if accelerator.scaler is not None and "grad_scaler" in saved:  # fp16: keep the loss scale it had found
         accelerator.scaler.load_state_dict(saved["grad_scaler"])
     state = TrainerState(**{k: saved[k] for k in TrainerState.__dataclass_fields__ if k in saved})
-    if plan.cfg.streaming:
-        run.train_batches.load_state_dict(load_stream_states(path)[rank])
+    run.data.load_positions(load_stream_states(path))
     if state.global_step >= total_steps:
         return state, None, complete_already(state.global_step, total_steps, path)  # raises if beyond the end
     note, rng_state = f" | resumed at step {state.global_step} from {path}", None
@@ -514,7 +441,7 @@ def fit(run: Run) -> dict:
     if run.rng_state is not None:  # last, so nothing between here and the first step draws from the restored streams
         restore_rng_state(run.rng_state)
     with attention_backends(cfg.attention), StopSignal() as stop:
-        for batches in run.train_batches.steps(state, plan.total_steps):
+        for batches in run.data.steps(state, plan.total_steps):
             lr = plan.learning_rate_at(state.global_step)
             max_norm = cfg.max_norm if clips_gradients_at(state.global_step, cfg.warmup_steps) else math.inf
             loss, grad_norm = run_step(batches, lr, max_norm)
@@ -528,7 +455,7 @@ def fit(run: Run) -> dict:
             save_due = state.global_step % cfg.save_freq == 0 or last
             if len(window) < log_every and not (eval_due or save_due):
                 continue
-            data_error = getattr(run.train_batches, "error", None)  # a stream's bad data, held for this sync
+            data_error = run.data.error  # bad data met by this rank, held for this sync
             records, stopping = window.flush(stop.received is not None or data_error is not None)
             if stopping and (errors := [e for e in gather_object([data_error]) if e]):
                 raise UserError(errors[0])  # on every rank, saving nothing: the last checkpoint is good

@@ -1,16 +1,19 @@
-"""A training run's data: its data paths (or dataset) resolved on every rank, then tokenized once for the whole
-cluster, the machines sharing the shards out, and opened as training and validation windows; or, streaming, the
-stream of training batches and the fixed slices that evaluation reads.
+"""A training run's data, the one entry point `train.py` calls (`load_training_data`), and the one interface both
+modes give it (`RunData`): paths (or a dataset) resolved on every rank, then tokenized once for the whole cluster,
+the machines sharing the shards out, and read as windows; or, streaming, a stream of batches read as it trains.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from torch.utils.data import DataLoader
 
 from accel_gpt.data.cache import TOKENS
 from accel_gpt.data.sources import DataFiles, load_dataset_splits, resolve_data
@@ -20,14 +23,24 @@ from accel_gpt.data.streaming import (
     Readers,
     Source,
     StreamBatches,
+    check_stream_files,
     open_dataset_source,
     read_slice,
 )
 from accel_gpt.data.tokens import CANCEL, Corpus, TokenStream, build_shards, open_corpus, plan_corpus, share_out
-from accel_gpt.data.windows import WindowDataset
+from accel_gpt.data.windows import (
+    EpochBatches,
+    GlobalBatchSampler,
+    WindowDataset,
+    eval_bytes_per_token,
+    make_eval_loader,
+    make_loader,
+)
 from accel_gpt.errors import UserError
 from accel_gpt.launch import agree, agree_when_done
-from accel_gpt.plan import RunPlan
+
+if TYPE_CHECKING:  # the plan is handed in and handed back; the data package imports nothing above it
+    from accel_gpt.plan import RunPlan
 
 
 def data_files(plan: RunPlan, accelerator: Accelerator) -> DataFiles:
@@ -124,25 +137,136 @@ def load_token_streams(plan: RunPlan, accelerator: Accelerator) -> tuple[TokenSt
     return train.view(0, split), train.view(split, len(train))
 
 
-# ----------------------------------------------------------------------------------------------- streaming
-@dataclass
-class TrainingData:
-    """What a run trains and evaluates on: the training windows (map-style, in the token cache) or stream, and the
-    fixed windows that each evaluation reads from the training and the validation data."""
+# ----------------------------------------------------------------------------------------------- the interface
+class RunData:
+    """What a run trains and evaluates on, as `train.py` uses it in either mode: each step's micro-batches, the
+    evaluation loaders (the same fixed windows at every evaluation), the position a checkpoint saves beyond the
+    trainer's own step and epoch, the checks a resume makes, and a data error held for the loop's next sync."""
 
-    plan: RunPlan  # with what the data decides: the run's length, the stream read
-    train: WindowDataset | StreamBatches
-    train_eval: WindowDataset
-    val: WindowDataset
+    def __init__(self, plan: RunPlan, train_eval: WindowDataset, val: WindowDataset, description: str):
+        self.plan = plan  # with what the data decides: the run's length, the stream read
+        self.train_eval, self.val = train_eval, val
+        self.description = description  # the training data, for the run's header line
+        cfg = plan.cfg
+        self.eval_loaders: list[DataLoader] = [
+            make_eval_loader(ds, cfg.batch_size, plan.global_batch_size, cfg.eval_iter) for ds in (train_eval, val)
+        ]
+
+    @property
+    def error(self) -> str | None:
+        """Bad data this rank met while training (streaming), held until every rank can stop with it."""
+        return None
+
+    def prepare(self, accelerator: Accelerator, model: torch.nn.Module, optimizer) -> tuple:
+        """Prepare the model and optimizer with this data's loaders, in one call as FSDP needs: (model, optimizer)."""
+        model, optimizer, *self.eval_loaders = accelerator.prepare(model, optimizer, *self.eval_loaders)
+        return model, optimizer
+
+    def steps(self, state, total_steps: int) -> Iterator:
+        """For each step from `state`'s position to `total_steps`, the iterator its micro-batches come from."""
+        raise NotImplementedError
+
+    def bytes_per_token(self, byte_lengths: np.ndarray) -> tuple[float, float]:
+        """UTF-8 bytes per target token of the training and validation evaluation windows (for bits per byte)."""
+        cfg, batch = self.plan.cfg, self.plan.global_batch_size
+        return tuple(eval_bytes_per_token(ds, batch, cfg.eval_iter, byte_lengths) for ds in (self.train_eval, self.val))
+
+    def checkpoint_fields(self) -> dict:
+        """What a checkpoint's trainer state records of the data, beyond `plan.data_identity`."""
+        return {}
+
+    def positions(self) -> list[dict] | None:
+        """Every rank's position beyond the trainer's step and epoch, gathered (a collective: call on every rank);
+        None where those are the whole position."""
+        return None
+
+    def load_positions(self, positions: list[dict] | None) -> None:
+        """Restore what `positions` gathered, read back from a checkpoint that `check_resume` accepted."""
+
+    def check_resume(self, saved: dict, path: Path, world_size: int) -> None:
+        """Refuse, in one line, to resume checkpoint `path` (its trainer state: `saved`) into a run that would not
+        continue its data: another kind of data, stream or data order."""
+        cfg = self.plan.cfg
+        if saved.get("streaming", False) != cfg.streaming:
+            kind = "a streaming run" if saved.get("streaming") else "a run on the token cache"
+            raise UserError(f"cannot resume {path}: it was saved by {kind}; resume with streaming {not cfg.streaming}")
+        changed = [f"{k} {saved[k]} -> {v}" for k, v in self.plan.data_identity.items() if k in saved and saved[k] != v]
+        if changed:
+            raise UserError(
+                f"cannot resume from {path}: the data order would change ({', '.join(changed)}); resume with the "
+                f"settings it was saved with, or start a new run from its weights with --init_from {path}"
+            )
 
 
-def load_training_data(plan: RunPlan, accelerator: Accelerator) -> TrainingData:
+class CachedData(RunData):
+    """Windows of the token cache in one seeded global order (`GlobalBatchSampler`) that Accelerate deals out to the
+    ranks; the trainer's step and epoch are the whole position."""
+
+    def __init__(self, plan: RunPlan, train: WindowDataset, val: WindowDataset):
+        super().__init__(plan, train, val, f"{plan.train_windows:,}")
+        self.train = train
+        self.batches: EpochBatches | None = None  # once prepared
+
+    def prepare(self, accelerator: Accelerator, model: torch.nn.Module, optimizer) -> tuple:
+        cfg = self.plan.cfg
+        sampler = GlobalBatchSampler(len(self.train), cfg.batch_size, self.plan.global_batch_size, seed=cfg.seed)
+        model, optimizer, loader, *self.eval_loaders = accelerator.prepare(
+            model, optimizer, make_loader(self.train, sampler), *self.eval_loaders
+        )
+        self.batches = EpochBatches(sampler, loader)
+        return model, optimizer
+
+    def steps(self, state, total_steps: int) -> Iterator:
+        return self.batches.steps(state, total_steps)
+
+
+class StreamData(RunData):
+    """This rank's own stream of micro-batches (nothing to deal out), whose readers' positions, packing and shuffle
+    buffer a checkpoint saves per rank, so a resume needs the same number of processes and unchanged files."""
+
+    def __init__(self, plan: RunPlan, stream: StreamBatches, train_eval: WindowDataset, val: WindowDataset):
+        super().__init__(plan, train_eval, val, f"streamed from {plan.stream_source}")
+        self.stream = stream
+
+    @property
+    def error(self) -> str | None:
+        return self.stream.error
+
+    def steps(self, state, total_steps: int) -> Iterator:
+        return self.stream.steps(state, total_steps)
+
+    def checkpoint_fields(self) -> dict:
+        return {"stream_files": self.plan.stream_files}
+
+    def positions(self) -> list[dict]:
+        return gather_object([self.stream.state_dict()])
+
+    def load_positions(self, positions: list[dict] | None) -> None:
+        if positions is None:
+            raise UserError("the checkpoint of this streaming run holds no stream position: it is damaged")
+        self.stream.load_state_dict(positions[self.stream.readers.rank])
+
+    def check_resume(self, saved: dict, path: Path, world_size: int) -> None:
+        if saved.get("streaming") and saved["world_size"] != world_size:
+            raise UserError(
+                f"cannot resume {path} on {world_size} processes: its stream was read by {saved['world_size']} "
+                f"processes x {saved['stream_workers']} stream_workers, each resuming where it stopped; resume with "
+                f"{saved['world_size']} processes"
+            )
+        if "stream_files" in saved:  # checkpoints of earlier versions did not record them
+            check_stream_files(saved["stream_files"], self.plan.stream_files, path)
+        super().check_resume(saved, path, world_size)
+
+
+def load_training_data(plan: RunPlan, accelerator: Accelerator) -> RunData:
+    """The run's data, in the mode its config names; `RunData.plan` is `plan` with what the data decided."""
     if plan.cfg.streaming:
         return open_stream(plan, accelerator)
     train, val = (WindowDataset(s, plan.context_len, plan.stride) for s in load_token_streams(plan, accelerator))
-    return TrainingData(plan.with_data(len(train), len(val)), train, train, val)
+    return CachedData(plan.with_data(len(train), len(val)), train, val)
 
 
+# ----------------------------------------------------------------------------------------------- streaming
 def stream_sources(plan: RunPlan, readers: int) -> tuple[Source, Source | None, str]:
     """The training and validation sources of a streaming run (None: hold the validation slice out of training's),
     and the line that says what is read."""
@@ -161,7 +285,7 @@ def stream_sources(plan: RunPlan, readers: int) -> tuple[Source, Source | None, 
     return train, val, note + (f", validating on its {val_split} split" if val_split else "")
 
 
-def open_stream(plan: RunPlan, accelerator: Accelerator) -> TrainingData:
+def open_stream(plan: RunPlan, accelerator: Accelerator) -> StreamData:
     """A streaming run's data: this process's stream of micro-batches (its readers start when the first batch is
     asked for, from the positions a resume restores), and the fixed evaluation slices: the first windows of the
     validation data or, without any, the first of the training data, which training then skips."""
@@ -206,4 +330,4 @@ def open_stream(plan: RunPlan, accelerator: Accelerator) -> TrainingData:
     # The main process's view of the files, on every rank: a resume is refused (or not) on all of them alike.
     files = agree(accelerator, train.fingerprint)[0]
     plan = plan.with_stream(len(train_eval), len(val_set), source, readers.start, files)
-    return TrainingData(plan, batches, train_eval, val_set)
+    return StreamData(plan, batches, train_eval, val_set)

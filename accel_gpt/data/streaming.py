@@ -357,6 +357,28 @@ class StreamBatches:
         self.rng.bit_generator.state = meta["rng"]
 
 
+def check_stream_files(saved: list, now: list, path: Path) -> None:
+    """Refuse, in one line, to resume a stream whose files changed since checkpoint `path` (edited, truncated, added
+    or removed): its saved position would point into other data."""
+    if len(saved) != len(now):
+        raise UserError(
+            f"cannot resume {path}: the stream had {len(saved)} files and has {len(now)} now; resume on the data it "
+            "was saved with, or start a new run from its weights with --init_from"
+        )
+    for before, after in zip(saved, now):
+        if before != after:
+            if before[0] != after[0] or len(before) != len(after):
+                what = f"in place of {before[0]}"
+            elif before[1] != after[1]:
+                what = f"its size: {before[1]:,} -> {after[1]:,} bytes"
+            else:
+                what = "its modification time: edited in place"
+            raise UserError(
+                f"cannot resume {path}: the stream's file {after[0]} changed since the checkpoint ({what}); resume on "
+                "the data it was saved with, or start a new run from its weights with --init_from"
+            )
+
+
 # ----------------------------------------------------------------------------------------------- fixed slices
 def read_slice(
     source, start: tuple[int, int, int], count: int, tokenizer: str, eot_id: int

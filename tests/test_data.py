@@ -17,7 +17,7 @@ from conftest import REPO
 from accel_gpt.data import sources, tokens
 from accel_gpt.data.sources import resolve_files
 from accel_gpt.data.tokens import (
-    CHUNK_TOKENS,
+    RECORD_BATCH_TOKENS,
     TokenStream,
     build_shards,
     open_corpus,
@@ -266,19 +266,19 @@ def arange_stream(tmp_path, n: int) -> TokenStream:
     path = tmp_path / f"arange{n}.arrow"
     schema = pa.schema([("tokens", pa.uint32())])
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        for start in range(0, n, CHUNK_TOKENS):
-            chunk = pa.array(np.arange(start, min(n, start + CHUNK_TOKENS), dtype=np.uint32))
+        for start in range(0, n, RECORD_BATCH_TOKENS):
+            chunk = pa.array(np.arange(start, min(n, start + RECORD_BATCH_TOKENS), dtype=np.uint32))
             writer.write_batch(pa.record_batch([chunk], schema=schema))
     return TokenStream([path])
 
 
 def test_windows_are_shifted_pairs_with_stride_and_cross_chunk_reads(tmp_path):
-    stream = arange_stream(tmp_path, CHUNK_TOKENS + 500)
+    stream = arange_stream(tmp_path, RECORD_BATCH_TOKENS + 500)
     ds = WindowDataset(stream, context_len=16, stride=8)
     assert len(ds) == (len(stream) - 17) // 8 + 1
     x, y = ds[3]
     assert x.tolist() == list(range(24, 40)) and y.tolist() == list(range(25, 41))
-    i = CHUNK_TOKENS // 8 - 1  # straddles the record-batch boundary
+    i = RECORD_BATCH_TOKENS // 8 - 1  # straddles the record-batch boundary
     x, _ = ds[i]
     assert x.tolist() == list(range(i * 8, i * 8 + 16))
     tail = stream.view(100, 140)
@@ -351,7 +351,7 @@ def rss_anon_bytes() -> int:
 
 
 def test_reading_windows_does_not_load_the_corpus_into_ram(tmp_path):
-    n = 24 * CHUNK_TOKENS  # 96 MiB of uint32 tokens on disk
+    n = 24 * RECORD_BATCH_TOKENS  # 96 MiB of uint32 tokens on disk
     stream = arange_stream(tmp_path, n)
     before = rss_anon_bytes()
     reopened = TokenStream(stream.paths)

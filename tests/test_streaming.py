@@ -172,7 +172,7 @@ def test_a_long_document_streams_in_chunks_and_resumes_inside_it(tmp_path, monke
     from accel_gpt.data import sources, streaming
 
     monkeypatch.setattr(sources, "PIECE_CHARS", 2000)
-    monkeypatch.setattr(streaming, "CHUNK_TOKENS", 1000)
+    monkeypatch.setattr(streaming, "READER_CHUNK_TOKENS", 1000)
     book = tmp_path / "book.txt"
     book.write_text("\n".join(f"Line {i} of one long document, said the reader." for i in range(4000)))
     source, readers = FileSource([book], "text"), Readers(1, 0)

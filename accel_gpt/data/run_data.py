@@ -16,7 +16,7 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from accel_gpt.data.cache import TOKENS
-from accel_gpt.data.sources import DataFiles, load_dataset_splits, resolve_data
+from accel_gpt.data.sources import DataFiles, load_dataset_splits, resolve_data, validation_split
 from accel_gpt.data.streaming import (
     FileSource,
     ReaderDataset,
@@ -277,9 +277,7 @@ def stream_sources(plan: RunPlan, readers: int) -> tuple[Source, Source | None, 
         val = None if files.validation is None else FileSource(files.validation, cfg.text_column)
         return train, val, files.note
     train = open_dataset_source(cfg.dataset, cfg.dataset_config, cfg.train_split, cfg.text_column, readers)
-    val_split = cfg.val_split or ("validation" if "validation" in train.split_names else None)
-    if val_split == cfg.train_split:
-        raise UserError(f"dataset {cfg.dataset!r}: train_split and val_split are both {val_split!r}")
+    val_split = validation_split(cfg.dataset, train.split_names, cfg.train_split, cfg.val_split)
     val = open_dataset_source(cfg.dataset, cfg.dataset_config, val_split, cfg.text_column, 1) if val_split else None
     note = f"dataset {cfg.dataset}: streaming its {cfg.train_split} split ({train.num_shards} shards)"
     return train, val, note + (f", validating on its {val_split} split" if val_split else "")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import contextlib
 import glob
 import gzip
 import io
@@ -234,32 +235,56 @@ def scored_files(spec: str, split: str | None = None) -> tuple[list[Path], str |
     return splits[split], split, note
 
 
+@contextlib.contextmanager
+def dataset_errors(name: str, unreachable: str):
+    """What `datasets` raises while loading dataset `name`, as one line: a missing dataset, config or file, a bad
+    name; where the Hub cannot be reached, `unreachable` (a format string of `err`) says what that means here."""
+    import datasets  # here only: importing it takes seconds
+
+    try:
+        yield
+    except ConnectionError as err:  # offline, or no network: what `datasets` says when nothing is cached
+        raise UserError(f"dataset {name!r} " + unreachable.format(err=err)) from None
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetsError) as err:
+        raise UserError(f"dataset {name!r}: {str(err).splitlines()[0]}") from None
+
+
+def check_split(name: str, split: str, splits: Iterable[str], option: str | None = None) -> None:
+    """Refuse a split the dataset does not have, naming those it has (and the option that chooses it)."""
+    if split not in splits:
+        hint = f": pass --{option}" if option else ""
+        raise UserError(f"dataset {name!r} has no split {split!r} (splits: {', '.join(splits)}){hint}")
+
+
+def validation_split(name: str, splits: Iterable[str], train_split: str, val_split: str | None) -> str | None:
+    """The split a dataset's run validates on: `val_split`, else its "validation" split if it has one (None: hold
+    out val_fraction of training's tokens); both splits checked, and never the training split."""
+    splits = list(splits)
+    check_split(name, train_split, splits, "train_split")
+    if val_split is not None:
+        check_split(name, val_split, splits, "val_split")
+    val_split = val_split or ("validation" if "validation" in splits else None)
+    if val_split == train_split:
+        raise UserError(f"dataset {name!r}: train_split and val_split are both {train_split!r}")
+    return val_split
+
+
 def load_dataset_splits(name: str, config: str | None, train_split: str, val_split: str | None) -> DataFiles:
     """The Arrow files `datasets.load_dataset` prepares in its cache for a dataset's training split and validation
-    split (None: hold out val_fraction of the training tokens), and the line that says which splits were taken.
-    Reads them as they are (memory-mapped, no copy); their content keys the token cache like any file's."""
+    split (`validation_split`), and the line that says which splits were taken. Reads them as they are
+    (memory-mapped, no copy); their content keys the token cache like any file's."""
     import datasets  # here only: importing it takes seconds
 
     if not sys.stderr.isatty():  # as for tokenizing: for bad input the error is the only line
         datasets.disable_progress_bars()
-    try:
+    how = f"datasets.load_dataset({name!r}{f', {config!r}' if config else ''})"
+    unreachable = (
+        "is not in the local Hugging Face cache and the Hub cannot be reached ({err}); fetch it once where there "
+        f'is network: python -c "import datasets; {how}"'
+    )
+    with dataset_errors(name, unreachable):
         splits = datasets.load_dataset(name, config, keep_in_memory=False)
-    except ConnectionError as err:  # offline, or no network: what `datasets` says when nothing is cached
-        how = f"datasets.load_dataset({name!r}{f', {config!r}' if config else ''})"
-        raise UserError(
-            f"dataset {name!r} is not in the local Hugging Face cache and the Hub cannot be reached ({err}); fetch "
-            f'it once where there is network: python -c "import datasets; {how}"'
-        ) from None
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetsError) as err:
-        raise UserError(f"dataset {name!r}: {str(err).splitlines()[0]}") from None
-    available = ", ".join(splits)
-    if train_split not in splits:
-        raise UserError(f"dataset {name!r} has no split {train_split!r} (splits: {available}): pass --train_split")
-    if val_split is not None and val_split not in splits:
-        raise UserError(f"dataset {name!r} has no split {val_split!r} (splits: {available}): pass --val_split")
-    val_split = val_split or ("validation" if "validation" in splits else None)
-    if val_split == train_split:
-        raise UserError(f"dataset {name!r}: train_split and val_split are both {train_split!r}")
+    val_split = validation_split(name, splits, train_split, val_split)
 
     def arrow_files(split: str) -> list[Path]:
         if splits[split]._indices is not None:  # a selection over the table: its files hold other rows too

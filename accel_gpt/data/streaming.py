@@ -21,19 +21,21 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from accel_gpt.data.sources import (
     TABLE_ROWS,
+    check_split,
     check_text_column,
+    dataset_errors,
     dataset_shards,
     format_of,
     pieces,
     read_pieces,
     text_values,
 )
-from accel_gpt.data.tokens import encode, token_dtype
+from accel_gpt.data.tokens import piece_tokens, token_dtype
 from accel_gpt.data.windows import already_collated
 from accel_gpt.errors import UserError
 from accel_gpt.tokenizer import get_tokenizer
 
-CHUNK_TOKENS = 1 << 16  # tokens a reader hands over at once (whole documents: a chunk ends at a document's end)
+READER_CHUNK_TOKENS = 1 << 16  # tokens a reader hands over at once (whole documents: a chunk ends at a document's end)
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -105,17 +107,13 @@ class DatasetSource:
 
 
 def open_dataset_source(name: str, config: str | None, split: str, column: str, readers: int) -> DatasetSource:
+    """Dataset `name`'s `split` streamed, in at least `readers` shards where it can be."""
     import datasets  # here only: importing it takes seconds
 
-    try:
+    with dataset_errors(name, "cannot be streamed: the Hub cannot be reached ({err})"):
         split_names = datasets.get_dataset_split_names(name, config)
-        stream = datasets.load_dataset(name, config, split=split, streaming=True) if split in split_names else None
-    except ConnectionError as err:
-        raise UserError(f"dataset {name!r} cannot be streamed: the Hub cannot be reached ({err})") from None
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetsError) as err:
-        raise UserError(f"dataset {name!r}: {str(err).splitlines()[0]}") from None
-    if stream is None:
-        raise UserError(f"dataset {name!r} has no split {split!r} (splits: {', '.join(split_names)})")
+        check_split(name, split, split_names)
+        stream = datasets.load_dataset(name, config, split=split, streaming=True)
     if stream.num_shards < readers:  # parquet files split into their row groups
         stream = stream.reshard()
     try:
@@ -155,16 +153,14 @@ def document_tokens(
     """(document, tokens, ends_document, the document's tokens so far) for each piece of `shard`'s documents from
     `start` on, end-of-text after each document; the first `skip` tokens of document `start` left out (but counted),
     documents that `keep` refuses not tokenized."""
-    encoding, eot = get_tokenizer(tokenizer), np.array([eot_id], dtype=np.uint32)
+    encoding = get_tokenizer(tokenizer)
     current, so_far = None, 0
     for document, piece, ends in source.documents(shard, start):
         if keep is not None and not keep(document):
             continue
         if document != current:
             current, so_far = document, 0
-        ids = encode(encoding, piece)
-        if ends:
-            ids = np.concatenate([ids, eot])
+        ids = piece_tokens(encoding, piece, ends, eot_id)
         so_far += len(ids)
         if skip and document == start:
             dropped = min(skip, len(ids))
@@ -181,7 +177,7 @@ def read_chunks(
     source, readers: Readers, reader: int, position: tuple[int, int, int, int], tokenizer: str, eot_id: int
 ) -> Iterator[tuple[np.ndarray, tuple[int, int, int, int]]]:
     """Reader `reader`'s endless stream from `position` = (epoch, index in its shard list, document, tokens into
-    it): chunks of about CHUNK_TOKENS tokens (a long document in several), each with the position after it.
+    it): chunks of about READER_CHUNK_TOKENS tokens (a long document in several), each with the position after it.
     Epoch after epoch."""
     by_document = source.num_shards < readers.count
     keep = (lambda document: document % readers.count == reader) if by_document else None
@@ -200,7 +196,7 @@ def read_chunks(
             for index, ids, ends, so_far in document_tokens(source, mine[k], *begin, tokenizer, eot_id, keep):
                 parts.append(ids)
                 size += len(ids)
-                if size >= CHUNK_TOKENS:
+                if size >= READER_CHUNK_TOKENS:
                     yield np.concatenate(parts), (epoch, *after(k, index, ends, so_far))
                     parts, size, produced = [], 0, True
             if parts:
@@ -331,8 +327,8 @@ class StreamBatches:
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
 
     def steps(self, state, total_steps: int) -> Iterator[Iterator]:
-        """For each step left, the iterator its micro-batches come from (as `step_batches` for the map-style data);
-        the state's epoch follows the readers'."""
+        """For each step left, the iterator its micro-batches come from (as `EpochBatches.steps` gives the token
+        cache's windows); the state's epoch follows the readers'."""
         batches = iter(self.next_batch, None)
         while state.global_step < total_steps:
             state.epoch = self.epoch

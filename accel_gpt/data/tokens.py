@@ -34,7 +34,7 @@ from accel_gpt.tokenizer import get_tokenizer
 
 log = logging.getLogger(__name__)
 
-CHUNK_TOKENS = 1 << 20  # tokens per Arrow record batch: bounds memory while writing and reading
+RECORD_BATCH_TOKENS = 1 << 20  # tokens per Arrow record batch: bounds memory while writing and reading
 BATCH_CHARS = 1 << 20  # characters per batch of pieces that a worker tokenizes at once
 SHARD_BYTES = 256 << 20  # corpus bytes per shard: few enough entries to map at once, enough to share out
 MAX_TOKENIZER_PROCESSES = 12  # see cores_for_tokenizing
@@ -269,15 +269,18 @@ def token_dtype(tokenizer: str) -> type:
     return np.uint16 if get_tokenizer(tokenizer).n_vocab <= 2**16 else np.uint32
 
 
+def piece_tokens(encoding, text: str, ends_document: bool, eot_id: int) -> np.ndarray:
+    """A piece of a document's tokens, and the end-of-text id after it where it ends the document, as GPT-2 saw
+    documents: the one rule of both modes."""
+    ids = encode(encoding, text)
+    return np.append(ids, np.array(eot_id, dtype=ids.dtype)) if ends_document else ids
+
+
 def encode_batch(tokenizer: str, batch: list[tuple[str, bool]], eot_id: int) -> np.ndarray:
-    """A batch's tokens, with the end-of-text id after each piece that ends a document. Takes the tokenizer's name,
-    not the tokenizer: in a worker process `get_tokenizer` finds the one it inherited (or builds it once)."""
-    encoding, eot = get_tokenizer(tokenizer), np.array([eot_id], dtype=np.uint32)
-    parts = []
-    for text, ends_document in batch:
-        parts.append(encode(encoding, text))
-        if ends_document:
-            parts.append(eot)
+    """A batch of pieces' tokens (`piece_tokens`). Takes the tokenizer's name, not the tokenizer: in a worker process
+    `get_tokenizer` finds the one it inherited (or builds it once)."""
+    encoding = get_tokenizer(tokenizer)
+    parts = [piece_tokens(encoding, text, ends_document, eot_id) for text, ends_document in batch]
     return np.concatenate(parts).astype(token_dtype(tokenizer))
 
 
@@ -336,17 +339,17 @@ class Encoder:
 
 
 def _write_tokens(arrays: Iterator[np.ndarray], out_file: Path, dtype) -> int:
-    """Write the token arrays as Arrow record batches of CHUNK_TOKENS tokens; memory is one chunk."""
+    """Write the token arrays as Arrow record batches of RECORD_BATCH_TOKENS tokens; memory is one chunk."""
     schema = pa.schema([("tokens", pa.from_numpy_dtype(dtype))])
-    chunk, filled, total = np.empty(CHUNK_TOKENS, dtype=dtype), 0, 0
+    chunk, filled, total = np.empty(RECORD_BATCH_TOKENS, dtype=dtype), 0, 0
     with pa.OSFile(str(out_file), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         for tokens in arrays:
             total += len(tokens)
             while len(tokens):
-                n = min(len(tokens), CHUNK_TOKENS - filled)
+                n = min(len(tokens), RECORD_BATCH_TOKENS - filled)
                 chunk[filled : filled + n] = tokens[:n]
                 filled, tokens = filled + n, tokens[n:]
-                if filled == CHUNK_TOKENS:
+                if filled == RECORD_BATCH_TOKENS:
                     writer.write_batch(pa.record_batch([pa.array(chunk)], schema=schema))
                     filled = 0
         if filled:

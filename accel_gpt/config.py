@@ -170,6 +170,12 @@ class TrainConfig:
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step (ignored if global_batch_size is set)")
     num_epochs: int = _opt(1, "passes over the training data (used when max_steps is unset)")
     max_steps: int | None = _opt(None, "optimizer steps to run, overriding num_epochs (none: num_epochs' worth)")
+    train_tokens: int | None = _opt(
+        None, "tokens to train on: max_steps becomes as many steps as they fill, rounded up (instead of max_steps)"
+    )
+    tokens_per_parameter: float | None = _opt(
+        None, "tokens to train on per model parameter (Chinchilla's compute-optimal ~20), instead of max_steps"
+    )
     seed: int = _opt(123, "seed for weights, shuffling and dropout")
     compile: bool = _opt(False, "torch.compile the model (pays off on GPUs; see benchmarks/RESULTS.md)")
     compile_mode: str = _opt(
@@ -422,7 +428,7 @@ PATH_OPTIONS = (
 AT_LEAST_ONE = (
     "batch_size", "gradient_accumulation_steps", "num_epochs", "eval_iter", "save_freq", "max_nonfinite_steps",
     "vocab_multiple", "max_steps", "global_batch_size", "context_len", "stride", "cpu_threads", "embedding_dim",
-    "num_layers", "num_heads", "log_every", "num_proc", "eval_task_limit",
+    "num_layers", "num_heads", "log_every", "num_proc", "eval_task_limit", "train_tokens",
 )  # fmt: skip
 AT_LEAST_ZERO = (
     "warmup_steps", "keep_last", "eval_freq", "loss_chunk", "sample_tokens", "special_token_id", "stream_workers",
@@ -430,8 +436,9 @@ AT_LEAST_ZERO = (
 )  # fmt: skip
 # Negative rates run training backwards (gradient ascent) or explode; NaN passes every `<` test, so finiteness too.
 NON_NEGATIVE_FINITE = ("learning_rate", "initial_lr", "min_lr", "weight_decay", "muon_learning_rate")
-POSITIVE_FINITE = ("peak_flops", "cache_shard_mb")
+POSITIVE_FINITE = ("peak_flops", "cache_shard_mb", "tokens_per_parameter")
 MAX_LEARNING_RATE = 1.0
+RUN_LENGTHS = ("max_steps", "train_tokens", "tokens_per_parameter")  # each alone sets the run's length
 AT_MOST = {"sample_tokens": MAX_SAMPLE_TOKENS, "cpu_threads": MAX_THREADS, "num_proc": MAX_THREADS}
 
 
@@ -507,8 +514,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError("dataset brings its own splits: choose the validation one with val_split, not val_data_path")
     if cfg.eval_tasks is not None and cfg.eval_freq == 0:
         raise UserError("eval_tasks are scored at evaluations: set eval_freq above 0")
-    if cfg.streaming and cfg.max_steps is None:
-        raise UserError("streaming reads a corpus of unknown length: set max_steps")
+    lengths = [key for key in RUN_LENGTHS if getattr(cfg, key) is not None]
+    if len(lengths) > 1:
+        raise UserError(f"{lengths[0]} and {lengths[1]} both set the run's length: give one of them")
+    if cfg.streaming and not lengths:
+        raise UserError(
+            "streaming reads a corpus of unknown length: set max_steps, train_tokens or tokens_per_parameter"
+        )
     if cfg.dataset is None and cfg.val_data_path is None and cfg.val_fraction == 0.0 and not cfg.streaming:
         raise UserError("no validation data: set val_data_path or a val_fraction above 0")
     choices = {

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from accelerate.utils import parse_flag_from_env
 
 from accel_gpt.checkpoint import CONFIG_FILE
@@ -19,7 +21,7 @@ from accel_gpt.config import MODEL_SHAPE_OPTIONS, TrainConfig, validate
 from accel_gpt.errors import UserError
 from accel_gpt.hf import read_hf_gpt2_config
 from accel_gpt.inference import accel_gpt_checkpoint
-from accel_gpt.model import PRESETS, GPTConfig, context_limit
+from accel_gpt.model import PRESETS, GPTConfig, GPTModel, context_limit
 from accel_gpt.schedule import learning_rate_at
 from accel_gpt.tasks import Task, load_tasks
 from accel_gpt.tokenizer import get_tokenizer
@@ -36,6 +38,8 @@ class RunPlan:
     stride: int  # tokens between window starts
     eot_id: int  # appended after every document
     init_checkpoint: Path | None  # the accel_gpt checkpoint that init_from names (None: a preset or an HF folder)
+    max_steps: int | None = None  # max_steps, or the steps that train_tokens or tokens_per_parameter ask for
+    token_budget: str = ""  # where a token budget set max_steps: what it asked for, for the header line
     # Known once the data is tokenized (`with_data`); 0 before.
     train_windows: int = 0
     steps_per_epoch: int = 0  # 0 when streaming: the stream has no epochs of a known length
@@ -92,7 +96,7 @@ class RunPlan:
                 f"{batch} (lower batch_size/context_len or add text)"
             )
         self.check_validation(val_windows, "raise val_fraction, add validation text or lower batch_size")
-        total_steps = self.cfg.max_steps or self.cfg.num_epochs * steps_per_epoch
+        total_steps = self.max_steps or self.cfg.num_epochs * steps_per_epoch
         check_warmup(self.cfg.warmup_steps, total_steps)
         return dataclasses.replace(
             self, train_windows=train_windows, steps_per_epoch=steps_per_epoch, total_steps=total_steps
@@ -101,9 +105,9 @@ class RunPlan:
     def with_stream(
         self, train_eval_windows: int, val_windows: int, source: str, held_out: tuple[int, int, int], files: list
     ) -> RunPlan:
-        """The plan for a streaming run (max_steps long, checked by `validate`) reading `source` (its `files`, as
-        `stream.files_fingerprint` identifies them) from `held_out`, with this many windows in its fixed evaluation
-        slices."""
+        """The plan for a streaming run (`max_steps` long: `validate` checks it has a length) reading `source` (its
+        `files`, as `streaming.files_fingerprint` identifies them) from `held_out`, with this many windows in its
+        fixed evaluation slices."""
         if train_eval_windows < self.global_batch_size:
             raise UserError(
                 f"training data has {train_eval_windows} windows of {self.context_len + 1} tokens"
@@ -112,7 +116,7 @@ class RunPlan:
             )
         self.check_validation(val_windows, "add validation text, or lower eval_iter or batch_size")
         return dataclasses.replace(
-            self, total_steps=self.cfg.max_steps, stream_source=source, held_out=held_out, stream_files=files
+            self, total_steps=self.max_steps, stream_source=source, held_out=held_out, stream_files=files
         )
 
     def check_validation(self, val_windows: int, hint: str) -> None:
@@ -181,6 +185,23 @@ def preset_differences(cfg: TrainConfig, model_cfg: GPTConfig) -> str:
     return ", ".join(f"{k} {getattr(model_cfg, k)}, not {v}" for k, v in shape.items() if getattr(model_cfg, k) != v)
 
 
+def steps_for_tokens(cfg: TrainConfig, model_cfg: GPTConfig, tokens_per_step: int) -> tuple[int | None, str]:
+    """The run's max_steps: as given, or as many steps as it takes to train on `train_tokens`, or on
+    `tokens_per_parameter` x the model's parameters (as the header counts them), rounded up; and where a budget set
+    it, the line that says what it asked for."""
+    if cfg.tokens_per_parameter is not None:
+        with torch.device("meta"):  # shapes only: nothing allocated or initialised
+            parameters = GPTModel(model_cfg).num_parameters()
+        tokens = cfg.tokens_per_parameter * parameters
+        asked = f"tokens_per_parameter {cfg.tokens_per_parameter:g} x {parameters:,} parameters"
+    elif cfg.train_tokens is not None:
+        tokens, asked = cfg.train_tokens, f"train_tokens {cfg.train_tokens:,}"
+    else:
+        return cfg.max_steps, ""
+    steps = max(1, math.ceil(tokens / tokens_per_step))
+    return steps, f"{steps * tokens_per_step:,} tokens for {asked}"
+
+
 def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
     """Check `cfg` and derive everything that does not need the data; the first problem is one UserError."""
     cfg = validate(cfg)
@@ -190,8 +211,6 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
             "(an accelerate config without FSDP) or optimizer adamw"
         )
     accumulation, global_batch = batch_geometry(cfg, world_size)
-    if cfg.max_steps is not None:
-        check_warmup(cfg.warmup_steps, cfg.max_steps)
     tokenizer = get_tokenizer(cfg.tokenizer)
     model_cfg, init_checkpoint = model_config_for(cfg, tokenizer.n_vocab)
     places = [Path(d).resolve() for d in (cfg.output_dir, cfg.checkpoint_dir) if d]
@@ -207,6 +226,9 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
             f"context_len {context_len} exceeds {context_limit(model_cfg.position)} of {where} "
             f"({model_cfg.context_len} tokens)"
         )
+    max_steps, token_budget = steps_for_tokens(cfg, model_cfg, global_batch * context_len)
+    if max_steps is not None:
+        check_warmup(cfg.warmup_steps, max_steps)
     eot_id = tokenizer.eot_token if cfg.special_token_id is None else cfg.special_token_id
     if eot_id >= tokenizer.n_vocab:
         raise UserError(
@@ -215,5 +237,5 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
     tasks = tuple(load_tasks(cfg.eval_tasks)) if cfg.eval_tasks is not None else ()
     return RunPlan(
         cfg, world_size, accumulation, global_batch, model_cfg, context_len, cfg.stride or context_len, eot_id,
-        init_checkpoint, tasks=tasks,
+        init_checkpoint, max_steps, token_budget, tasks=tasks,
     )  # fmt: skip

@@ -312,7 +312,7 @@ def open_logger(run: Run, resume_note: str) -> RunLogger:
         held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
         shard_note = f", {held:,} held per process"
     world_size = accelerator.num_processes
-    length = f"{plan.total_steps} steps"
+    length = f"{plan.total_steps} steps" + (f" = {plan.token_budget}" if plan.token_budget else "")
     if plan.steps_per_epoch:  # the epochs that many steps make, when that is not what num_epochs says
         epochs = plan.total_steps / plan.steps_per_epoch
         length += f" ({epochs:.3g} epochs of {plan.steps_per_epoch})" if epochs != cfg.num_epochs else ""

@@ -1,11 +1,12 @@
 import dataclasses
+import json
 import re
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import assert_one_line_error, in_process
+from conftest import VERDICT, assert_one_line_error, in_process
 
 from accel_gpt.config import (
     AT_LEAST_ONE,
@@ -189,6 +190,12 @@ BAD_VALUES = [
     ({"global_batch_size": 12, "batch_size": 8}, "global_batch_size 12 is not a multiple of batch_size x processes"),
     ({"embedding_dim": 30, "num_heads": 4}, "model config:"),
     ({"tokenizer": "no_such_encoding"}, "unknown tokenizer 'no_such_encoding'"),
+    ({"max_steps": 5, "train_tokens": 1000}, "max_steps and train_tokens both set the run's length: give one of them"),
+    ({"train_tokens": 10**6, "tokens_per_parameter": 20.0}, "train_tokens and tokens_per_parameter both set"),
+    ({"train_tokens": 0}, "train_tokens must be positive, got 0"),
+    ({"tokens_per_parameter": -20.0}, "tokens_per_parameter must be a finite number > 0, got -20.0"),
+    ({"tokens_per_parameter": float("inf")}, "tokens_per_parameter must be a finite number > 0, got inf"),
+    ({"train_tokens": 512, "warmup_steps": 20}, "warmup_steps (20) must be shorter than the run (1 steps)"),
 ]
 
 
@@ -229,3 +236,20 @@ def test_every_numeric_option_has_a_range_check():
     checked |= {"max_norm", "seed", "dropout", "val_fraction", "decay_fraction"}
     numeric = {f.name for f in dataclasses.fields(TrainConfig) if re.match(r"(int|float)\b", str(f.type))}
     assert numeric - checked == set()
+
+
+def test_a_budget_in_tokens_sets_the_run_length_and_says_so(tmp_path, train_here):
+    """train_tokens fills whole steps (rounded up); tokens_per_parameter is that many tokens per parameter."""
+    from accel_gpt.plan import plan_run
+
+    args = ["--model", "tiny", "--batch_size", "2", "--context_len", "64", "--warmup_steps", "1"]
+    assert plan_run(parse_config([*args, "--train_tokens", "1000"]), 1).max_steps == 8  # 1,000 / 128 tokens a step
+    per_parameter = plan_run(parse_config([*args, "--tokens_per_parameter", "0.001"]), 2)
+    assert per_parameter.max_steps == 26  # 6,536.7 tokens in steps of 2 processes x 2 x 64 tokens
+    assert per_parameter.token_budget == "6,656 tokens for tokens_per_parameter 0.001 x 6,536,704 parameters"
+    run = ["--train_data_path", VERDICT, "--output_dir", tmp_path / "run", "--data_cache_dir", tmp_path / "c"]
+    result = train_here(*args, *run, "--train_tokens", "300", "--eval_freq", "0", "--sample_tokens", "0")
+    assert result.returncode == 0, result.stderr
+    assert "| 3 steps = 384 tokens for train_tokens 300 (" in result.stdout
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]

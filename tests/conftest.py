@@ -98,8 +98,9 @@ def read_metrics(run_dir) -> dict[int, dict]:
     return records
 
 
-def launch_command(num_processes: int = 1, config: str | None = None, launcher_args=()) -> list[str]:
-    """`accelerate launch` with 1 CPU process or 2 gloo processes (or `config`), on a free port."""
+def launch_command(num_processes: int = 1, config: str | None = None, launcher_args=(), module="train") -> list[str]:
+    """`accelerate launch` of `accel_gpt.<module>` with 1 CPU process or 2 gloo processes (or `config`), on a free
+    port."""
     config = config or {1: "cpu_1proc.yaml", 2: "cpu_2proc_gloo.yaml"}[num_processes]
     cmd = [
         sys.executable,
@@ -110,7 +111,7 @@ def launch_command(num_processes: int = 1, config: str | None = None, launcher_a
     ]
     if "--main_process_port" not in launcher_args:
         cmd += ["--main_process_port", str(free_port())]
-    return cmd + list(launcher_args) + ["-m", "accel_gpt.train"]
+    return cmd + list(launcher_args) + ["-m", f"accel_gpt.{module}"]
 
 
 def launch_env(**extra) -> dict:
@@ -291,9 +292,11 @@ def cache_dir(tmp_path):
 
 # The files that take longest, first: pytest-xdist hands each worker one file at a time (--dist loadfile), so
 # the long ones then run side by side instead of one of them alone at the end while the other core idles.
-LONGEST_FIRST = ("test_launch.py", "test_faults.py", "test_streaming.py", "test_resume.py", "test_trackers.py",
-                 "test_sample_evaluate.py", "test_cache.py", "test_notebook.py", "test_analysis.py",
-                 "test_errors.py")  # fmt: skip
+# Measured with `--durations=0` (the sum of each file's tests), longest first.
+LONGEST_FIRST = ("test_launch.py", "test_faults.py", "test_streaming.py", "test_optim.py", "test_rundir.py",
+                 "test_cache.py", "test_analysis.py", "test_trackers.py", "test_sample_evaluate.py", "test_hf.py",
+                 "test_tasks.py", "test_errors.py", "test_saved_datasets.py", "test_notebook.py", "test_train.py",
+                 "test_batches.py")  # fmt: skip
 
 
 def pytest_collection_modifyitems(items):

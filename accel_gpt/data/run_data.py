@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
@@ -157,10 +156,11 @@ class RunData:
         """Bad data this rank met while training (streaming), held until every rank can stop with it."""
         return None
 
-    def prepare(self, accelerator: Accelerator, model: torch.nn.Module, optimizer) -> tuple:
-        """Prepare the model and optimizer with this data's loaders, in one call as FSDP needs: (model, optimizer)."""
-        model, optimizer, *self.eval_loaders = accelerator.prepare(model, optimizer, *self.eval_loaders)
-        return model, optimizer
+    def prepare(self, accelerator: Accelerator, *objects) -> list:
+        """Prepare `objects` (the model and optimizer; none to look at the data alone) with this data's loaders, in
+        one call as FSDP needs; returns them prepared."""
+        *objects, self.eval_loaders[0], self.eval_loaders[1] = accelerator.prepare(*objects, *self.eval_loaders)
+        return objects
 
     def steps(self, state, total_steps: int) -> Iterator:
         """For each step from `state`'s position to `total_steps`, the iterator its micro-batches come from."""
@@ -207,14 +207,12 @@ class CachedData(RunData):
         self.train = train
         self.batches: EpochBatches | None = None  # once prepared
 
-    def prepare(self, accelerator: Accelerator, model: torch.nn.Module, optimizer) -> tuple:
+    def prepare(self, accelerator: Accelerator, *objects) -> list:
         cfg = self.plan.cfg
         sampler = GlobalBatchSampler(len(self.train), cfg.batch_size, self.plan.global_batch_size, seed=cfg.seed)
-        model, optimizer, loader, *self.eval_loaders = accelerator.prepare(
-            model, optimizer, make_loader(self.train, sampler), *self.eval_loaders
-        )
+        *objects, loader = super().prepare(accelerator, *objects, make_loader(self.train, sampler))
         self.batches = EpochBatches(sampler, loader)
-        return model, optimizer
+        return objects
 
     def steps(self, state, total_steps: int) -> Iterator:
         return self.batches.steps(state, total_steps)

@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     args, train_argv = parser.parse_known_args(argv)
     if args.steps < 1:
         raise UserError(f"steps must be positive, got {args.steps}")
-    plan = plan_run(parse_config(train_argv), launch_world_size())
+    cfg = parse_config(train_argv)
+    if cfg.checkpoint is not None:
+        raise UserError("batches shows a run's first steps: drop --checkpoint (a resumed run continues the same order)")
+    plan = plan_run(cfg, launch_world_size())
     accelerator = start_accelerator(plan.cfg, plan.gradient_accumulation_steps)
     with contextlib.redirect_stdout(sys.stderr):  # what tokenizing says: standard output is the windows alone
         data = load_training_data(plan, accelerator)

@@ -1,5 +1,7 @@
 """`python -m accel_gpt.cache [--data_cache_dir DIR] list|prune`: what the token cache holds, and removing what no
-run needs. The cache itself is `accel_gpt/data/cache.py`, whose names this module also answers for a release."""
+run needs."""
+
+# The cache itself is accel_gpt/data/cache.py; for a release this module also answers for the names it held there.
 
 from __future__ import annotations
 

@@ -82,7 +82,8 @@ class TrainConfig:
         False,
         "read the training data while training instead of tokenizing it into the cache first, for corpora too large "
         "to tokenize ahead: documents are tokenized in DataLoader workers, packed into windows and shuffled through "
-        "a buffer, and the stream's position is saved with each checkpoint; needs max_steps (docs/data.md#streaming)",
+        "a buffer, and the stream's position is saved with each checkpoint; needs max_steps or a budget in tokens "
+        "(docs/data.md#streaming)",
     )
     stream_workers: int = _opt(
         2, "streaming: DataLoader worker processes per process that read and tokenize (0: the training process)"
@@ -168,7 +169,7 @@ class TrainConfig:
         None, "windows per optimizer step over all processes; derives gradient_accumulation_steps when set"
     )
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimizer step (ignored if global_batch_size is set)")
-    num_epochs: int = _opt(1, "passes over the training data (used when max_steps is unset)")
+    num_epochs: int = _opt(1, "passes over the training data (unless max_steps or a budget in tokens is set)")
     max_steps: int | None = _opt(None, "optimizer steps to run, overriding num_epochs (none: num_epochs' worth)")
     train_tokens: int | None = _opt(
         None, "tokens to train on: max_steps becomes as many steps as they fill, rounded up (instead of max_steps)"
@@ -411,6 +412,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             if key not in _FIELDS:
                 raise UserError(f"config file: unknown key {key!r}")
             values[key] = _coerce(key, value, "config file")
+    if any(key in given for key in RUN_LENGTHS):  # a length on the command line replaces the config file's
+        values = {key: value for key, value in values.items() if key not in RUN_LENGTHS}
     for key, value in given.items():
         values[key] = _coerce(key, value, "command line")
     return validate(TrainConfig(**values))

@@ -2,4 +2,4 @@
 
 from accel_gpt.compat import moved_module
 
-moved_module(__name__)
+moved_module(__spec__.name)  # __name__ is __main__ under `python -m`

@@ -258,7 +258,7 @@ def complete_already(step: int, total_steps: int, checkpoint: Path) -> str:
     a checkpoint beyond the run's end is an error instead: max_steps was probably lowered by mistake."""
     if step > total_steps:
         raise UserError(
-            f"{checkpoint} is at step {step}, beyond this run's {total_steps} steps: raise max_steps (or "
-            "num_epochs) to continue it"
+            f"{checkpoint} is at step {step}, beyond this run's {total_steps} steps: raise what sets its length "
+            "(max_steps, train_tokens, tokens_per_parameter or num_epochs) to continue it"
         )
     return f"accel_gpt: run already complete: {checkpoint} is at step {step} of {total_steps}; nothing left to train"

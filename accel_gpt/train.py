@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -497,6 +498,11 @@ def train(cfg: TrainConfig) -> dict:
     try:
         record = fit(run) if run.steps_left else {}
         run.accelerator.wait_for_everyone()  # no rank tears the process group down while another still uses it
+    except BaseException as err:
+        # The loop's frames, kept by the traceback, hold the step and through it the DDP model: cleared, so that
+        # close() can release the model before the process group (the hang at exit it explains).
+        traceback.clear_frames(err.__traceback__)
+        raise
     finally:
         run.close()
     return run.summary() | record

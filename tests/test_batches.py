@@ -7,6 +7,7 @@ import pytest
 from conftest import VERDICT, launch_command, launch_env, one_thread
 
 from accel_gpt.batches import main
+from accel_gpt.errors import UserError
 from accel_gpt.tokenizer import get_tokenizer
 
 pytestmark = pytest.mark.slow  # one launch of two processes
@@ -39,6 +40,11 @@ def test_batches_show_the_windows_of_each_step_alike_at_one_and_two_processes(tm
         assert sorted(w["tokens"] for w in two if w["step"] == step) == sorted(
             w["tokens"] for w in one if w["step"] == step
         )
+
+
+def test_batches_of_a_resumed_run_are_refused_in_one_line():
+    with pytest.raises(UserError, match="batches shows a run's first steps: drop --checkpoint"):
+        main(["--checkpoint", "latest", "--output_dir", "anywhere", "--cpu_threads", "1"])
 
 
 def test_batches_text_names_each_window_and_its_document_ends(tmp_path, capsys):

@@ -253,3 +253,5 @@ def test_a_budget_in_tokens_sets_the_run_length_and_says_so(tmp_path, train_here
     assert "| 3 steps = 384 tokens for train_tokens 300 (" in result.stdout
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+    # A length on the command line replaces the config file's (the bundled xiyouji config sets max_steps).
+    assert parse_config(["--config", "xiyouji", "--train_tokens", "1000"]).max_steps is None

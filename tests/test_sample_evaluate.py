@@ -132,12 +132,15 @@ warnings.simplefilter("always")
 import accel_gpt.corpus, accel_gpt.tokens, accel_gpt.stream, accel_gpt.rundata
 import accel_gpt.data.run_data, accel_gpt.data.sources, accel_gpt.data.streaming, accel_gpt.data.tokens
 from accel_gpt.corpus import resolve_files
-from accel_gpt.data import GlobalBatchSampler
+from accel_gpt.data import GlobalBatchSampler, eval_bytes_per_token
+from accel_gpt.tokens import CHUNK_TOKENS
 from accel_gpt.cache import DEFAULT_DIR, file_digest
 from accel_gpt.data import cache, windows
 assert accel_gpt.corpus is accel_gpt.data.sources and accel_gpt.tokens is accel_gpt.data.tokens
 assert accel_gpt.stream is accel_gpt.data.streaming and accel_gpt.rundata is accel_gpt.data.run_data
 assert GlobalBatchSampler is windows.GlobalBatchSampler and file_digest is cache.file_digest
+assert eval_bytes_per_token is windows.eval_bytes_per_token
+assert CHUNK_TOKENS == accel_gpt.data.tokens.RECORD_BATCH_TOKENS
 print(resolve_files("the-verdict")[0].name, DEFAULT_DIR == cache.DEFAULT_DIR)
 """
     result = run_python(code)
@@ -145,6 +148,8 @@ print(resolve_files("the-verdict")[0].name, DEFAULT_DIR == cache.DEFAULT_DIR)
     notices = [line.split("FutureWarning: ")[1] for line in result.stderr.splitlines() if "FutureWarning" in line]
     moved = [("corpus", "data.sources"), ("tokens", "data.tokens"), ("stream", "data.streaming")]
     moved += [("rundata", "data.run_data"), ("data.GlobalBatchSampler", "data.windows.GlobalBatchSampler")]
+    moved += [("data.eval_bytes_per_token", "data.windows.eval_bytes_per_token")]
+    moved += [("data.tokens.CHUNK_TOKENS", "data.tokens.RECORD_BATCH_TOKENS")]
     moved += [("cache.file_digest", "data.cache.file_digest")]
     assert notices == [
         f"accel_gpt.{old} is now accel_gpt.{new}; the old name goes in a later release" for old, new in moved

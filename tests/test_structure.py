@@ -49,6 +49,15 @@ def test_the_data_package_imports_nothing_above_it():
         todo += runtime_imports(module_file(name))
 
 
+def test_every_subpackage_is_installed():
+    """pyproject's package list names every package folder: an install without one fails at import."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert found == listed
+
+
 def test_train_asks_nothing_of_the_data_mode():
     """Both modes give train.py one interface (`RunData`): no streaming flag, batch class or mode test there."""
     tree = ast.parse((PACKAGE / "train.py").read_text())

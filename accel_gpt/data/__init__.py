@@ -10,22 +10,19 @@
 Nothing is imported until used, so `python -m accel_gpt.cache` loads only the cache.
 """
 
-_WINDOWS = (
-    "WindowDataset",
-    "GlobalBatchSampler",
-    "EpochBatches",
-    "make_loader",
-    "make_eval_loader",
-    "already_collated",
-)
+# What `accel_gpt.data` held when it was the module of windows (earlier releases), and where each is now.
+_MOVED = dict.fromkeys(
+    ("WindowDataset", "GlobalBatchSampler", "EpochBatches", "make_loader", "make_eval_loader", "already_collated",
+     "eval_bytes_per_token"), "accel_gpt.data.windows",
+) | {"TokenStream": "accel_gpt.data.tokens"}  # fmt: skip
 
 
 def __getattr__(name: str):
-    if name in _WINDOWS:  # `accel_gpt.data` was the module of windows in earlier releases
+    if name in _MOVED:
         from accel_gpt.compat import moved_name
 
         # Kept here after the first use: `from accel_gpt.data import X` looks X up twice (a package's names may be
         # submodules), and the notice is said once.
-        value = globals()[name] = moved_name(__name__, "accel_gpt.data.windows", name)
+        value = globals()[name] = moved_name(__name__, _MOVED[name], name)
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -393,3 +393,12 @@ def read_slice(
                 return np.concatenate(parts).astype(token_dtype(tokenizer)), end
     tokens = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint32)
     return tokens.astype(token_dtype(tokenizer)), (source.num_shards, 0, 0)
+
+
+def __getattr__(name: str):  # CHUNK_TOKENS of earlier releases
+    if name == "CHUNK_TOKENS":
+        from accel_gpt.compat import notice
+
+        notice(f"{__name__}.CHUNK_TOKENS", f"{__name__}.READER_CHUNK_TOKENS")
+        return READER_CHUNK_TOKENS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

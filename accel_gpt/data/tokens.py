@@ -376,3 +376,12 @@ def _tokenize_shard(corpus: Corpus, index: int, entry: Path, encoder: Encoder, p
             pass
         raise
     return num_tokens
+
+
+def __getattr__(name: str):  # CHUNK_TOKENS of earlier releases
+    if name == "CHUNK_TOKENS":
+        from accel_gpt.compat import notice
+
+        notice(f"{__name__}.CHUNK_TOKENS", f"{__name__}.RECORD_BATCH_TOKENS")
+        return RECORD_BATCH_TOKENS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,6 +24,14 @@ RENAMED = {
     },
     # The notebook API re-exported the trainer before it stopped importing training code.
     ("accel_gpt.analysis", "train"): ("accel_gpt.train", "train", "accel_gpt.train.train"),
+    # Two constants of one name and two meanings, told apart.
+    **{
+        (module, "CHUNK_TOKENS"): (module, new, f"{module}.{new}")
+        for module, new in (
+            ("accel_gpt.data.tokens", "RECORD_BATCH_TOKENS"),
+            ("accel_gpt.data.streaming", "READER_CHUNK_TOKENS"),
+        )
+    },
 }
 
 
@@ -46,7 +54,7 @@ def old_name(module: str, name: str):
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
     home, new_name, shown = RENAMED[module, name]
     new = getattr(importlib.import_module(home), new_name)
-    if isinstance(new, type):  # a class (a NamedTuple): said on lookup, as it may be used without a call
+    if isinstance(new, type) or not callable(new):  # a class or a constant: said on lookup, as it is used uncalled
         notice(f"{module}.{name}", shown, stacklevel=4)  # above this function and the module's __getattr__
         return new
 

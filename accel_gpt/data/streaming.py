@@ -395,10 +395,7 @@ def read_slice(
     return tokens.astype(token_dtype(tokenizer)), (source.num_shards, 0, 0)
 
 
-def __getattr__(name: str):  # CHUNK_TOKENS of earlier releases
-    if name == "CHUNK_TOKENS":
-        from accel_gpt.compat import notice
+def __getattr__(name: str):  # names of earlier releases (accel_gpt/compat.py)
+    from accel_gpt.compat import old_name
 
-        notice(f"{__name__}.CHUNK_TOKENS", f"{__name__}.READER_CHUNK_TOKENS")
-        return READER_CHUNK_TOKENS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return old_name(__name__, name)

@@ -378,10 +378,7 @@ def _tokenize_shard(corpus: Corpus, index: int, entry: Path, encoder: Encoder, p
     return num_tokens
 
 
-def __getattr__(name: str):  # CHUNK_TOKENS of earlier releases
-    if name == "CHUNK_TOKENS":
-        from accel_gpt.compat import notice
+def __getattr__(name: str):  # names of earlier releases (accel_gpt/compat.py)
+    from accel_gpt.compat import old_name
 
-        notice(f"{__name__}.CHUNK_TOKENS", f"{__name__}.RECORD_BATCH_TOKENS")
-        return RECORD_BATCH_TOKENS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return old_name(__name__, name)

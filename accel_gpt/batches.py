@@ -46,19 +46,22 @@ def main(argv: list[str] | None = None) -> None:
     plan = data.plan
     data.prepare(accelerator)
     state, mine = TrainerState(), []
+    rank, world_size = accelerator.process_index, accelerator.num_processes
     for batches in data.steps(state, min(args.steps, plan.total_steps)):
+        sources = data.window_sources(state.global_step)
         # As a training step takes them: gradient_accumulation_steps micro-batches from this step's iterator.
         for micro_batch, (inputs, targets) in zip(range(plan.gradient_accumulation_steps), batches):
             for row in range(len(inputs)):
                 tokens = [*inputs[row].tolist(), int(targets[row, -1])]
-                mine.append((state.global_step + 1, accelerator.process_index, micro_batch, tokens))
+                source = sources[micro_batch * world_size + rank][row] if sources else data.source_name
+                mine.append((state.global_step + 1, rank, micro_batch, row, source, tokens))
         state.advance(plan.tokens_per_step, plan.steps_per_epoch)
     windows = sorted(gather_object(mine))  # every process's, in step, rank and micro-batch order
     accelerator.end_training()
     if not accelerator.is_main_process:
         return
-    tokenizer, source = get_tokenizer(plan.cfg.tokenizer), plan.cfg.dataset or plan.cfg.train_data_path
-    for step, rank, micro_batch, tokens in windows:
+    tokenizer = get_tokenizer(plan.cfg.tokenizer)
+    for step, rank, micro_batch, _, source, tokens in windows:
         text = tokenizer.decode(tokens)  # a window's edges may cut a character: shown as U+FFFD
         if args.json:
             record = {"step": step, "rank": rank, "micro_batch": micro_batch, "source": source, "tokens": tokens}

@@ -22,6 +22,7 @@ import yaml
 
 from accel_gpt.cli import CommandLineParser
 from accel_gpt.data.cache import DEFAULT_DIR as DEFAULT_CACHE_DIR
+from accel_gpt.data.mixture import as_config, is_mixture, sources_of
 from accel_gpt.errors import UserError
 from accel_gpt.model import OPTION_VALUES, PRESETS, GPTConfig
 
@@ -53,11 +54,13 @@ MODEL_SHAPE_OPTIONS = (
 @dataclass
 class TrainConfig:
     # --- data
-    train_data_path: str = _opt(
+    train_data_path: str | list = _opt(
         "tinyshakespeare",
         "training text: a .txt/.jsonl/.parquet file (.txt and .jsonl also as .gz/.bz2/.xz), a folder written by "
         "datasets' save_to_disk (a DatasetDict's split: FOLDER/train), a directory or glob (laid out in hub splits: "
-        "its train files), or a bundled corpus name (the-verdict, tinyshakespeare, xiyouji)",
+        "its train files), or a bundled corpus name (the-verdict, tinyshakespeare, xiyouji); or a weighted mixture "
+        "of sources, [NAME=]PATH:WEIGHT,... (e.g. books=data/books.txt:3,web=data/web.jsonl:1), or in a config "
+        "file a list of sources, each a path or a dataset with its weight (docs/data.md#mixtures)",
     )
     val_data_path: str | None = _opt(
         None,
@@ -96,6 +99,16 @@ class TrainConfig:
     )
     context_len: int | None = _opt(None, "tokens per training window (default: the preset's context length)")
     stride: int | None = _opt(None, "step between window starts (default: context_len, i.e. no overlap)")
+    align_documents: bool = _opt(
+        False,
+        "start every training window at a document (its end-of-text token first): documents packed best-fit into "
+        "windows, the end of one that fits nowhere cut off (docs/data.md#windows-that-start-at-a-document)",
+    )
+    document_mask: bool = _opt(
+        False,
+        "attention never crosses a document boundary inside a window: a token sees its own document's tokens alone "
+        "(the end-of-text token starts a document)",
+    )
     data_cache_dir: str | None = _opt(None, f"where tokenized corpora are cached (default: {DEFAULT_CACHE_DIR})")
     num_proc: int | None = _opt(
         None,
@@ -309,6 +322,14 @@ _TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
 def _coerce(key: str, value, source: str):
     """Convert a YAML or command-line value to the field's type, or raise one clear line."""
     kind, optional = _TYPES[key], key in _OPTIONAL
+    if key in LIST_OPTIONS:
+        if isinstance(value, str) and value.lstrip().startswith("["):  # the config file's list, written inline
+            try:
+                value = yaml.load(value, Loader=_Loader)
+            except yaml.YAMLError as err:
+                raise UserError(f"{source}: {key} is not a valid YAML list: {str(err).splitlines()[0]}") from None
+        if isinstance(value, list):
+            return value
     if not isinstance(value, (str, int, float, bool, type(None))):  # a YAML list, map or other structure
         shown = {list: "a list", dict: "a mapping"}.get(type(value), f"a {type(value).__name__}")
         raise UserError(f"{source}: {key} expects {_EXPECTED[kind]}, got {shown} ({value!r})")
@@ -442,6 +463,7 @@ NON_NEGATIVE_FINITE = ("learning_rate", "initial_lr", "min_lr", "weight_decay", 
 POSITIVE_FINITE = ("peak_flops", "cache_shard_mb", "tokens_per_parameter")
 MAX_LEARNING_RATE = 1.0
 RUN_LENGTHS = ("max_steps", "train_tokens", "tokens_per_parameter")  # each alone sets the run's length
+LIST_OPTIONS = ("train_data_path",)  # may hold a list (a mixture's sources)
 AT_MOST = {"sample_tokens": MAX_SAMPLE_TOKENS, "cpu_threads": MAX_THREADS, "num_proc": MAX_THREADS}
 
 
@@ -455,6 +477,8 @@ def _typed(key: str, value):
         raise UserError(f"{key} cannot be None")
     if key in PATH_OPTIONS and isinstance(value, os.PathLike):
         return os.fspath(value)
+    if key in LIST_OPTIONS and isinstance(value, (list, tuple)):
+        return list(value)
     if isinstance(value, bool):  # a bool is an Integral too
         if kind is bool:
             return value
@@ -524,7 +548,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(
             "streaming reads a corpus of unknown length: set max_steps, train_tokens or tokens_per_parameter"
         )
-    if cfg.dataset is None and cfg.val_data_path is None and cfg.val_fraction == 0.0 and not cfg.streaming:
+    if cfg.align_documents and cfg.stride is not None and cfg.stride != cfg.context_len:
+        raise UserError("align_documents packs windows that never overlap: drop stride")
+    if cfg.align_documents and cfg.streaming:
+        raise UserError("streaming does not align windows to documents yet: drop align_documents or streaming")
+    if is_mixture(cfg.train_data_path):
+        cfg = check_mixture(cfg, lengths)
+    elif cfg.dataset is None and cfg.val_data_path is None and cfg.val_fraction == 0.0 and not cfg.streaming:
         raise UserError("no validation data: set val_data_path or a val_fraction above 0")
     choices = {
         "attention": ("auto", "cudnn", "flash", "efficient", "math"),
@@ -568,4 +598,27 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError("overwrite starts a new run and checkpoint continues one: pass only one of them")
     if cfg.checkpoint is not None and cfg.output_dir is None and cfg.checkpoint_dir is None:
         raise UserError("checkpoint needs the run to resume: pass its --output_dir (or --checkpoint_dir)")
+    return cfg
+
+
+def check_mixture(cfg: TrainConfig, lengths: list[str]) -> TrainConfig:
+    """A config whose train_data_path is a mixture, checked (each source, and what a mixture cannot combine with);
+    a list of sources comes back in the config file's form."""
+    sources = sources_of(cfg)
+    if cfg.dataset is not None:
+        raise UserError("dataset and a mixture in train_data_path: make the dataset one of the mixture's sources")
+    if cfg.val_data_path is not None:
+        raise UserError(
+            "each source of a mixture is validated on its own: give a source's validation files as its val_path "
+            "instead of val_data_path"
+        )
+    if cfg.streaming:
+        raise UserError("streaming does not read mixtures yet: drop streaming, or train on one source")
+    if not lengths:
+        raise UserError(
+            "a mixture's sources run out at different steps: set its length with max_steps, train_tokens or "
+            "tokens_per_parameter"
+        )
+    if isinstance(cfg.train_data_path, list):
+        cfg = dataclasses.replace(cfg, train_data_path=as_config(sources))
     return cfg

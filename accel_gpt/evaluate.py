@@ -13,6 +13,7 @@ import sys
 
 from accel_gpt.cli import CommandLineParser, add_checkpoint_arguments, run_command
 from accel_gpt.data.cache import DEFAULT_DIR as DEFAULT_CACHE_DIR
+from accel_gpt.data.mixture import is_short_form
 from accel_gpt.errors import UserError
 from accel_gpt.inference import (
     Checkpoint,
@@ -68,6 +69,11 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("pass --data PATH (a corpus to score), --tasks PATH[,PATH...] (tasks to score), or both")
     if args.limit is not None and args.limit < 1:
         raise UserError(f"limit must be positive, got {args.limit}")
+    if args.data is not None and is_short_form(args.data):
+        raise UserError(
+            f"--data {args.data} is a mixture: evaluate scores one corpus, so pass one source's path (a mixture's run "
+            "logs each source's val_loss/<name>)"
+        )
     tasks = load_tasks(args.tasks) if args.tasks is not None else []  # bad task files stop here, before any model
     checkpoint = open_checkpoint(args.checkpoint, args.step, resolve_device(args.device))
     if args.data is not None:

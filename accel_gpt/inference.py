@@ -107,7 +107,11 @@ def open_checkpoint(path: str | Path, step: int | None = None, device: str | tor
     saved = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
     model = GPTModel(GPTConfig(**saved["model"]))
     load_model_weights(model, checkpoint / MODEL_FILE)
-    return Checkpoint(model.to(device).eval(), saved.get("train", {}), checkpoint)
+    train = saved.get("train", {})
+    if train.get("document_mask"):  # scored as it trained: attention stops at each end-of-text token
+        eot = train.get("special_token_id")
+        model.document_boundary = get_tokenizer(train.get("tokenizer", "gpt2")).eot_token if eot is None else eot
+    return Checkpoint(model.to(device).eval(), train, checkpoint)
 
 
 def load_model(path: str | Path, step: int | None = None, device: str | torch.device = "cpu") -> GPTModel:

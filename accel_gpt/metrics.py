@@ -285,8 +285,8 @@ class RunLogger:
             line += f" | train_loss {record['train_loss']:.4f} | val_loss {record['val_loss']:.4f}"
         if "val_bpb" in record:
             line += f" | val_bpb {record['val_bpb']:.4f}"
-        for name, value in record.items():  # eval_tasks' scores: "<task>/acc", ...
-            if "/" in name:
+        for name, value in record.items():  # eval_tasks' scores ("<task>/acc", ...), a mixture's val_loss/<source>
+            if "/" in name and not name.startswith("tokens_seen/"):
                 line += f" | {name} {value:.4f}"
         self._bar.update(1)
         self._bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)

@@ -149,8 +149,11 @@ class MultiHeadAttention(nn.Module):
         self.qkv = nn.Linear(cfg.embedding_dim, 3 * cfg.embedding_dim, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(cfg.embedding_dim, cfg.embedding_dim, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, rope=None, cache: LayerCache | None = None) -> torch.Tensor:
-        """`rope`: the cos and sin tables of x's positions, for rotary positions; None for a position table."""
+    def forward(
+        self, x: torch.Tensor, rope=None, cache: LayerCache | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`rope`: the cos and sin tables of x's positions, for rotary positions; None for a position table.
+        `mask`: which positions each may attend to, `[batch, 1, seq, seq]` (None: every earlier one)."""
         batch, seq, dim = x.shape
         q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
         if self.qk_norm:
@@ -159,12 +162,23 @@ class MultiHeadAttention(nn.Module):
             q, k = rotate(q, rope), rotate(k, rope)
         if cache is not None:  # decoding: attend to every cached position as well
             k, v = cache.append(k, v)
-        # is_causal lets SDPA pick flash/memory-efficient kernels and avoids materialising a mask. A single new
-        # token may see every cached position, so it needs no mask (LayerCache.append rules out the other cases).
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=seq > 1, dropout_p=self.dropout if self.training else 0.0
-        )
+        dropout = self.dropout if self.training else 0.0
+        if mask is not None:  # document_mask: a boolean mask, which SDPA's flash kernel does not take
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        else:
+            # is_causal lets SDPA pick flash/memory-efficient kernels and avoids materialising a mask. A single new
+            # token may see every cached position, so it needs no mask (LayerCache.append rules out the other cases).
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1, dropout_p=dropout)
         return self.out_proj(out.transpose(1, 2).reshape(batch, seq, dim))
+
+
+def document_mask(idx: torch.Tensor, boundary: int) -> torch.Tensor:
+    """Block-causal attention `[batch, 1, seq, seq]`: position i sees position j <= i of its own document alone, a
+    document starting at each `boundary` token (the end-of-text, first in a document as GPT-2 saw them)."""
+    document = torch.cumsum(idx == boundary, dim=1)
+    seq = idx.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=idx.device).tril()
+    return ((document[:, :, None] == document[:, None, :]) & causal)[:, None]
 
 
 class ReLUSquared(nn.Module):
@@ -193,8 +207,10 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop_shortcut = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope=None, cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), rope, cache))
+    def forward(
+        self, x: torch.Tensor, rope=None, cache: LayerCache | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), rope, cache, mask))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
@@ -369,6 +385,9 @@ class GPTModel(nn.Module):
         # fastest (benchmarks/loss_chunk.py): CPU_LOSS_CHUNK on CPU, plain on GPUs (chunking cost 3-10% on an
         # H100, and saves the memory of the full logits).
         self.loss_chunk: int | None = None
+        # The end-of-text id where attention stops (document_mask): a window's tokens attend only to those of their
+        # own document, which that token starts. None: causal attention across the whole window.
+        self.document_boundary: int | None = None
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -412,13 +431,16 @@ class GPTModel(nn.Module):
         else:
             rope = rotary_tables(self.config.embedding_dim // self.config.num_heads, positions)
         x = self.drop_emb(x)
+        mask = (
+            document_mask(idx, self.document_boundary) if self.document_boundary is not None and cache is None else None
+        )
         for i, block in enumerate(self.trf_blocks):
             if cache is not None:
                 x = block(x, rope, cache.layers[i])
             elif self.activation_checkpointing and self.training:  # recompute activations in backward: less memory
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, None, mask, use_reentrant=False)
             else:
-                x = block(x, rope)
+                x = block(x, rope, None, mask)
         if cache is not None:  # decoding needs the next token's logits only: skip the head for the prompt
             x = x[:, -1:]
         return self.final_norm(x)

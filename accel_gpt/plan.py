@@ -48,6 +48,7 @@ class RunPlan:
     held_out: tuple[int, int, int] = (0, 0, 0)  # streaming: where training's stream starts after a held-out slice
     stream_files: list = dataclasses.field(default_factory=list)  # streaming: what identifies its files, for resumes
     tasks: tuple[Task, ...] = ()  # eval_tasks, read and checked
+    mixture: tuple = ()  # a mixture's sources: (name, weight, training windows) each, in the config's order
 
     @property
     def model_name(self) -> str:
@@ -69,6 +70,10 @@ class RunPlan:
             "stride": self.stride,
             "train_windows": self.train_windows,
         }
+        if self.cfg.align_documents:  # windows packed from documents, not cut every stride tokens
+            identity["align_documents"] = True
+        if self.mixture:  # which source each step's windows come from
+            identity["mixture"] = [list(source) for source in self.mixture]
         if self.cfg.streaming:  # each process's readers carry on from their own positions: the same processes
             identity |= {
                 "streaming": True, "world_size": self.world_size, "stream_workers": self.cfg.stream_workers,
@@ -102,6 +107,22 @@ class RunPlan:
             self, train_windows=train_windows, steps_per_epoch=steps_per_epoch, total_steps=total_steps
         )
 
+    def with_mixture(self, sources: list[tuple]) -> RunPlan:
+        """The plan for a mixture: `sources` holds each source's spec, training and validation windows. Its length
+        is `max_steps` (`validate` checks it has one): its sources run out at different steps."""
+        for source, train_windows, val_windows in sources:
+            if train_windows == 0:
+                raise UserError(
+                    f"source {source.name} ({source.spec}) has no training window of {self.context_len + 1} tokens "
+                    "(add text or lower context_len)"
+                )
+            hint = "add validation text (a val_path), raise val_fraction or lower batch_size"
+            self.check_validation(val_windows, hint, f"source {source.name}'s validation data")
+        check_warmup(self.cfg.warmup_steps, self.max_steps)
+        mixture = tuple((source.name, source.weight, windows) for source, windows, _ in sources)
+        train_windows = sum(windows for _, windows, _ in sources)
+        return dataclasses.replace(self, train_windows=train_windows, total_steps=self.max_steps, mixture=mixture)
+
     def with_stream(
         self, train_eval_windows: int, val_windows: int, source: str, held_out: tuple[int, int, int], files: list
     ) -> RunPlan:
@@ -119,10 +140,10 @@ class RunPlan:
             self, total_steps=self.max_steps, stream_source=source, held_out=held_out, stream_files=files
         )
 
-    def check_validation(self, val_windows: int, hint: str) -> None:
+    def check_validation(self, val_windows: int, hint: str, role: str = "validation data") -> None:
         if val_windows < self.global_batch_size:  # an evaluation reads whole global batches, like a step
             raise UserError(
-                f"validation data has {val_windows} windows of {self.context_len + 1} tokens; an evaluation needs "
+                f"{role} has {val_windows} windows of {self.context_len + 1} tokens; an evaluation needs "
                 f"one global batch of {self.global_batch_size} ({hint})"
             )
 

@@ -122,6 +122,7 @@ def build_model(plan: RunPlan) -> GPTModel:
         model = load_hf_gpt2(cfg.init_from, model_cfg) if cfg.init_from else GPTModel(model_cfg)
     model.activation_checkpointing = cfg.activation_checkpointing
     model.loss_chunk = cfg.loss_chunk
+    model.document_boundary = plan.eot_id if cfg.document_mask else None
     return model
 
 
@@ -141,7 +142,7 @@ class Run:
     state: TrainerState
     rng_state: dict | None = None  # resuming: this rank's RNG state, restored just before the first step
     logger: RunLogger | None = None  # None for a resumed run with nothing left to train
-    bytes_per_token: tuple[float, float] = (0.0, 0.0)  # of the train and validation evaluation windows' targets
+    bytes_per_token: dict[str, float] | None = None  # of each evaluation's windows' targets (`data.eval_loaders`)
 
     @property
     def steps_left(self) -> int:
@@ -175,12 +176,11 @@ class Run:
         accelerator.wait_for_everyone()
 
     def evaluate(self, record: dict) -> None:
-        """Train and validation loss into `record`, and each in bits per byte (nats per token / ln 2 / bytes per
-        token: comparable across tokenizers)."""
-        for split, loader, per_token in zip(("train", "val"), self.data.eval_loaders, self.bytes_per_token):
-            loss = record[f"{split}_loss"] = evaluate(self.model, loader, self.accelerator)
-            if per_token:  # 0 for windows of special tokens alone
-                record[f"{split}_bpb"] = loss / (math.log(2) * per_token)
+        """Train and validation loss into `record` (a mixture's: each source's too), each also in bits per byte,
+        and the tasks' scores."""
+        loaders = self.data.eval_loaders
+        losses = {name: evaluate(self.model, loader, self.accelerator) for name, loader in loaders.items()}
+        record |= self.data.scores(losses, self.bytes_per_token)
         if self.plan.tasks:
             record |= self.score_tasks()
 
@@ -321,8 +321,8 @@ def open_logger(run: Run, resume_note: str) -> RunLogger:
         f"accel_gpt | world_size {world_size} | {strategy_name(accelerator)} | device {accelerator.device} | "
         f"mixed_precision {accelerator.mixed_precision} | model {plan.model_name} ({params:,} params{shard_note}) | "
         f"global batch {plan.global_batch_size} = {cfg.batch_size} x {plan.gradient_accumulation_steps} "
-        f"accumulation x {world_size} processes | {run.data.description} train / "
-        f"{len(run.data.val):,} val windows of {plan.context_len} tokens | {length} | {run.memory}"
+        f"accumulation x {world_size} processes | {run.data.description} of {plan.context_len} tokens | {length} | "
+        f"{run.memory}"
         f"{resume_note}"
     )
     return logger
@@ -449,7 +449,10 @@ def fit(run: Run) -> dict:
             epoch = state.epoch  # the step's own; advance() may move the position on to the next epoch
             state.advance(plan.tokens_per_step, plan.steps_per_epoch)
             window.add(
-                {"step": state.global_step, "epoch": epoch, "tokens_seen": state.tokens_seen, "lr": lr}, loss, grad_norm
+                {"step": state.global_step, "epoch": epoch, "tokens_seen": state.tokens_seen, "lr": lr}
+                | run.data.progress(state.global_step),
+                loss,
+                grad_norm,
             )
             last = state.global_step == plan.total_steps
             eval_due = cfg.eval_freq > 0 and (state.global_step % cfg.eval_freq == 0 or last)

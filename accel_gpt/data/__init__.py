@@ -4,6 +4,8 @@
     tokens.py     documents -> token shards in the cache, on every core; read back memory-mapped
     cache.py      the content-keyed token cache on disk
     windows.py    tokens -> (input, target) windows -> world-size-independent global batches
+    packing.py    documents packed into windows that each start at one (`--align_documents true`)
+    mixture.py    several sources, their windows drawn by weight at every step
     streaming.py  the same windows from a stream read while training runs (`--streaming true`)
     run_data.py   a run's data, both modes: `load_training_data`, the one entry point `train.py` calls
 

@@ -5,7 +5,9 @@ the machines sharing the shards out, and read as windows; or, streaming, a strea
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,8 +15,11 @@ import numpy as np
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from accel_gpt.data.cache import TOKENS
+from accel_gpt.data.mixture import MixtureSampler, MixtureWindows, SourceSpec, sources_of, windows_drawn
+from accel_gpt.data.packing import PackedWindows
 from accel_gpt.data.sources import DataFiles, load_dataset_splits, resolve_data, validation_split
 from accel_gpt.data.streaming import (
     FileSource,
@@ -31,9 +36,10 @@ from accel_gpt.data.windows import (
     EpochBatches,
     GlobalBatchSampler,
     WindowDataset,
-    eval_bytes_per_token,
-    make_eval_loader,
+    Windows,
+    eval_sampler,
     make_loader,
+    mean_bytes_per_token,
 )
 from accel_gpt.errors import UserError
 from accel_gpt.launch import agree, agree_when_done
@@ -42,16 +48,15 @@ if TYPE_CHECKING:  # the plan is handed in and handed back; the data package imp
     from accel_gpt.plan import RunPlan
 
 
-def data_files(plan: RunPlan, accelerator: Accelerator) -> DataFiles:
-    """The run's training and validation files. Paths are resolved on every rank, so a bad one stops them all; a
+def source_files(source: SourceSpec, accelerator: Accelerator) -> DataFiles:
+    """A source's training and validation files. Paths are resolved on every rank, so a bad one stops them all; a
     dataset is prepared in `datasets`' cache by one rank per machine first (its errors, too, reach every rank),
     and the others then load what it prepared."""
-    cfg = plan.cfg
-    if cfg.dataset is None:
-        return resolve_data(cfg.train_data_path, cfg.val_data_path)
+    if source.dataset is None:
+        return resolve_data(source.path, source.val_path)
 
     def load() -> DataFiles:
-        return load_dataset_splits(cfg.dataset, cfg.dataset_config, cfg.train_split, cfg.val_split)
+        return load_dataset_splits(source.dataset, source.dataset_config, source.train_split, source.val_split)
 
     prepared = agree_when_done(accelerator, lambda: load() if accelerator.is_local_main_process else None)
     return prepared[accelerator.process_index] if accelerator.is_local_main_process else load()
@@ -115,41 +120,55 @@ def tokenize_once(corpora: list[Corpus], plan: RunPlan, accelerator: Accelerator
     return entries
 
 
-def load_token_streams(plan: RunPlan, accelerator: Accelerator) -> tuple[TokenStream, TokenStream]:
-    """The run's training and validation tokens (without validation data: the last val_fraction of training's)."""
-    cfg = plan.cfg
-    files = data_files(plan, accelerator)
-    if files.note and accelerator.is_main_process:
-        print(files.note, flush=True)
-    train_spec = cfg.dataset or cfg.train_data_path
-    roles = [("train", train_spec, files.train)]
-    if files.validation is not None:
-        roles.append(("validation", cfg.val_data_path or train_spec, files.validation))
-    corpora = [
-        plan_corpus(spec, cfg.tokenizer, plan.eot_id, role, cfg.text_column, found, int(cfg.cache_shard_mb * 2**20))
-        for role, spec, found in roles
-    ]
-    train, *val = (open_corpus(c, entries) for c, entries in zip(corpora, tokenize_once(corpora, plan, accelerator)))
-    if val:
-        return train, val[0]
-    split = int(len(train) * (1.0 - cfg.val_fraction))
-    return train.view(0, split), train.view(split, len(train))
+def load_token_streams(
+    plan: RunPlan, accelerator: Accelerator, sources: list[SourceSpec]
+) -> list[tuple[TokenStream, TokenStream]]:
+    """Each source's training and validation tokens (without validation data: the last val_fraction of its
+    training tokens), all tokenized at once."""
+    cfg, mixture = plan.cfg, len(sources) > 1
+    corpora, validated = [], []
+    for source in sources:
+        files = source_files(source, accelerator)
+        prefix = f"{source.name} " if mixture else ""  # whose files and tokens a line speaks of
+        if files.note and accelerator.is_main_process:
+            print(prefix + files.note, flush=True)
+        roles = [(prefix + "train", source.spec, files.train)]
+        if files.validation is not None:
+            roles.append((prefix + "validation", source.val_path or source.spec, files.validation))
+        shard_bytes = int(cfg.cache_shard_mb * 2**20)
+        corpora += [
+            plan_corpus(spec, cfg.tokenizer, plan.eot_id, role, source.text_column, found, shard_bytes)
+            for role, spec, found in roles
+        ]
+        validated.append(files.validation is not None)
+    streams = iter([open_corpus(c, entries) for c, entries in zip(corpora, tokenize_once(corpora, plan, accelerator))])
+    pairs = []
+    for source, has_validation in zip(sources, validated):
+        train = next(streams)
+        if has_validation:
+            pairs.append((train, next(streams)))
+            continue
+        if cfg.val_fraction == 0.0:  # `validate` refuses this for one source; a mixture's sources are known here
+            raise UserError(f"source {source.name} has no validation data: give it a val_path, or val_fraction above 0")
+        split = int(len(train) * (1.0 - cfg.val_fraction))
+        pairs.append((train.view(0, split), train.view(split, len(train))))
+    return pairs
 
 
 # ----------------------------------------------------------------------------------------------- the interface
 class RunData:
     """What a run trains and evaluates on, as `train.py` uses it in either mode: each step's micro-batches, the
-    evaluation loaders (the same fixed windows at every evaluation), the position a checkpoint saves beyond the
-    trainer's own step and epoch, the checks a resume makes, and a data error held for the loop's next sync."""
+    evaluation loaders (the same fixed windows at every evaluation) and the record their losses make, the position a
+    checkpoint saves beyond the trainer's own step and epoch, the checks a resume makes, and a data error held for
+    the loop's next sync."""
 
-    def __init__(self, plan: RunPlan, train_eval: WindowDataset, val: WindowDataset, description: str):
+    def __init__(self, plan: RunPlan, eval_sets: dict[str, tuple[Windows, Iterable]], description: str):
         self.plan = plan  # with what the data decides: the run's length, the stream read
-        self.train_eval, self.val = train_eval, val
-        self.description = description  # the training data, for the run's header line
-        cfg = plan.cfg
-        self.eval_loaders: list[DataLoader] = [
-            make_eval_loader(ds, cfg.batch_size, plan.global_batch_size, cfg.eval_iter) for ds in (train_eval, val)
-        ]
+        self.eval_sets = eval_sets  # name -> (windows, the batch sampler that picks the evaluated ones)
+        self.description = description  # the training and validation windows, for the run's header line
+        self.eval_loaders: dict[str, DataLoader] = {
+            name: make_loader(dataset, sampler) for name, (dataset, sampler) in eval_sets.items()
+        }
 
     @property
     def error(self) -> str | None:
@@ -159,17 +178,42 @@ class RunData:
     def prepare(self, accelerator: Accelerator, *objects) -> list:
         """Prepare `objects` (the model and optimizer; none to look at the data alone) with this data's loaders, in
         one call as FSDP needs; returns them prepared."""
-        *objects, self.eval_loaders[0], self.eval_loaders[1] = accelerator.prepare(*objects, *self.eval_loaders)
-        return objects
+        prepared = accelerator.prepare(*objects, *self.eval_loaders.values())  # a tuple: two loaders at least
+        self.eval_loaders = dict(zip(self.eval_loaders, prepared[len(objects) :]))
+        return list(prepared[: len(objects)])
 
     def steps(self, state, total_steps: int) -> Iterator:
         """For each step from `state`'s position to `total_steps`, the iterator its micro-batches come from."""
         raise NotImplementedError
 
-    def bytes_per_token(self, byte_lengths: np.ndarray) -> tuple[float, float]:
-        """UTF-8 bytes per target token of the training and validation evaluation windows (for bits per byte)."""
-        cfg, batch = self.plan.cfg, self.plan.global_batch_size
-        return tuple(eval_bytes_per_token(ds, batch, cfg.eval_iter, byte_lengths) for ds in (self.train_eval, self.val))
+    @property
+    def source_name(self) -> str:
+        """What one source's windows come from, as given (a mixture's window name theirs: `window_sources`)."""
+        return self.plan.cfg.dataset or self.plan.cfg.train_data_path
+
+    def window_sources(self, global_step: int) -> list[list[str]] | None:
+        """The source of each window of 0-based step `global_step`, by micro-batch in the order Accelerate deals them
+        (micro-batch m of rank r is `[m x world_size + r]`); None when all come from `source_name`."""
+        return None
+
+    def progress(self, global_step: int) -> dict:
+        """What a step's record says of the data beyond `tokens_seen` (a mixture: each source's tokens)."""
+        return {}
+
+    def bytes_per_token(self, byte_lengths: np.ndarray) -> dict[str, float]:
+        """UTF-8 bytes per target token of each evaluation's windows (for bits per byte)."""
+        return {
+            name: mean_bytes_per_token(dataset, (i for batch in sampler for i in batch), byte_lengths)
+            for name, (dataset, sampler) in self.eval_sets.items()
+        }
+
+    def scores(self, losses: dict[str, float], bytes_per_token: dict[str, float]) -> dict:
+        """The record of an evaluation whose losses (per `eval_loaders` name) are `losses`: train_loss and val_loss,
+        each also in bits per byte (nats per token / ln 2 / bytes per token: comparable across tokenizers)."""
+        record = {}
+        for split in ("train", "val"):
+            record |= loss_fields(split, losses[split], bytes_per_token[split])
+        return record
 
     def checkpoint_fields(self) -> dict:
         """What a checkpoint's trainer state records of the data, beyond `plan.data_identity`."""
@@ -198,18 +242,35 @@ class RunData:
             )
 
 
+def loss_fields(name: str, loss: float, bytes_per_token: float, suffix: str = "") -> dict:
+    """`<name>_loss<suffix>`, and `<name>_bpb<suffix>` unless its windows hold special tokens alone (no bytes)."""
+    fields = {f"{name}_loss{suffix}": loss}
+    if bytes_per_token:
+        fields[f"{name}_bpb{suffix}"] = loss / (math.log(2) * bytes_per_token)
+    return fields
+
+
+def fixed_windows(plan: RunPlan, dataset: WindowDataset) -> tuple[WindowDataset, GlobalBatchSampler]:
+    """The evaluation windows of `dataset`: its first `eval_iter` global batches in corpus order."""
+    return dataset, eval_sampler(len(dataset), plan.cfg.batch_size, plan.global_batch_size, plan.cfg.eval_iter)
+
+
 class CachedData(RunData):
     """Windows of the token cache in one seeded global order (`GlobalBatchSampler`) that Accelerate deals out to the
     ranks; the trainer's step and epoch are the whole position."""
 
     def __init__(self, plan: RunPlan, train: WindowDataset, val: WindowDataset):
-        super().__init__(plan, train, val, f"{plan.train_windows:,}")
+        eval_sets = {"train": fixed_windows(plan, train), "val": fixed_windows(plan, val)}
+        super().__init__(plan, eval_sets, f"{plan.train_windows:,} train / {len(val):,} val windows")
         self.train = train
         self.batches: EpochBatches | None = None  # once prepared
 
-    def prepare(self, accelerator: Accelerator, *objects) -> list:
+    def training_sampler(self):
         cfg = self.plan.cfg
-        sampler = GlobalBatchSampler(len(self.train), cfg.batch_size, self.plan.global_batch_size, seed=cfg.seed)
+        return GlobalBatchSampler(len(self.train), cfg.batch_size, self.plan.global_batch_size, seed=cfg.seed)
+
+    def prepare(self, accelerator: Accelerator, *objects) -> list:
+        sampler = self.training_sampler()
         *objects, loader = super().prepare(accelerator, *objects, make_loader(self.train, sampler))
         self.batches = EpochBatches(sampler, loader)
         return objects
@@ -218,12 +279,75 @@ class CachedData(RunData):
         return self.batches.steps(state, total_steps)
 
 
+class MixtureData(CachedData):
+    """A weighted mixture of sources: every step takes each source's share of windows (`MixtureSampler`), so the
+    step alone is the position, as for one source; each source is validated on its own (`val_loss/<name>`), and
+    `val_loss` is their mean by weight (the loss on the training mixture)."""
+
+    def __init__(self, plan: RunPlan, sources: list[SourceSpec], train: list[WindowDataset], val: list[WindowDataset]):
+        self.sources, self.weights = sources, tuple(s.weight for s in sources)
+        self.sizes = [len(ds) for ds in train]
+        cfg, batch = plan.cfg, plan.global_batch_size
+        mixed = MixtureWindows(train)
+        eval_sets = {"train": (mixed, MixtureSampler(self.sizes, self.weights, cfg.batch_size, batch, cfg.seed,
+                                                     cfg.eval_iter, shuffle=False))}  # fmt: skip
+        eval_sets |= {f"val/{s.name}": fixed_windows(plan, ds) for s, ds in zip(sources, val)}
+        total = sum(self.weights)
+        shares = ", ".join(f"{s.name} {s.weight / total:.0%}" for s in sources)
+        description = f"{len(mixed):,} train windows of {len(sources)} sources ({shares}) / {sum(map(len, val)):,} val"
+        RunData.__init__(self, plan, eval_sets, description + " windows")
+        self.train, self.batches = mixed, None
+        self.is_main = False
+
+    def training_sampler(self):
+        cfg = self.plan.cfg
+        return MixtureSampler(
+            self.sizes, self.weights, cfg.batch_size, self.plan.global_batch_size, cfg.seed, self.plan.total_steps
+        )
+
+    def prepare(self, accelerator: Accelerator, *objects) -> list:
+        self.is_main = accelerator.is_main_process
+        return super().prepare(accelerator, *objects)
+
+    def steps(self, state, total_steps: int) -> Iterator:
+        sampler = self.batches.sampler
+        for batches in super().steps(state, total_steps):
+            if self.is_main:  # a source that ran out carries on in a new order; the others are not held back
+                for source, epoch in sampler.new_epochs(state.global_step):
+                    tqdm.write(
+                        f"source {self.sources[source].name}: its {self.sizes[source]:,} windows all drawn, epoch "
+                        f"{epoch + 1} of them begins at step {state.global_step + 1} in a new order",
+                        file=sys.stdout,
+                    )
+            yield batches
+
+    def progress(self, global_step: int) -> dict:
+        drawn = windows_drawn(global_step, self.plan.global_batch_size, self.weights)
+        return {f"tokens_seen/{s.name}": int(n) * self.plan.context_len for s, n in zip(self.sources, drawn)}
+
+    def scores(self, losses: dict[str, float], bytes_per_token: dict[str, float]) -> dict:
+        record = loss_fields("train", losses["train"], bytes_per_token["train"])
+        total = sum(self.weights)
+        share = {s.name: s.weight / total for s in self.sources}
+        mean_bytes = sum(share[n] * bytes_per_token[f"val/{n}"] for n in share)
+        record |= loss_fields("val", sum(share[n] * losses[f"val/{n}"] for n in share), mean_bytes)
+        for name in share:
+            record |= loss_fields("val", losses[f"val/{name}"], bytes_per_token[f"val/{name}"], f"/{name}")
+        return record
+
+    def window_sources(self, global_step: int) -> list[list[str]]:
+        ids, batch = self.batches.sampler.step_windows(global_step), self.plan.cfg.batch_size
+        names = [self.sources[self.train.source_of(int(i))].name for i in ids]
+        return [names[k : k + batch] for k in range(0, len(names), batch)]
+
+
 class StreamData(RunData):
     """This rank's own stream of micro-batches (nothing to deal out), whose readers' positions, packing and shuffle
     buffer a checkpoint saves per rank, so a resume needs the same number of processes and unchanged files."""
 
     def __init__(self, plan: RunPlan, stream: StreamBatches, train_eval: WindowDataset, val: WindowDataset):
-        super().__init__(plan, train_eval, val, f"streamed from {plan.stream_source}")
+        eval_sets = {"train": fixed_windows(plan, train_eval), "val": fixed_windows(plan, val)}
+        super().__init__(plan, eval_sets, f"streamed from {plan.stream_source} train / {len(val):,} val windows")
         self.stream = stream
 
     @property
@@ -256,12 +380,32 @@ class StreamData(RunData):
         super().check_resume(saved, path, world_size)
 
 
+def training_windows(plan: RunPlan, accelerator: Accelerator, tokens: TokenStream, source: SourceSpec) -> Windows:
+    """A source's training windows: every `stride` tokens, or documents packed into windows (`align_documents`).
+    Validation keeps windows at fixed strides, so its loss compares runs with and without alignment."""
+    if not plan.cfg.align_documents:
+        return WindowDataset(tokens, plan.context_len, plan.stride)
+    windows = PackedWindows(tokens, plan.eot_id, plan.context_len)
+    if accelerator.is_main_process:
+        print(windows.packing.line("train" if source.name == "train" else source.name), flush=True)
+    return windows
+
+
 def load_training_data(plan: RunPlan, accelerator: Accelerator) -> RunData:
     """The run's data, in the mode its config names; `RunData.plan` is `plan` with what the data decided."""
     if plan.cfg.streaming:
         return open_stream(plan, accelerator)
-    train, val = (WindowDataset(s, plan.context_len, plan.stride) for s in load_token_streams(plan, accelerator))
-    return CachedData(plan.with_data(len(train), len(val)), train, val)
+    sources = sources_of(plan.cfg)
+    windows = [
+        [training_windows(plan, accelerator, train, source), WindowDataset(val, plan.context_len, plan.stride)]
+        for source, (train, val) in zip(sources, load_token_streams(plan, accelerator, sources))
+    ]
+    if len(sources) == 1:
+        train, val = windows[0]
+        return CachedData(plan.with_data(len(train), len(val)), train, val)
+    train, val = [w[0] for w in windows], [w[1] for w in windows]
+    plan = plan.with_mixture([(s, len(t), len(v)) for s, t, v in zip(sources, train, val)])
+    return MixtureData(plan, sources, train, val)
 
 
 # ----------------------------------------------------------------------------------------------- streaming

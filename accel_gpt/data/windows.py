@@ -6,6 +6,8 @@ deals those batches out to ranks.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -14,7 +16,31 @@ from accel_gpt.data.tokens import TokenStream
 
 
 # ----------------------------------------------------------------------------------------------- windows
-class WindowDataset(Dataset):
+class Windows(Dataset):
+    """(input, target) windows of `context_len` tokens, shifted by one, read by id."""
+
+    context_len: int
+
+    def read_window(self, i: int, out: np.ndarray) -> None:
+        """Window i's `context_len + 1` tokens into `out`."""
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = self.__getitems__([i])
+        return inputs[0], targets[0]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windows `indices` as one batch `([n, context_len], [n, context_len])`, read into one buffer: the
+        DataLoader calls this once per micro-batch, which costs a fraction of reading and stacking window by window
+        (the host's share of a small model's step on a GPU)."""
+        windows = np.empty((len(indices), self.context_len + 1), dtype=np.int64)
+        for row, i in enumerate(indices):
+            self.read_window(i, windows[row])
+        batch = torch.from_numpy(windows)
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+
+class WindowDataset(Windows):
     """Window i is tokens `[i*stride, i*stride + context_len + 1)`, returned as (input, target) shifted by one."""
 
     def __init__(self, stream: TokenStream, context_len: int, stride: int):
@@ -25,22 +51,10 @@ class WindowDataset(Dataset):
     def __len__(self) -> int:
         return self.num_windows
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = self.__getitems__([i])
-        return inputs[0], targets[0]
-
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Windows `indices` as one batch `([n, context_len], [n, context_len])`, read into one buffer: the
-        DataLoader calls this once per micro-batch, which costs a fraction of reading and stacking window by window
-        (the host's share of a small model's step on a GPU)."""
-        span = self.context_len + 1
-        windows = np.empty((len(indices), span), dtype=np.int64)
-        for row, i in enumerate(indices):
-            if not 0 <= i < self.num_windows:
-                raise IndexError(i)
-            self.stream.read(i * self.stride, i * self.stride + span, out=windows[row])
-        batch = torch.from_numpy(windows)
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+    def read_window(self, i: int, out: np.ndarray) -> None:
+        if not 0 <= i < self.num_windows:
+            raise IndexError(i)
+        self.stream.read(i * self.stride, i * self.stride + self.context_len + 1, out=out)
 
 
 class GlobalBatchSampler:
@@ -97,13 +111,16 @@ def already_collated(batch):
     return batch  # WindowDataset.__getitems__ returns whole batches; a stream's readers, whole chunks
 
 
-def make_eval_loader(dataset: WindowDataset, batch_size: int, global_batch_size: int, eval_iter: int) -> DataLoader:
-    """The first `eval_iter` global batches of `dataset` in corpus order: the same windows at every evaluation and at
-    any world size (once prepared, Accelerate deals their micro-batches out to ranks like the training ones)."""
-    sampler = GlobalBatchSampler(
-        len(dataset), batch_size, global_batch_size, shuffle=False, max_steps_per_epoch=eval_iter
-    )
-    return make_loader(dataset, sampler)
+def eval_sampler(num_windows: int, batch_size: int, global_batch_size: int, eval_iter: int) -> GlobalBatchSampler:
+    """The first `eval_iter` global batches of `num_windows` windows in corpus order: the same windows at every
+    evaluation and at any world size (once prepared, Accelerate deals their micro-batches out to ranks like the
+    training ones)."""
+    return GlobalBatchSampler(num_windows, batch_size, global_batch_size, shuffle=False, max_steps_per_epoch=eval_iter)
+
+
+def make_eval_loader(dataset: Windows, batch_size: int, global_batch_size: int, eval_iter: int) -> DataLoader:
+    """A loader of `eval_sampler`'s windows of `dataset`."""
+    return make_loader(dataset, eval_sampler(len(dataset), batch_size, global_batch_size, eval_iter))
 
 
 def eval_bytes_per_token(
@@ -113,14 +130,20 @@ def eval_bytes_per_token(
     token id's, `tokenizer.token_byte_lengths`): their loss in nats per token, divided by this and by ln 2, is bits
     per byte, which compares models with different tokenizers."""
     windows = min(len(dataset) // global_batch_size, eval_iter) * global_batch_size
-    total = 0
-    for i in range(windows):
-        start = i * dataset.stride + 1
-        total += int(byte_lengths[dataset.stream.read(start, start + dataset.context_len)].sum())
-    return total / (windows * dataset.context_len)
+    return mean_bytes_per_token(dataset, range(windows), byte_lengths)
 
 
-def make_loader(dataset: WindowDataset, sampler: GlobalBatchSampler) -> DataLoader:
+def mean_bytes_per_token(dataset: Windows, windows: Iterable[int], byte_lengths: np.ndarray) -> float:
+    """The mean UTF-8 bytes per target token of `dataset`'s `windows`."""
+    tokens, total, count = np.empty(dataset.context_len + 1, dtype=np.int64), 0, 0
+    for i in windows:
+        dataset.read_window(i, tokens)
+        total += int(byte_lengths[tokens[1:]].sum())
+        count += 1
+    return total / (count * dataset.context_len)
+
+
+def make_loader(dataset: Windows, sampler) -> DataLoader:
     # Reading a window is a memory-mapped slice, far faster than a training step: no worker processes needed.
     # A private generator: creating an iterator then draws nothing from the global RNG that dropout uses,
     # so a resumed run's dropout stream continues exactly where the checkpoint left it. Pinned batches copy to a

@@ -17,6 +17,9 @@ how busy the machine is. So the two are measured apart:
 3. `optimizer`: the optimizer's step alone (AdamW, Muon + AdamW) on the model, interleaved: Muon's Newton-Schulz cost.
 4. `ablations`: at one length, the recipe without each option, and the GPT-2 recipe with each option alone.
 5. `sweep`: the recipe's learning rates at one length.
+6. `documents`: the recipe on Tiny Shakespeare cut into its speeches (a document per block between blank lines), at
+   one length, with `--align_documents`, `--document_mask`, both or neither: the held-out loss at equal steps, then
+   each option's step time (interleaved as in `timing`) and its loss at the wall time of the run without them.
 
 Results are cached in `benchmarks/results/time_to_loss-<size>.json` (a run's settings are its key), so phases can
 run separately and a rerun only trains what is missing; the report is printed from the cache.
@@ -50,6 +53,13 @@ FAST = {  # accel_gpt/configs/fast.yaml, flag by flag, so that ablations can dro
     "qk_norm": ["--qk_norm", "true"],
     "relu2": ["--activation", "relu2"],
     "zero_init": ["--zero_init_projections", "true"],
+}
+# Windows that start at a document, and attention that stops at one (phase `documents`).
+DOCUMENT_OPTIONS = {
+    "neither": [],
+    "align_documents": ["--align_documents", "true"],
+    "document_mask": ["--document_mask", "true"],
+    "both": ["--align_documents", "true", "--document_mask", "true"],
 }
 # Options measured but left out of the recipe (benchmarks/RESULTS.md says why): tried as additions to it.
 EXTRA = {"softcap": ["--logit_softcap", "15"]}
@@ -99,6 +109,20 @@ def step_seconds(size: str, flags: list[str], work: Path) -> float:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     tokens = 8 * 128
     return statistics.median(tokens / r["tokens_per_sec"] for r in records[5:])
+
+
+def speeches() -> list[str]:
+    """Tiny Shakespeare as JSON lines of a document per speech (the blocks between blank lines), in a file whose path
+    is the same at every run (the results' cache keys hold it): the flags that train on it."""
+    import re
+    from importlib import resources
+
+    path = Path(tempfile.gettempdir()) / "accel-gpt-tinyshakespeare-speeches.jsonl"
+    if not path.exists():
+        text = (resources.files("accel_gpt") / "assets" / "tinyshakespeare.txt").read_text()
+        blocks = [b for b in re.split(r"\n\s*\n", text) if b.strip()]
+        path.write_text("".join(json.dumps({"text": b}) + "\n" for b in blocks))
+    return ["--train_data_path", str(path)]
 
 
 class TorchMuonWithAdamW:
@@ -186,7 +210,8 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.15, 0.2, 0.25, 0.3, 0.4, 0.5])
     parser.add_argument("--ablation-fraction", type=float, default=0.5)
     parser.add_argument("--phases", nargs="+", default=["all"],
-                        choices=["all", "lengths", "timing", "optimizer", "ablations", "sweep", "report"])  # fmt: skip
+                        choices=["all", "lengths", "timing", "optimizer", "ablations", "sweep", "documents",
+                                 "report"])  # fmt: skip
     args = parser.parse_args()
     phases = set(args.phases)
     every = "all" in phases
@@ -233,7 +258,48 @@ def main() -> None:
     if every or "optimizer" in phases:
         cache.data["optimizer"] = optimizer_step_ms(size)
         cache.save()
+    if every or "documents" in phases:
+        print("documents:", flush=True)
+        corpus = fast + speeches()
+        for seed in args.seeds:
+            for flags in DOCUMENT_OPTIONS.values():
+                cache.run(size, corpus + flags, short, seed, work)
+        times = {name: [] for name in DOCUMENT_OPTIONS}
+        for _ in range(3):
+            for name, flags in DOCUMENT_OPTIONS.items():
+                times[name].append(step_seconds(size, corpus + flags, work))
+        cache.data["document_timing"] = {name: {"runs": t, "median": statistics.median(t)} for name, t in times.items()}
+        cache.save()
+        for seed in args.seeds:  # each planned for the wall time of the run with neither
+            for name, flags in DOCUMENT_OPTIONS.items():
+                cache.run(size, corpus + flags, document_equal_steps(cache, name, short), seed, work)
     report(cache, size, args.seeds, lengths, short)
+    report_documents(cache, size, args.seeds, short)
+
+
+def document_equal_steps(cache: Cache, name: str, short: int) -> int:
+    timing = cache.data["document_timing"]
+    return round(short * timing["neither"]["median"] / timing[name]["median"])
+
+
+def report_documents(cache: Cache, size: str, seeds: list[int], short: int) -> None:
+    timing = cache.data.get("document_timing")
+    if not timing:
+        return
+    corpus = recipe(list(FAST)) + speeches()
+
+    def losses(flags: list[str], steps: int) -> list[float]:
+        return [r["val_loss"] for seed in seeds if (r := cache.data["runs"].get(run_key(size, flags, steps, seed)))]
+
+    print(f"\n## {size}: the fast recipe on Tiny Shakespeare's speeches, {short} steps (held-out loss, seeds "
+          f"{', '.join(map(str, seeds))})")  # fmt: skip
+    print("| windows | at equal steps | seconds per step | steps in the time of neither | at equal time |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, flags in DOCUMENT_OPTIONS.items():
+        steps = document_equal_steps(cache, name, short)
+        at_steps, at_time = losses(corpus + flags, short), losses(corpus + flags, steps)
+        shown = [f"{np.mean(v):.3f} ({', '.join(f'{x:.3f}' for x in v)})" if v else "-" for v in (at_steps, at_time)]
+        print(f"| {name} | {shown[0]} | {timing[name]['median']:.3f} | {steps} | {shown[1]} |")
 
 
 def report(cache: Cache, size: str, seeds: list[int], lengths: list[int], short: int) -> None:

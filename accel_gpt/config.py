@@ -550,8 +550,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         )
     if cfg.align_documents and cfg.stride is not None and cfg.stride != cfg.context_len:
         raise UserError("align_documents packs windows that never overlap: drop stride")
-    if cfg.align_documents and cfg.streaming:
-        raise UserError("streaming does not align windows to documents yet: drop align_documents or streaming")
     if is_mixture(cfg.train_data_path):
         cfg = check_mixture(cfg, lengths)
     elif cfg.dataset is None and cfg.val_data_path is None and cfg.val_fraction == 0.0 and not cfg.streaming:
@@ -612,8 +610,6 @@ def check_mixture(cfg: TrainConfig, lengths: list[str]) -> TrainConfig:
             "each source of a mixture is validated on its own: give a source's validation files as its val_path "
             "instead of val_data_path"
         )
-    if cfg.streaming:
-        raise UserError("streaming does not read mixtures yet: drop streaming, or train on one source")
     if not lengths:
         raise UserError(
             "a mixture's sources run out at different steps: set its length with max_steps, train_tokens or "

@@ -45,7 +45,11 @@ class RunPlan:
     steps_per_epoch: int = 0  # 0 when streaming: the stream has no epochs of a known length
     total_steps: int = 0
     stream_source: str = ""  # streaming: what is read, e.g. "Salesforce/wikitext (2 shards, column text)"
-    held_out: tuple[int, int, int] = (0, 0, 0)  # streaming: where training's stream starts after a held-out slice
+    held_out: tuple[int, ...] = (
+        0,
+        0,
+        0,
+    )  # streaming: where training's stream starts after a held-out slice (each source's)
     stream_files: list = dataclasses.field(default_factory=list)  # streaming: what identifies its files, for resumes
     tasks: tuple[Task, ...] = ()  # eval_tasks, read and checked
     mixture: tuple = ()  # a mixture's sources: (name, weight, training windows) each, in the config's order
@@ -124,18 +128,22 @@ class RunPlan:
         return dataclasses.replace(self, train_windows=train_windows, total_steps=self.max_steps, mixture=mixture)
 
     def with_stream(
-        self, train_eval_windows: int, val_windows: int, source: str, held_out: tuple[int, int, int], files: list
-    ) -> RunPlan:
+        self, train_eval_windows: int, val_windows: int, source: str, held_out: tuple[int, ...], files: list,
+        who: str = "",
+    ) -> RunPlan:  # fmt: skip
         """The plan for a streaming run (`max_steps` long: `validate` checks it has a length) reading `source` (its
         `files`, as `streaming.files_fingerprint` identifies them) from `held_out`, with this many windows in its
-        fixed evaluation slices."""
+        fixed evaluation slices; `who` names a mixture's source in messages."""
         if train_eval_windows < self.global_batch_size:
+            held = any(held_out)
             raise UserError(
-                f"training data has {train_eval_windows} windows of {self.context_len + 1} tokens"
-                f"{' after the held-out validation slice' if held_out != (0, 0, 0) else ''}; an evaluation needs one "
+                f"{who}training data has {train_eval_windows} windows of {self.context_len + 1} tokens"
+                f"{' after the held-out validation slice' if held else ''}; an evaluation needs one "
                 f"global batch of {self.global_batch_size} (add text, give validation data or lower batch_size)"
             )
-        self.check_validation(val_windows, "add validation text, or lower eval_iter or batch_size")
+        self.check_validation(
+            val_windows, "add validation text, or lower eval_iter or batch_size", f"{who}validation data"
+        )
         return dataclasses.replace(
             self, total_steps=self.max_steps, stream_source=source, held_out=held_out, stream_files=files
         )

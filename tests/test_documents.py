@@ -126,8 +126,31 @@ def test_aligned_and_masked_training_learns_and_resumes_exactly(documents, tmp_p
     assert [again[s]["loss"] for s in range(5, 9)] == [first[s]["loss"] for s in range(5, 9)]
 
 
+def test_streamed_windows_start_at_documents_and_resume_exactly(documents, tmp_path, train_here, capfd):
+    corpus, texts = documents
+    args = ["--model", "tiny", "--train_data_path", corpus, "--data_cache_dir", tmp_path / "cache",
+            "--context_len", "64", "--batch_size", "4", "--max_steps", "8", "--warmup_steps", "1", "--eval_freq",
+            "4", "--eval_iter", "1", "--save_freq", "4", "--dropout", "0.0", "--align_documents", "true",
+            "--streaming", "true", "--stream_workers", "0", "--shuffle_buffer", "8", "--val_fraction", "0.2",
+            "--peak_flops", "1e11"]  # fmt: skip
+    batches_main([str(a) for a in one_thread([*args, "--steps", "3", "--json"])])
+    tokenizer = get_tokenizer()
+    starts = [tokenizer.encode_ordinary(t) for t in texts]
+    for window in [json.loads(line) for line in capfd.readouterr().out.splitlines()]:
+        tokens = window["tokens"]
+        following = tokens[1 : tokens.index(EOT, 1)] if EOT in tokens[1:] else tokens[1:]
+        assert tokens[0] == EOT and any(doc[: len(following)] == following for doc in starts)
+    whole = train_here(*args, "--output_dir", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    shutil.copytree(tmp_path / "whole", tmp_path / "again")
+    resumed = train_here(*args, "--output_dir", tmp_path / "again", "--checkpoint", "4")
+    assert resumed.returncode == 0 and "resumed at step 4" in resumed.stdout
+    first, again = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "again")
+    assert [again[s]["loss"] for s in range(5, 9)] == [first[s]["loss"] for s in range(5, 9)]
+    unaligned = train_here(*args, "--output_dir", tmp_path / "again", "--checkpoint", "4", "--align_documents", "false")
+    assert_one_line_error(unaligned, "the data order would change (align_documents True -> False)")
+
+
 def test_alignment_refuses_what_it_cannot_do_in_one_line(train_here):
     assert_one_line_error(train_here("--align_documents", "true", "--stride", "64", "--context_len", "128"),
                           "align_documents packs windows that never overlap: drop stride")  # fmt: skip
-    assert_one_line_error(train_here("--align_documents", "true", "--streaming", "true", "--max_steps", "4"),
-                          "streaming does not align windows to documents yet")  # fmt: skip

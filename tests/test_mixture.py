@@ -2,6 +2,7 @@
 source validated on its own, the same losses at 1 and 2 processes and after a SIGKILL resume, one-line errors."""
 
 import json
+import shutil
 from importlib import resources
 
 import numpy as np
@@ -110,6 +111,26 @@ def test_a_mixture_gives_one_process_losses_at_two_processes_and_after_a_sigkill
     assert two[16]["val_loss/plays"] == pytest.approx(one[16]["val_loss/plays"], abs=1e-5)
 
 
+def test_a_streamed_mixture_draws_by_weight_and_resumes_exactly(mixture, tmp_path, train_here, capfd):
+    """Streaming: a stream per source on each process, each step's windows drawn from them by weight; a checkpoint
+    holds every source's stream, so a resume continues each."""
+    args, _ = mixture
+    args = [*args, "--streaming", "true", "--stream_workers", "0", "--max_steps", "8", "--shuffle_buffer", "16"]
+    whole = train_here(*args, "--output_dir", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = read_metrics(tmp_path / "whole")
+    assert first[8]["tokens_seen/verdict"] == 3 * first[8]["tokens_seen/plays"]
+    assert {"val_loss/verdict", "val_loss/plays", "val_bpb/plays"} <= set(first[8])
+    shutil.copytree(tmp_path / "whole", tmp_path / "again")
+    resumed = train_here(*args, "--output_dir", tmp_path / "again", "--checkpoint", "4")
+    assert resumed.returncode == 0 and "resumed at step 4" in resumed.stdout
+    again = read_metrics(tmp_path / "again")
+    assert [again[s]["loss"] for s in range(5, 9)] == [first[s]["loss"] for s in range(5, 9)]
+    batches_main(one_thread([*args, "--steps", "2", "--json"]))
+    names = [json.loads(line)["source"] for line in capfd.readouterr().out.splitlines()]
+    assert names.count("verdict") == 12 and names.count("plays") == 4
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
@@ -146,7 +167,6 @@ def test_a_mixture_takes_the_config_files_list_and_refuses_what_it_cannot_combin
     for extra, message in [
         (["--dataset", "some/dataset"], "dataset and a mixture in train_data_path"),
         (["--val_data_path", str(VERDICT)], "each source of a mixture is validated on its own: give a source's"),
-        (["--streaming", "true"], "streaming does not read mixtures yet"),
     ]:
         assert_one_line_error(train_here("--train_data_path", mixture, "--max_steps", "5", *extra), message)
 

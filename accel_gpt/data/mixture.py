@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import math
 import re
+import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
+from accel_gpt.data.streaming import StreamBatches, to_device
 from accel_gpt.data.windows import WindowDataset, Windows
 from accel_gpt.errors import UserError
 
@@ -258,3 +263,63 @@ class MixtureSampler:
             first = max(1, -(-drawn.start // size))
             begun += [(source, epoch) for epoch in range(first, (drawn.stop - 1) // size + 1)] if drawn else []
         return begun
+
+
+class StreamMixture:
+    """A mixture read as it trains, on one process: a stream per source (its own readers, packing and shuffle
+    buffer), and at each step this process's windows drawn from them by weight (`windows_drawn` over its own share
+    of the step), shuffled together and cut into micro-batches. Its position is every stream's and the step."""
+
+    def __init__(
+        self, streams: dict[str, StreamBatches], weights: tuple[float, ...], batch_size: int, per_step: int,
+        seed: int, rank: int, device,
+    ):  # fmt: skip
+        self.streams, self.weights, self.batch_size, self.per_step = streams, weights, batch_size, per_step
+        self.seed, self.rank, self.device = seed, rank, torch.device(device)
+        self.last_sources: list[list[str]] = []  # the sources of the last step's micro-batches, for `batches`
+
+    @property
+    def error(self) -> str | None:
+        return next((s.error for s in self.streams.values() if s.error is not None), None)
+
+    @property
+    def epoch(self) -> int:
+        return min(s.epoch for s in self.streams.values())
+
+    def drawn(self, global_step: int) -> np.ndarray:
+        """Windows this process drew from each source in the first `global_step` steps."""
+        return windows_drawn(global_step, self.per_step, self.weights)
+
+    def step_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        counts = np.diff(windows_drawn(np.array([step, step + 1]), self.per_step, self.weights), axis=0)[0]
+        names, parts = [], []
+        for (name, stream), count in zip(self.streams.items(), counts):
+            if count:
+                parts.append(stream.next_windows(int(count)))
+                names += [name] * int(count)
+        order = np.random.default_rng([self.seed, 2, self.rank, step]).permutation(self.per_step)
+        windows, names = np.concatenate(parts)[order], [names[i] for i in order]
+        cuts = range(0, self.per_step, self.batch_size)
+        self.last_sources = [names[k : k + self.batch_size] for k in cuts]
+        return [to_device(windows[k : k + self.batch_size], self.device) for k in cuts]
+
+    def steps(self, state, total_steps: int) -> Iterator[Iterator]:
+        epochs = {name: stream.epoch for name, stream in self.streams.items()}
+        while state.global_step < total_steps:
+            state.epoch = self.epoch
+            yield iter(self.step_batches(state.global_step))
+            for name, stream in self.streams.items():  # a source's readers all began another pass
+                if stream.epoch > epochs[name] and self.rank == 0:
+                    tqdm.write(f"source {name}: its stream begins epoch {stream.epoch + 1} by step {state.global_step}",
+                               file=sys.stdout)  # fmt: skip
+                epochs[name] = stream.epoch
+
+    def state_dict(self) -> dict:
+        states = {name: stream.state_dict() for name, stream in self.streams.items()}
+        arrays = {f"{name}/{key}": array for name, state in states.items() for key, array in state["arrays"].items()}
+        return {"arrays": arrays, "meta": {name: state["meta"] for name, state in states.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, stream in self.streams.items():
+            arrays = {k.removeprefix(f"{name}/"): v for k, v in state["arrays"].items() if k.startswith(f"{name}/")}
+            stream.load_state_dict({"arrays": arrays, "meta": state["meta"][name]})

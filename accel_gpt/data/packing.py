@@ -5,6 +5,7 @@ first, packed best-fit into windows, so no window starts mid-document.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,45 +57,69 @@ class Packing:
         )
 
 
+class BestFit:
+    """Best-fit packing of documents into windows of `span` tokens (nanochat's, with long documents kept): a window
+    is filled with the longest waiting document that fits what is left of it, again and again; when none fits,
+    with the start of the shortest waiting one, whose rest is dropped, so every window is full and starts at a
+    document. A document longer than a window first fills windows of its own, one after another (the only windows
+    that start inside a document: a book is not cut down to its first window), and its last part waits like a
+    short document. A document is any `item` (a position, an array), read from `offset`, `length` tokens long."""
+
+    def __init__(self, span: int):
+        self.span = span
+        self.waiting: list[tuple] = []  # (length, arrival, item, offset), sorted: the longest that fits is a bisect
+        self.arrivals = 0
+        self.tokens = 0  # waiting
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def add(self, item, length: int, offset: int = 0) -> list[list[tuple]]:
+        """Add a document; returns the windows of its own that it fills, each `[(item, offset, span)]`."""
+        windows = []
+        while length > self.span:
+            windows.append([(item, offset, self.span)])
+            offset, length = offset + self.span, length - self.span
+        if length:
+            bisect.insort(self.waiting, (length, self.arrivals, item, offset))
+            self.arrivals += 1
+            self.tokens += length
+        return windows
+
+    def window(self) -> list[tuple] | None:
+        """The next window's pieces `[(item, offset, length), ...]`; None while fewer tokens than a window wait."""
+        if self.tokens < self.span:
+            return None
+        left, pieces = self.span, []
+        while left:
+            fits = bisect.bisect_right(self.waiting, (left, math.inf)) - 1
+            length, _, item, offset = self.waiting.pop(max(fits, 0))  # none fits: the shortest, cut
+            pieces.append((item, offset, min(length, left)))
+            left -= pieces[-1][2]
+            self.tokens -= length
+        return pieces
+
+
 def pack_documents(starts: np.ndarray, lengths: np.ndarray, span: int) -> tuple[list, list, list]:
-    """Best-fit packing of documents (in corpus order, `BEST_FIT_DOCUMENTS` waiting at a time) into windows of
-    `span` tokens: each window is filled with the longest waiting document that fits what is left of it, again and
-    again; when none fits, with the start of the shortest waiting one, whose rest is dropped. Every window is full.
-    A document longer than a window first fills windows of its own, one after another (the only windows that
-    start inside a document: a book is not reduced to its first window), and its last part waits like a short
-    document. Returns the pieces' starts, lengths and each window's first piece."""
-    waiting: list[tuple[int, int, int]] = []  # (length, arrival, start), sorted
+    """`BestFit` over a corpus's documents (`document_spans`), `BEST_FIT_DOCUMENTS` waiting at a time, in corpus
+    order; the last partial window is dropped. Returns the pieces' starts, lengths and each window's first piece."""
+    packer, following = BestFit(span), 0
     piece_starts, piece_lengths, offsets = [], [], [0]
-    following = 0
 
-    def refill() -> None:
-        nonlocal following
-        while len(waiting) < BEST_FIT_DOCUMENTS and following < len(starts):
-            start, length = int(starts[following]), int(lengths[following])
-            while length > span:
-                piece_starts.append(start)
-                piece_lengths.append(span)
-                offsets.append(len(piece_starts))
-                start, length = start + span, length - span
-            if length:
-                bisect.insort(waiting, (length, following, start))
-            following += 1
-
-    refill()
-    while waiting:
-        left, pieces = span, []
-        while left and waiting:
-            fits = bisect.bisect_right(waiting, (left, len(starts), 0)) - 1
-            length, _, start = waiting.pop(fits) if fits >= 0 else waiting.pop(0)
-            pieces.append((start, min(length, left)))
-            left -= pieces[-1][1]
-            refill()
-        if left:  # the corpus ran out inside this window: it is dropped
-            break
-        for start, length in pieces:
-            piece_starts.append(start)
+    def emit(window: list[tuple]) -> None:
+        for start, offset, length in window:
+            piece_starts.append(start + offset)
             piece_lengths.append(length)
         offsets.append(len(piece_starts))
+
+    while True:
+        while (len(packer) < BEST_FIT_DOCUMENTS or packer.tokens < span) and following < len(starts):
+            for window in packer.add(int(starts[following]), int(lengths[following])):
+                emit(window)
+            following += 1
+        if (window := packer.window()) is None:
+            break
+        emit(window)
     return piece_starts, piece_lengths, offsets
 
 

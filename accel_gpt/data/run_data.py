@@ -5,9 +5,11 @@ the machines sharing the shards out, and read as windows; or, streaming, a strea
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,7 +20,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from accel_gpt.data.cache import TOKENS
-from accel_gpt.data.mixture import MixtureSampler, MixtureWindows, SourceSpec, sources_of, windows_drawn
+from accel_gpt.data.mixture import (
+    MixtureSampler,
+    MixtureWindows,
+    SourceSpec,
+    StreamMixture,
+    sources_of,
+    windows_drawn,
+)
 from accel_gpt.data.packing import PackedWindows
 from accel_gpt.data.sources import DataFiles, load_dataset_splits, resolve_data, validation_split
 from accel_gpt.data.streaming import (
@@ -234,7 +243,8 @@ class RunData:
         if saved.get("streaming", False) != cfg.streaming:
             kind = "a streaming run" if saved.get("streaming") else "a run on the token cache"
             raise UserError(f"cannot resume {path}: it was saved by {kind}; resume with streaming {not cfg.streaming}")
-        changed = [f"{k} {saved[k]} -> {v}" for k, v in self.plan.data_identity.items() if k in saved and saved[k] != v]
+        identity, saved = ({"align_documents": False} | d for d in (self.plan.data_identity, saved))  # saved if true
+        changed = [f"{k} {saved[k]} -> {v}" for k, v in identity.items() if k in saved and saved[k] != v]
         if changed:
             raise UserError(
                 f"cannot resume from {path}: the data order would change ({', '.join(changed)}); resume with the "
@@ -279,30 +289,64 @@ class CachedData(RunData):
         return self.batches.steps(state, total_steps)
 
 
-class MixtureData(CachedData):
-    """A weighted mixture of sources: every step takes each source's share of windows (`MixtureSampler`), so the
-    step alone is the position, as for one source; each source is validated on its own (`val_loss/<name>`), and
-    `val_loss` is their mean by weight (the loss on the training mixture)."""
+class Mixed:
+    """What a mixture adds to a run's data, in either mode: each source validated on its own (`val_loss/<name>`,
+    `val_loss` their mean by weight: the loss on the training mixture), train_loss on a fixed mix of the sources'
+    first training windows, and each source's tokens trained on (`tokens_seen/<name>`)."""
 
-    def __init__(self, plan: RunPlan, sources: list[SourceSpec], train: list[WindowDataset], val: list[WindowDataset]):
-        self.sources, self.weights = sources, tuple(s.weight for s in sources)
-        self.sizes = [len(ds) for ds in train]
-        cfg, batch = plan.cfg, plan.global_batch_size
+    plan: RunPlan
+    sources: list[SourceSpec]
+
+    def mixture_eval_sets(self, train: list[Windows], val: list[WindowDataset]) -> dict:
+        cfg, batch = self.plan.cfg, self.plan.global_batch_size
+        weights = tuple(s.weight for s in self.sources)
         mixed = MixtureWindows(train)
-        eval_sets = {"train": (mixed, MixtureSampler(self.sizes, self.weights, cfg.batch_size, batch, cfg.seed,
-                                                     cfg.eval_iter, shuffle=False))}  # fmt: skip
-        eval_sets |= {f"val/{s.name}": fixed_windows(plan, ds) for s, ds in zip(sources, val)}
-        total = sum(self.weights)
-        shares = ", ".join(f"{s.name} {s.weight / total:.0%}" for s in sources)
-        description = f"{len(mixed):,} train windows of {len(sources)} sources ({shares}) / {sum(map(len, val)):,} val"
-        RunData.__init__(self, plan, eval_sets, description + " windows")
-        self.train, self.batches = mixed, None
-        self.is_main = False
+        order = MixtureSampler([len(t) for t in train], weights, cfg.batch_size, batch, cfg.seed, cfg.eval_iter, False)
+        return {"train": (mixed, order)} | {
+            f"val/{s.name}": fixed_windows(self.plan, v) for s, v in zip(self.sources, val)
+        }
+
+    def shares(self) -> dict[str, float]:
+        total = sum(s.weight for s in self.sources)
+        return {s.name: s.weight / total for s in self.sources}
+
+    def drawn(self, global_step: int) -> np.ndarray:
+        """Windows trained on from each source in the first `global_step` steps."""
+        raise NotImplementedError
+
+    def progress(self, global_step: int) -> dict:
+        drawn = self.drawn(global_step)
+        return {f"tokens_seen/{s.name}": int(n) * self.plan.context_len for s, n in zip(self.sources, drawn)}
+
+    def scores(self, losses: dict[str, float], bytes_per_token: dict[str, float]) -> dict:
+        record = loss_fields("train", losses["train"], bytes_per_token["train"])
+        share = self.shares()
+        mean_bytes = sum(share[n] * bytes_per_token[f"val/{n}"] for n in share)
+        record |= loss_fields("val", sum(share[n] * losses[f"val/{n}"] for n in share), mean_bytes)
+        for name in share:
+            record |= loss_fields("val", losses[f"val/{name}"], bytes_per_token[f"val/{name}"], f"/{name}")
+        return record
+
+    def mixture_description(self, train: str, val: list[WindowDataset]) -> str:
+        shares = ", ".join(f"{name} {share:.0%}" for name, share in self.shares().items())
+        return f"{train} of {len(self.sources)} sources ({shares}) / {sum(map(len, val)):,} val windows"
+
+
+class MixtureData(Mixed, CachedData):
+    """A weighted mixture on the token cache: every step takes each source's share of windows (`MixtureSampler`),
+    so the step alone is the position, as for one source."""
+
+    def __init__(self, plan: RunPlan, sources: list[SourceSpec], train: list[Windows], val: list[WindowDataset]):
+        self.plan, self.sources = plan, sources
+        self.sizes = [len(t) for t in train]
+        description = self.mixture_description(f"{sum(self.sizes):,} train windows", val)
+        RunData.__init__(self, plan, self.mixture_eval_sets(train, val), description)
+        self.train, self.batches, self.is_main = MixtureWindows(train), None, False
 
     def training_sampler(self):
-        cfg = self.plan.cfg
+        cfg, weights = self.plan.cfg, tuple(s.weight for s in self.sources)
         return MixtureSampler(
-            self.sizes, self.weights, cfg.batch_size, self.plan.global_batch_size, cfg.seed, self.plan.total_steps
+            self.sizes, weights, cfg.batch_size, self.plan.global_batch_size, cfg.seed, self.plan.total_steps
         )
 
     def prepare(self, accelerator: Accelerator, *objects) -> list:
@@ -321,19 +365,8 @@ class MixtureData(CachedData):
                     )
             yield batches
 
-    def progress(self, global_step: int) -> dict:
-        drawn = windows_drawn(global_step, self.plan.global_batch_size, self.weights)
-        return {f"tokens_seen/{s.name}": int(n) * self.plan.context_len for s, n in zip(self.sources, drawn)}
-
-    def scores(self, losses: dict[str, float], bytes_per_token: dict[str, float]) -> dict:
-        record = loss_fields("train", losses["train"], bytes_per_token["train"])
-        total = sum(self.weights)
-        share = {s.name: s.weight / total for s in self.sources}
-        mean_bytes = sum(share[n] * bytes_per_token[f"val/{n}"] for n in share)
-        record |= loss_fields("val", sum(share[n] * losses[f"val/{n}"] for n in share), mean_bytes)
-        for name in share:
-            record |= loss_fields("val", losses[f"val/{name}"], bytes_per_token[f"val/{name}"], f"/{name}")
-        return record
+    def drawn(self, global_step: int) -> np.ndarray:
+        return windows_drawn(global_step, self.plan.global_batch_size, tuple(s.weight for s in self.sources))
 
     def window_sources(self, global_step: int) -> list[list[str]]:
         ids, batch = self.batches.sampler.step_windows(global_step), self.plan.cfg.batch_size
@@ -349,6 +382,11 @@ class StreamData(RunData):
         eval_sets = {"train": fixed_windows(plan, train_eval), "val": fixed_windows(plan, val)}
         super().__init__(plan, eval_sets, f"streamed from {plan.stream_source} train / {len(val):,} val windows")
         self.stream = stream
+        self.rank = 0  # once prepared
+
+    def prepare(self, accelerator: Accelerator, *objects) -> list:
+        self.rank = accelerator.process_index
+        return super().prepare(accelerator, *objects)
 
     @property
     def error(self) -> str | None:
@@ -366,7 +404,7 @@ class StreamData(RunData):
     def load_positions(self, positions: list[dict] | None) -> None:
         if positions is None:
             raise UserError("the checkpoint of this streaming run holds no stream position: it is damaged")
-        self.stream.load_state_dict(positions[self.stream.readers.rank])
+        self.stream.load_state_dict(positions[self.rank])
 
     def check_resume(self, saved: dict, path: Path, world_size: int) -> None:
         if saved.get("streaming") and saved["world_size"] != world_size:
@@ -391,6 +429,28 @@ def training_windows(plan: RunPlan, accelerator: Accelerator, tokens: TokenStrea
     return windows
 
 
+class StreamMixtureData(Mixed, StreamData):
+    """A weighted mixture read as it trains: a stream per source on every process (`StreamMixture`), each step
+    this process's windows drawn from them by weight; a checkpoint saves every source's stream."""
+
+    def __init__(
+        self, plan: RunPlan, sources: list[SourceSpec], stream: StreamMixture, train_eval: list, val: list
+    ):  # fmt: skip
+        self.plan, self.sources = plan, sources
+        description = self.mixture_description("streamed", val)
+        RunData.__init__(self, plan, self.mixture_eval_sets(train_eval, val), description)
+        self.stream, self.rank = stream, 0
+
+    def drawn(self, global_step: int) -> np.ndarray:
+        return self.plan.world_size * self.stream.drawn(global_step)
+
+    def window_sources(self, global_step: int) -> list[list[str] | None]:
+        # This process's own micro-batches (each process reads its own streams), where `batches` looks for them.
+        mine = self.stream.last_sources
+        world = self.plan.world_size
+        return [mine[k // world] if k % world == self.rank else None for k in range(len(mine) * world)]
+
+
 def load_training_data(plan: RunPlan, accelerator: Accelerator) -> RunData:
     """The run's data, in the mode its config names; `RunData.plan` is `plan` with what the data decided."""
     if plan.cfg.streaming:
@@ -409,65 +469,106 @@ def load_training_data(plan: RunPlan, accelerator: Accelerator) -> RunData:
 
 
 # ----------------------------------------------------------------------------------------------- streaming
-def stream_sources(plan: RunPlan, readers: int) -> tuple[Source, Source | None, str]:
-    """The training and validation sources of a streaming run (None: hold the validation slice out of training's),
-    and the line that says what is read."""
-    cfg = plan.cfg
-    if cfg.dataset is None:
-        files = resolve_data(cfg.train_data_path, cfg.val_data_path)
-        train = FileSource(files.train, cfg.text_column)
-        val = None if files.validation is None else FileSource(files.validation, cfg.text_column)
+def stream_sources(source: SourceSpec, readers: int) -> tuple[Source, Source | None, str]:
+    """The training and validation streams of a source (None: hold the validation slice out of training's), and
+    the line that says what is read."""
+    if source.dataset is None:
+        files = resolve_data(source.path, source.val_path)
+        train = FileSource(files.train, source.text_column)
+        val = None if files.validation is None else FileSource(files.validation, source.text_column)
         return train, val, files.note
-    train = open_dataset_source(cfg.dataset, cfg.dataset_config, cfg.train_split, cfg.text_column, readers)
-    val_split = validation_split(cfg.dataset, train.split_names, cfg.train_split, cfg.val_split)
-    val = open_dataset_source(cfg.dataset, cfg.dataset_config, val_split, cfg.text_column, 1) if val_split else None
-    note = f"dataset {cfg.dataset}: streaming its {cfg.train_split} split ({train.num_shards} shards)"
+    train = open_dataset_source(source.dataset, source.dataset_config, source.train_split, source.text_column, readers)
+    val_split = validation_split(source.dataset, train.split_names, source.train_split, source.val_split)
+    val = (
+        open_dataset_source(source.dataset, source.dataset_config, val_split, source.text_column, 1)
+        if val_split
+        else None
+    )
+    note = f"dataset {source.dataset}: streaming its {source.train_split} split ({train.num_shards} shards)"
     return train, val, note + (f", validating on its {val_split} split" if val_split else "")
 
 
-def open_stream(plan: RunPlan, accelerator: Accelerator) -> StreamData:
-    """A streaming run's data: this process's stream of micro-batches (its readers start when the first batch is
-    asked for, from the positions a resume restores), and the fixed evaluation slices: the first windows of the
-    validation data or, without any, the first of the training data, which training then skips."""
+@dataclass
+class SourceStream:
+    """One source read as it trains: this process's stream of windows, and the fixed slices evaluation reads."""
+
+    batches: StreamBatches
+    train_eval: WindowDataset
+    val: WindowDataset
+    description: str  # what is read, e.g. "Salesforce/wikitext (2 shards, column text)"
+    held_out: tuple[int, int, int]
+    files: list  # what identifies its files (`streaming.files_fingerprint`)
+
+
+def open_source_stream(plan: RunPlan, accelerator: Accelerator, source: SourceSpec, mixture: bool) -> SourceStream:
+    """A source's stream on this process (its readers start when the first window is asked for, from the positions
+    a resume restores), and its fixed evaluation slices: the first windows of its validation data or, without any,
+    the first of its training data, which training then skips."""
     cfg, context, stride = plan.cfg, plan.context_len, plan.stride
     readers = Readers(count=accelerator.num_processes * max(1, cfg.stream_workers), seed=cfg.seed)
-    train, val, note = stream_sources(plan, readers.count)
+    train, val, note = stream_sources(source, readers.count)
+    prefix = f"{source.name} " if mixture else ""
     if note and accelerator.is_main_process:
-        print(note, flush=True)
-    spec = cfg.dataset or cfg.train_data_path
+        print(prefix + note, flush=True)
     needed = (cfg.eval_iter * plan.global_batch_size - 1) * stride + context + 1  # tokens of one evaluation
 
-    def first_tokens(source: Source, start: tuple[int, int, int], role: str) -> tuple[np.ndarray, tuple]:
+    def first_tokens(stream: Source, start: tuple[int, int, int], role: str) -> tuple[np.ndarray, tuple]:
         try:
-            tokens, end = read_slice(source, start, needed, cfg.tokenizer, plan.eot_id)
+            tokens, end = read_slice(stream, start, needed, cfg.tokenizer, plan.eot_id)
         except UserError as err:
-            raise UserError(f"{role} data: {err}") from None
+            raise UserError(f"{prefix}{role} data: {err}") from None
         if start == (0, 0, 0) and not len(tokens):
-            where = spec if role == "train" else cfg.val_data_path or f"{spec}'s validation split"
-            raise UserError(f"{role} data: data path {where} contains no text")
+            where = source.spec if role == "train" else source.val_path or f"{source.spec}'s validation split"
+            raise UserError(f"{prefix}{role} data: data path {where} contains no text")
         return tokens, end
 
     if val is None:
         val_tokens, held_out = first_tokens(train, (0, 0, 0), "train")
         if held_out[0] >= train.num_shards:
             raise UserError(
-                f"train data: {spec} is no longer than one evaluation ({needed:,} tokens: eval_iter x global batch "
-                "windows), which would be held out for validation whole: give validation data (val_data_path, "
-                "val_split) or lower eval_iter"
+                f"{prefix}train data: {source.spec} is no longer than one evaluation ({needed:,} tokens: eval_iter x "
+                "global batch windows), which would be held out for validation whole: give validation data "
+                "(val_data_path, val_split) or lower eval_iter"
             )
         readers = Readers(readers.count, readers.seed, start=held_out)
     else:
         val_tokens = first_tokens(val, (0, 0, 0), "validation")[0]
     train_eval_tokens = first_tokens(train, readers.start, "train")[0]
     train_eval, val_set = (WindowDataset(TokenStream.of(t), context, stride) for t in (train_eval_tokens, val_tokens))
-    source = f"{spec} ({train.num_shards} shard{'s' * (train.num_shards != 1)}, column {cfg.text_column})"
+    shards = f"{train.num_shards} shard{'s' * (train.num_shards != 1)}"
     rank = accelerator.process_index
     reader_set = ReaderDataset(train, readers, rank, cfg.stream_workers, cfg.tokenizer, plan.eot_id)
     batches = StreamBatches(
         reader_set, cfg.stream_workers, cfg.batch_size, context, stride, cfg.shuffle_buffer, accelerator.device,
-        accelerator.num_processes,
+        accelerator.num_processes, cfg.align_documents,
     )  # fmt: skip
     # The main process's view of the files, on every rank: a resume is refused (or not) on all of them alike.
     files = agree(accelerator, train.fingerprint)[0]
-    plan = plan.with_stream(len(train_eval), len(val_set), source, readers.start, files)
-    return StreamData(plan, batches, train_eval, val_set)
+    description = f"{source.spec} ({shards}, column {source.text_column})"
+    return SourceStream(batches, train_eval, val_set, description, readers.start, files)
+
+
+def open_stream(plan: RunPlan, accelerator: Accelerator) -> StreamData:
+    """A streaming run's data: one source's stream, or a mixture's, one stream per source."""
+    sources = sources_of(plan.cfg)
+    streams = [open_source_stream(plan, accelerator, source, len(sources) > 1) for source in sources]
+    if len(sources) == 1:
+        (one,) = streams
+        plan = plan.with_stream(len(one.train_eval), len(one.val), one.description, one.held_out, one.files)
+        return StreamData(plan, one.batches, one.train_eval, one.val)
+    for source, stream in zip(sources, streams):  # each source's evaluation slices, checked as one source's are
+        plan.with_stream(
+            len(stream.train_eval), len(stream.val), source.name, stream.held_out, [], f"source {source.name}'s "
+        )
+    plan = plan.with_stream(
+        sum(len(s.train_eval) for s in streams), sum(len(s.val) for s in streams),
+        "; ".join(f"{source.name}: {s.description}" for source, s in zip(sources, streams)),
+        tuple(n for s in streams for n in s.held_out), [f for s in streams for f in s.files],
+    )  # fmt: skip
+    plan = dataclasses.replace(plan, mixture=tuple((source.name, source.weight, 0) for source in sources))
+    mixed = StreamMixture(
+        {source.name: s.batches for source, s in zip(sources, streams)}, tuple(source.weight for source in sources),
+        plan.cfg.batch_size, plan.cfg.batch_size * plan.gradient_accumulation_steps, plan.cfg.seed,
+        accelerator.process_index, accelerator.device,
+    )  # fmt: skip
+    return StreamMixtureData(plan, sources, mixed, [s.train_eval for s in streams], [s.val for s in streams])

@@ -19,6 +19,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from accel_gpt.data.packing import BEST_FIT_DOCUMENTS, BestFit
 from accel_gpt.data.sources import (
     TABLE_ROWS,
     check_split,
@@ -244,6 +245,25 @@ class ReaderDataset(IterableDataset):
 
 
 # ----------------------------------------------------------------------------------------------- batches
+def documents_of(tokens: np.ndarray, eot_id: int) -> list[np.ndarray]:
+    """A chunk's documents, each with its end-of-text moved to its front (as `packing.document_spans` reads the
+    cache's); a document the chunk cuts off (no end-of-text yet) as it is. The end-of-text alone is no document."""
+    ends = np.flatnonzero(tokens == eot_id)
+    documents = [np.roll(tokens[a + 1 : b + 1], 1) for a, b in zip(np.concatenate([[-1], ends[:-1]]), ends)]
+    if len(tokens) > (last := ends[-1] + 1 if len(ends) else 0):
+        documents.append(tokens[last:])
+    return [d for d in documents if len(d) > 1]
+
+
+def to_device(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows as (inputs, targets) on `device`."""
+    windows = torch.from_numpy(windows)
+    if device.type == "cuda":  # pinned: the copy to the GPU does not make the host wait
+        windows = windows.pin_memory()
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+
+
 class StreamBatches:
     """This process's micro-batches: its readers' chunks, consumed in the DataLoader's round-robin order, packed
     into windows of context_len + 1 tokens every `stride` tokens, drawn at random from a buffer of `buffer_size`
@@ -251,11 +271,14 @@ class StreamBatches:
 
     def __init__(
         self, readers: ReaderDataset, workers: int, batch_size: int, context_len: int, stride: int, buffer_size: int,
-        device: torch.device | str, processes: int = 1,
+        device: torch.device | str, processes: int = 1, align_documents: bool = False,
     ):  # fmt: skip
         self.readers, self.workers, self.batch_size, self.processes = readers, workers, batch_size, processes
         self.span, self.stride, self.device = context_len + 1, stride, torch.device(device)
         dtype = token_dtype(readers.tokenizer)
+        # align_documents: the documents read, best-fit packed into windows that each start at one (packing.py)
+        self.packer = BestFit(self.span) if align_documents else None
+        self.ready: list[np.ndarray] = []  # windows packed and not yet drawn
         self.pending = np.empty(0, dtype=dtype)  # tokens not yet in a window
         self.skip = 0  # tokens to drop before the next window starts (a stride beyond the last window)
         self.buffer = np.empty((buffer_size, self.span), dtype=dtype)
@@ -290,6 +313,8 @@ class StreamBatches:
         self.pending = np.concatenate([self.pending, tokens.astype(self.pending.dtype)])
 
     def _next_window(self) -> np.ndarray:
+        if self.packer is not None:
+            return self._next_packed_window()
         while True:
             dropped = min(self.skip, len(self.pending))
             self.pending, self.skip = self.pending[dropped:], self.skip - dropped
@@ -298,6 +323,21 @@ class StreamBatches:
             self._next_chunk()
         self.skip = self.stride  # the next window starts `stride` tokens after this one
         return self.pending[: self.span].copy()
+
+    def _next_packed_window(self) -> np.ndarray:
+        """The next window of documents packed best-fit, each with its end-of-text first, `BEST_FIT_DOCUMENTS` (at
+        least) waiting to choose from. A document longer than a reader's chunk arrives cut where the chunk ends."""
+        while not self.ready:
+            if len(self.packer) >= BEST_FIT_DOCUMENTS and (pieces := self.packer.window()) is not None:
+                self.ready.append(np.concatenate([item[offset : offset + n] for item, offset, n in pieces]))
+                break
+            self._next_chunk()
+            eot = self.readers.eot_id
+            for document in documents_of(self.pending, eot):
+                for window in self.packer.add(document, len(document)):
+                    self.ready += [document[offset : offset + n] for _, offset, n in window]
+            self.pending = self.pending[:0]
+        return self.ready.pop(0)
 
     def _shuffled_window(self) -> np.ndarray:
         if not len(self.buffer):
@@ -310,21 +350,22 @@ class StreamBatches:
         self.buffer[i] = self._next_window()
         return window
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_windows(self, count: int) -> np.ndarray:
+        """The next `count` windows `[count, context_len + 1]` of the stream, as int64. Bad data met with several
+        processes is held in `error` (these windows are the last ones again) for the loop's next sync."""
         if self.error is None:
             try:
-                self._last = np.stack([self._shuffled_window() for _ in range(self.batch_size)]).astype(np.int64)
+                self._last = np.stack([self._shuffled_window() for _ in range(count)]).astype(np.int64)
             except UserError as err:
                 if self.processes == 1:
                     raise
                 self.error = str(err)
-        if self._last is None:  # bad data before the first batch
-            self._last = np.zeros((self.batch_size, self.span), dtype=np.int64)
-        windows = torch.from_numpy(self._last.copy())
-        if self.device.type == "cuda":  # pinned: the copy to the GPU does not make the host wait
-            windows = windows.pin_memory()
-        inputs, targets = windows[:, :-1], windows[:, 1:]
-        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        if self._last is None or len(self._last) != count:  # bad data before the first batch
+            self._last = np.zeros((count, self.span), dtype=np.int64)
+        return self._last.copy()
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return to_device(self.next_windows(self.batch_size), self.device)
 
     def steps(self, state, total_steps: int) -> Iterator[Iterator]:
         """For each step left, the iterator its micro-batches come from (as `EpochBatches.steps` gives the token
@@ -337,14 +378,36 @@ class StreamBatches:
     # ------------------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         """Where this process's stream is: arrays for safetensors, the rest for JSON."""
-        return {
+        state = {
             "arrays": {"pending": self.pending.copy(), "buffer": self.buffer[: self.filled].copy()},
             "meta": {"positions": [list(p) for p in self.readers.positions], "chunks": self.chunks,
                      "skip": self.skip, "rng": self.rng.bit_generator.state},
         }  # fmt: skip
+        if self.packer is not None:  # the documents waiting, in the order they arrived, and the windows packed
+            waiting = sorted(self.packer.waiting, key=lambda w: w[1])
+            state["arrays"] |= {
+                "waiting": np.concatenate([self.pending[:0]] + [item[o : o + n] for n, _, item, o in waiting]),
+                "waiting_lengths": np.array([n for n, *_ in waiting], dtype=np.int64),
+                "waiting_arrivals": np.array([a for _, a, *_ in waiting], dtype=np.int64),
+                "ready": np.stack(self.ready) if self.ready else np.empty((0, self.span), self.pending.dtype),
+            }
+            state["meta"]["arrivals"] = self.packer.arrivals
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         arrays, meta = state["arrays"], state["meta"]
+        if self.packer is not None:
+            if "waiting" not in arrays:
+                raise UserError(
+                    "the checkpoint's stream was not aligned to documents: resume with align_documents false"
+                )
+            tokens, at = arrays["waiting"].astype(self.pending.dtype), 0
+            for length, arrival in zip(arrays["waiting_lengths"].tolist(), arrays["waiting_arrivals"].tolist()):
+                self.packer.waiting.append((length, arrival, tokens[at : at + length], 0))
+                at += length
+            self.packer.waiting.sort(key=lambda w: w[:2])
+            self.packer.arrivals, self.packer.tokens = meta["arrivals"], at
+            self.ready = list(arrays["ready"].astype(self.pending.dtype))
         self.pending = arrays["pending"].astype(self.pending.dtype)
         self.filled = len(arrays["buffer"])
         self.buffer[: self.filled] = arrays["buffer"]

@@ -84,19 +84,6 @@ def test_two_gloo_processes_train_and_write_a_plain_checkpoint(two_process_run):
     assert (out / "config.yaml").exists()
 
 
-def test_resume_continues_at_the_right_step_with_the_same_losses(two_process_run, tmp_path):
-    out = tmp_path / "run2"
-    shutil.copytree(two_process_run["out"], out)
-    result = launch(
-        common_args(out, two_process_run["cache"]) + ["--batch_size", "2", "--checkpoint", "5"], num_processes=2
-    )
-    assert "resumed at step 5" in result.stdout
-    assert "step      6/10" in result.stdout and "step      5/10" not in result.stdout
-    resumed, original = read_metrics(out), two_process_run["metrics"]
-    for step in range(6, 11):
-        assert resumed[step]["loss"] == pytest.approx(original[step]["loss"], abs=1e-5), step
-
-
 def test_one_process_equals_two_processes_at_the_same_global_batch(two_process_run, one_process_run):
     out1 = one_process_run
     one, two = read_metrics(out1), two_process_run["metrics"]
@@ -114,9 +101,13 @@ def test_one_process_equals_two_processes_at_the_same_global_batch(two_process_r
         torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=0)
 
 
-def test_resume_onto_more_processes_gives_each_rank_its_own_stream(two_process_run, one_process_run, tmp_path):
-    """A 1-process checkpoint resumed by 2 processes: each rank is reseeded from (seed, rank, step), so the ranks'
-    dropout streams differ again, and with dropout 0 the losses are the 1-process run's."""
+def test_resume_onto_more_processes_continues_at_the_right_step_with_the_same_losses(
+    two_process_run, one_process_run, tmp_path
+):
+    """A 1-process checkpoint resumed by 2 processes: the run goes on at step 6, each rank is reseeded from (seed,
+    rank, step), so the ranks' dropout streams differ again, and with dropout 0 the losses are the 1-process run's
+    (which are the 2-process run's). A 2-process run resumed by 2 processes, its ranks' dropout streams restored,
+    gives the uninterrupted losses in test_faults.py (dropout 0.1, killed with SIGKILL)."""
     one_process = one_process_run
     out = tmp_path / "more"
     shutil.copytree(one_process, out)
@@ -124,6 +115,7 @@ def test_resume_onto_more_processes_gives_each_rank_its_own_stream(two_process_r
         common_args(out, two_process_run["cache"]) + ["--batch_size", "2", "--checkpoint", "5"], num_processes=2
     )
     assert "resumed at step 5" in result.stdout and "(saved by 1 processes: dropout RNG reseeded)" in result.stdout
+    assert "step      6/10" in result.stdout and "step      5/10" not in result.stdout
     rng = load_file(str(out / "checkpoints" / "checkpoint_000010" / "rng.safetensors"))
     assert not torch.equal(rng["rank0.torch"], rng["rank1.torch"])
     resumed, original = read_metrics(out), read_metrics(one_process)
@@ -310,20 +302,13 @@ def test_fsdp_on_two_cpu_processes_matches_ddp_and_writes_one_consolidated_check
             assert run[step]["loss"] == pytest.approx(ddp[step]["loss"], abs=1e-5), step
 
 
-@pytest.mark.parametrize("loss_chunk", ["64", "0"])
-def test_fsdp_with_bf16_trains_both_loss_paths_and_logs_fp32_losses(two_process_run, loss_chunk):
-    """FSDP2's bf16 mixed precision casts parameters, without autocast: the chunked loss (64) once crashed on
-    them, and Accelerate's policy rounded the loss the model returns in fp32 to bf16 (plain loss, 0)."""
-    out = two_process_run["root"] / f"run_fsdp_bf16_chunk{loss_chunk}"
+def test_fsdp_with_bf16_trains_and_logs_fp32_losses(two_process_run):
+    """FSDP2's bf16 mixed precision casts parameters, without autocast: the chunked loss once crashed on them, and
+    Accelerate's policy rounded the loss the model returns in fp32 to bf16 (its root module's output, whichever
+    loss path made it). The plain loss path on bf16 parameters is tested in process (tests/test_model.py)."""
+    out = two_process_run["root"] / "run_fsdp_bf16"
     # Steps 1-3 depend only on the warmup, not on the run's length: comparable with the 10-step fp32 run.
-    args = common_args(out, two_process_run["cache"]) + [
-        "--batch_size",
-        "2",
-        "--max_steps",
-        "3",
-        "--loss_chunk",
-        loss_chunk,
-    ]
+    args = common_args(out, two_process_run["cache"]) + ["--batch_size", "2", "--max_steps", "3", "--loss_chunk", "64"]
     result = launch(args, 2, config="cpu_2proc_fsdp.yaml", launcher_args=("--mixed_precision", "bf16"))
     assert "world_size 2 | FSDP (gloo) | device cpu:0 | mixed_precision bf16 |" in result.stdout
     bf16, fp32 = read_metrics(out), two_process_run["metrics"]

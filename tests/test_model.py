@@ -277,6 +277,26 @@ def test_chunked_loss_gradients_survive_fp16_parameters_and_a_loss_scale():
         assert ((got.float() / 2.0**16 - want).norm() / want.norm()).item() < 2e-3  # 2e-2 when formed unscaled
 
 
+@pytest.mark.parametrize("chunk", [0, 64])
+def test_both_loss_paths_on_bf16_parameters_without_autocast_give_an_fp32_loss(chunk):
+    """FSDP2's bf16 mixed precision casts the parameters and runs no autocast: each loss path (chunked, and the
+    plain one GPUs use) then gets bf16 weights and activations. The chunked loss once crashed on them (an fp32
+    addmm_ of bf16 matrices); both must return an fp32 loss near the fp32 model's, with finite bf16 gradients.
+    tests/test_launch.py trains under the real FSDP2 bf16 policy (chunked loss) and checks the losses it logs."""
+    model = small(tie_weights=False)
+    model.loss_chunk = chunk
+    idx, targets = torch.randint(0, 1000, (2, 32)), torch.randint(0, 1000, (2, 32))
+    with torch.no_grad():
+        fp32 = model(idx, targets)
+    model.to(torch.bfloat16)
+    loss = model(idx, targets)
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(fp32.item(), abs=0.02)
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad.dtype == torch.bfloat16 and torch.isfinite(param.grad).all(), name
+    assert model.out_head.weight.grad.abs().sum() > 0
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     model = small(dropout=0.0)
     idx, targets = torch.randint(0, 1000, (2, 16)), torch.randint(0, 1000, (2, 16))

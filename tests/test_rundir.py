@@ -226,6 +226,7 @@ def test_ten_runs_started_at_once_each_get_their_own_directory(tmp_path, train_h
     assert train_here(*args, "--output_dir", tmp_path / "warm").returncode == 0  # tokenized: the ten start together
     ten = """if True:
         import os, sys
+        import torch._dynamo  # torch's optimizers import it when first built: once here, not in each of ten children
         from accel_gpt.train import main
         children = []
         for i in range(1, 11):

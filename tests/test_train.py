@@ -44,10 +44,11 @@ def test_global_batch_that_does_not_divide_is_a_clear_error():
 
 
 def tiny_config(tmp_path, name: str, **values) -> TrainConfig:
-    """A few steps of the tiny model, trained in this process (as a notebook does)."""
+    """A few steps of the tiny model, trained in this process (as a notebook does): one thread, and a given peak for
+    MFU, as conftest.common_args gives every other trainer the suite runs."""
     defaults = dict(
         model="tiny", train_data_path=VERDICT, data_cache_dir=tmp_path / "c", output_dir=tmp_path / name,
-        max_steps=6, warmup_steps=1, eval_freq=0, save_freq=100, batch_size=4,
+        max_steps=6, warmup_steps=1, eval_freq=0, save_freq=100, batch_size=4, cpu_threads=1, peak_flops=1e11,
     )  # fmt: skip
     return TrainConfig(**(defaults | values))
 

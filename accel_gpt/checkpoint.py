@@ -342,9 +342,11 @@ def save_checkpoint(
     run_config: dict,
     rng_states: list[dict] | None = None,
     stream_states: list[dict] | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically: `states` are the model's and optimizer's from `full_state_dicts`.
-    Call on the main process only, between two `wait_for_everyone`.
+    """Write checkpoint `step` atomically: `states` are the model's and optimizer's from `full_state_dicts`;
+    `extra_files` (the run's tokenizer's, say) are written beside them, name -> content, and vouched for by the
+    manifest alike. Call on the main process only, between two `wait_for_everyone`.
 
     On any write error (full disk, permissions) the temporary directory is removed, earlier checkpoints are
     untouched, and a UserError says what failed."""
@@ -368,6 +370,8 @@ def save_checkpoint(
             stream_arrays, stream_meta = _streams_to_files(stream_states)
             save_numpy_file(stream_arrays, str(tmp / STREAM_FILE))
             _write_json(tmp / STREAM_META, stream_meta)
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_bytes(content)
         _write_json(tmp / STATE_FILE, trainer_state)
         _write_json(tmp / CONFIG_FILE, {"model": config.to_dict(), "train": run_config})
         # Hash what is on disk, not what was meant to be written: the manifest vouches for the bytes.

@@ -93,7 +93,12 @@ class TrainConfig:
     )
     shuffle_buffer: int = _opt(1000, "streaming: windows in the shuffle buffer, each step drawn from it (0: in order)")
     val_fraction: float = _opt(0.1, "share of the training tokens held out for validation when val_data_path is unset")
-    tokenizer: str = _opt("gpt2", "tokenizer: gpt2 (bundled, offline) or any tiktoken encoding name")
+    tokenizer: str = _opt(
+        "gpt2",
+        "tokenizer: gpt2 (bundled, offline), a folder holding a byte-level BPE tokenizer.json (trained by python -m "
+        "accel_gpt.tokenizer train, or a Hugging Face tokenizer's), or any tiktoken encoding name "
+        "(docs/tokenizers.md)",
+    )
     special_token_id: int | None = _opt(
         None, "end-of-text id appended after every document (default: the tokenizer's, 50256 for gpt2)"
     )
@@ -447,7 +452,7 @@ CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 # Path options: a notebook passes pathlib.Path objects, the config keeps their text.
 PATH_OPTIONS = (
     "train_data_path", "val_data_path", "dataset", "data_cache_dir", "init_from", "output_dir", "checkpoint_dir",
-    "eval_tasks",
+    "eval_tasks", "tokenizer",
 )  # fmt: skip
 AT_LEAST_ONE = (
     "batch_size", "gradient_accumulation_steps", "num_epochs", "eval_iter", "save_freq", "max_nonfinite_steps",

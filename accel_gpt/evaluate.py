@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.data is not None:
         print(json.dumps(score_corpus(checkpoint, args)), flush=True)
     settings = checkpoint.train_config
-    tokenizer = get_tokenizer(settings.get("tokenizer", "gpt2"))
+    tokenizer = get_tokenizer(checkpoint.tokenizer)
     eot = settings.get("special_token_id")
     for task in tasks:
         scores = evaluate_task(
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
 def score_corpus(checkpoint: Checkpoint, args) -> dict:
     """--data's loss, perplexity and bits per byte; which files they are goes to stderr."""
     settings = checkpoint.train_config
-    tokenizer = settings.get("tokenizer", "gpt2")
+    tokenizer = checkpoint.tokenizer
     # The corpus is tokenized as the checkpoint's run tokenized its own: same tokenizer, same end-of-text id.
     column = args.text_column or settings.get("text_column", "text")
     corpus = scored_corpus(

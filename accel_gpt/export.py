@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = open_checkpoint(args.checkpoint, args.step)  # before anything moves: a bad one changes nothing
     if earlier:
         print(f"moved the earlier export's {', '.join(p.name for p in earlier)} to {set_aside(out, earlier)}")
-    tokenizer = checkpoint.train_config.get("tokenizer", "gpt2")
+    tokenizer = checkpoint.tokenizer
     export_to_hf(checkpoint.model, out, tokenizer)
     written = [name for name in EXPORT_FILES if (out / name).exists()]
     print(f"wrote {', '.join(written)} to {out} (GPT2LMHeadModel{', and its tokenizer' if len(written) > 2 else ''})")

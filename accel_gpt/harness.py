@@ -49,7 +49,7 @@ if TemplateLM is not None:
             super().__init__()
             loaded = open_checkpoint(checkpoint, None if step in (None, "") else int(step), resolve_device(device))
             self.model, self.checkpoint = loaded.model, loaded.path
-            self.tokenizer = get_tokenizer(loaded.train_config.get("tokenizer", "gpt2"))
+            self.tokenizer = get_tokenizer(loaded.tokenizer)
             eot = loaded.train_config.get("special_token_id")
             self._eot = self.tokenizer.eot_token if eot is None else eot
             self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" is not searched for

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from accel_gpt.checkpoint import load_safetensors
 from accel_gpt.errors import UserError
 from accel_gpt.model import GPTConfig, GPTModel, fit_vocabulary_rows, gpt2_differences
-from accel_gpt.tokenizer import HF_TOKENIZER_FILES, write_hf_tokenizer
+from accel_gpt.tokenizer import HF_TOKENIZER_FILES, get_tokenizer, write_hf_tokenizer
 
 # Our block's parameter names -> GPT-2's (HF stores the Linear weights transposed, as Conv1D).
 BLOCK_NAMES = {
@@ -102,7 +102,8 @@ EXPORT_FILES = ("config.json", "model.safetensors", *HF_TOKENIZER_FILES)  # what
 
 def export_to_hf(model: GPTModel, out_dir: str | Path, tokenizer: str = "gpt2") -> Path:
     """Write `config.json` + `model.safetensors` that `GPT2LMHeadModel.from_pretrained(out_dir)` loads, and the
-    tokenizer's files that `AutoTokenizer.from_pretrained(out_dir)` loads (GPT-2's; other tokenizers have none yet)."""
+    tokenizer's files that `AutoTokenizer.from_pretrained(out_dir)` loads (GPT-2's, or a tokenizer folder's;
+    tiktoken's other encodings have none)."""
     state = to_hf_state_dict(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,8 +118,8 @@ def export_to_hf(model: GPTModel, out_dir: str | Path, tokenizer: str = "gpt2") 
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
         "n_inner": None,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
+        "bos_token_id": get_tokenizer(tokenizer).eot_token,
+        "eos_token_id": get_tokenizer(tokenizer).eot_token,
         **hf_config_kwargs(model.config),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))

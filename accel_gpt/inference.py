@@ -32,7 +32,7 @@ from accel_gpt.data.sources import BUNDLED_CORPORA, has_wildcards, scored_files
 from accel_gpt.data.tokens import TokenStream, tokenize_corpus
 from accel_gpt.errors import UserError
 from accel_gpt.model import GPTConfig, GPTModel, stream_tokens
-from accel_gpt.tokenizer import get_tokenizer, token_byte_lengths
+from accel_gpt.tokenizer import TOKENIZER_FILE, get_tokenizer, token_byte_lengths
 
 
 def read_run_config(run_dir: Path) -> dict:
@@ -99,6 +99,7 @@ class Checkpoint(NamedTuple):
     model: GPTModel  # in eval mode
     train_config: dict  # the training config saved with it: tokenizer, special_token_id, ...
     path: Path  # the checkpoint directory
+    tokenizer: str = "gpt2"  # what `get_tokenizer` takes for its tokenizer: a name, or the checkpoint that holds it
 
 
 def open_checkpoint(path: str | Path, step: int | None = None, device: str | torch.device = "cpu") -> Checkpoint:
@@ -108,10 +109,19 @@ def open_checkpoint(path: str | Path, step: int | None = None, device: str | tor
     model = GPTModel(GPTConfig(**saved["model"]))
     load_model_weights(model, checkpoint / MODEL_FILE)
     train = saved.get("train", {})
+    # A run with a tokenizer folder saves its files in every checkpoint, verified with the weights.
+    tokenizer = str(checkpoint) if (checkpoint / TOKENIZER_FILE).is_file() else train.get("tokenizer", "gpt2")
+    model.tokenizer_name = tokenizer  # what generate, perplexity and bits_per_byte use unless told otherwise
     if train.get("document_mask"):  # scored as it trained: attention stops at each end-of-text token
         eot = train.get("special_token_id")
-        model.document_boundary = get_tokenizer(train.get("tokenizer", "gpt2")).eot_token if eot is None else eot
-    return Checkpoint(model.to(device).eval(), train, checkpoint)
+        model.document_boundary = get_tokenizer(tokenizer).eot_token if eot is None else eot
+    return Checkpoint(model.to(device).eval(), train, checkpoint, tokenizer)
+
+
+def tokenizer_of(model: GPTModel, tokenizer=None):
+    """`tokenizer` if given, else the one `model`'s checkpoint was trained with (`open_checkpoint` notes it on the
+    model), else GPT-2's."""
+    return tokenizer if tokenizer is not None else getattr(model, "tokenizer_name", "gpt2")
 
 
 def load_model(path: str | Path, step: int | None = None, device: str | torch.device = "cpu") -> GPTModel:
@@ -158,15 +168,17 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     seed: int | None = None,
-    tokenizer: str | tiktoken.Encoding = "gpt2",
+    tokenizer: str | tiktoken.Encoding | None = None,
     top_p: float | None = None,
     until: Callable[[], bool] | None = None,
 ) -> str:
     """The prompt plus its continuation: greedy at temperature 0, else sampled (reproducibly with `seed`) from
     the top_k most likely tokens and/or the smallest set holding top_p of the probability. An empty prompt
     starts a new document (`encode_prompt`). `until`, asked after each token, ends the text early when it says so
-    (the training loop's stop signal: its samples come from here too)."""
+    (the training loop's stop signal: its samples come from here too). `tokenizer`: the model's own
+    (`tokenizer_of`) unless given."""
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+    tokenizer = tokenizer_of(model, tokenizer)
     enc = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     device = next(model.parameters()).device
     ids = encode_prompt(enc, prompt)
@@ -281,7 +293,7 @@ def perplexity(
     model: GPTModel,
     text_or_path: str | Path,
     stride: int | None = None,
-    tokenizer: str = "gpt2",
+    tokenizer: str | None = None,
     batch_size: int = 4,
     data_cache_dir: str | Path | None = None,
     split: str | None = None,
@@ -297,7 +309,7 @@ def bits_per_byte(
     model: GPTModel,
     text_or_path: str | Path,
     stride: int | None = None,
-    tokenizer: str = "gpt2",
+    tokenizer: str | None = None,
     batch_size: int = 4,
     data_cache_dir: str | Path | None = None,
     split: str | None = None,
@@ -306,11 +318,13 @@ def bits_per_byte(
     bytes those tokens stand for x ln 2). Unlike a loss per token, it compares models with different tokenizers.
     `python -m accel_gpt.evaluate` prints it as `bpb`."""
     loss, scored, tokens = _score(model, text_or_path, stride, tokenizer, batch_size, data_cache_dir, split)
-    return loss_in_bits_per_byte(loss, scored, target_bytes(tokens, tokenizer))
+    return loss_in_bits_per_byte(loss, scored, target_bytes(tokens, tokenizer_of(model, tokenizer)))
 
 
 def _score(model, text_or_path, stride, tokenizer, batch_size, data_cache_dir, split):
-    """(mean loss, tokens scored, the tokens) of a text or data path, for perplexity and bits per byte."""
+    """(mean loss, tokens scored, the tokens) of a text or data path, for perplexity and bits per byte, with the
+    model's own tokenizer unless given."""
+    tokenizer = tokenizer_of(model, tokenizer)
     if is_data_path(text_or_path):
         tokens = corpus_tokens(text_or_path, tokenizer, data_cache_dir=data_cache_dir, split=split)
     else:

@@ -24,7 +24,7 @@ from accel_gpt.inference import accel_gpt_checkpoint
 from accel_gpt.model import PRESETS, GPTConfig, GPTModel, context_limit
 from accel_gpt.schedule import learning_rate_at
 from accel_gpt.tasks import Task, load_tasks
-from accel_gpt.tokenizer import get_tokenizer
+from accel_gpt.tokenizer import get_tokenizer, tokenizer_id
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class RunPlan:
     )  # streaming: where training's stream starts after a held-out slice (each source's)
     stream_files: list = dataclasses.field(default_factory=list)  # streaming: what identifies its files, for resumes
     tasks: tuple[Task, ...] = ()  # eval_tasks, read and checked
+    tokenizer_id: str = "gpt2"  # what identifies the tokenizer's tokens (`tokenizer.tokenizer_id`)
     mixture: tuple = ()  # a mixture's sources: (name, weight, training windows) each, in the config's order
 
     @property
@@ -73,6 +74,7 @@ class RunPlan:
             "context_len": self.context_len,
             "stride": self.stride,
             "train_windows": self.train_windows,
+            "tokenizer": self.tokenizer_id,
         }
         if self.cfg.align_documents:  # windows packed from documents, not cut every stride tokens
             identity["align_documents"] = True
@@ -180,16 +182,20 @@ def model_config_for(cfg: TrainConfig, vocabulary_size: int) -> tuple[GPTConfig,
     option may only repeat it."""
     if not cfg.init_from:
         return cfg.model_config(vocabulary_size), None
+    trained_with = "GPT-2's"  # a Hugging Face GPT-2 folder's
     if (checkpoint := accel_gpt_checkpoint(cfg.init_from)) is not None:
-        saved = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))["model"]
-        model_cfg = GPTConfig(**saved | {"vocab_multiple": cfg.vocab_multiple})
+        config = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
+        trained_with = config.get("train", {}).get("tokenizer", "gpt2")
+        model_cfg = GPTConfig(**config["model"] | {"vocab_multiple": cfg.vocab_multiple})
         if cfg.dropout is not None:
             model_cfg = dataclasses.replace(model_cfg, dropout=cfg.dropout)
     else:
         model_cfg = read_hf_gpt2_config(cfg.init_from, cfg.dropout, cfg.vocab_multiple)
     if model_cfg.vocabulary_size != vocabulary_size:
         raise UserError(
-            f"init_from model has {model_cfg.vocabulary_size} tokens, the {cfg.tokenizer} tokenizer {vocabulary_size}"
+            f"init_from {cfg.init_from} has a vocabulary of {model_cfg.vocabulary_size} tokens (tokenizer "
+            f"{trained_with}), tokenizer {cfg.tokenizer} one of {vocabulary_size}: start from a model of this "
+            "tokenizer, or train with that one"
         )
     if cfg.model is not None and (differs := preset_differences(cfg, model_cfg)):
         raise UserError(
@@ -266,5 +272,5 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
     tasks = tuple(load_tasks(cfg.eval_tasks)) if cfg.eval_tasks is not None else ()
     return RunPlan(
         cfg, world_size, accumulation, global_batch, model_cfg, context_len, cfg.stride or context_len, eot_id,
-        init_checkpoint, max_steps, token_budget, tasks=tasks,
+        init_checkpoint, max_steps, token_budget, tasks=tasks, tokenizer_id=tokenizer_id(cfg.tokenizer),
     )  # fmt: skip

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     check_options(args)
     device = resolve_device(args.device)
     checkpoint = open_checkpoint(args.checkpoint, args.step, device)
-    tokenizer = get_tokenizer(checkpoint.train_config.get("tokenizer", "gpt2"))
+    tokenizer = get_tokenizer(checkpoint.tokenizer)
     eot = checkpoint.train_config.get("special_token_id")
     eot = tokenizer.eot_token if eot is None else eot
     prompt = read_prompt(args)

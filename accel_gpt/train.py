@@ -8,6 +8,7 @@ the launcher, not this code, decides between one CPU, gloo processes, GPUs and m
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import traceback
@@ -24,6 +25,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from accel_gpt.checkpoint import (
+    CONFIG_FILE,
     MODEL_FILE,
     capture_rng_state,
     full_state_dicts,
@@ -54,7 +56,7 @@ from accel_gpt.rundir import RunDirs, complete_already, resolve_run_dirs
 from accel_gpt.schedule import clips_gradients_at
 from accel_gpt.step import make_step
 from accel_gpt.tasks import evaluate_task
-from accel_gpt.tokenizer import get_tokenizer, token_byte_lengths
+from accel_gpt.tokenizer import carried_files, get_tokenizer, token_byte_lengths
 
 
 @dataclass
@@ -169,7 +171,7 @@ class Run:
                 run_state["grad_scaler"] = accelerator.scaler.state_dict()
             path = save_checkpoint(
                 self.dirs.checkpoint_dir, state.global_step, plan.model_config, states, run_state,
-                plan.cfg.to_dict(), rng_states, data_positions,
+                plan.cfg.to_dict(), rng_states, data_positions, carried_files(plan.cfg.tokenizer),
             )  # fmt: skip
             pruned = prune_checkpoints(self.dirs.checkpoint_dir, plan.cfg.keep_last)
             self.logger.info(f"saved {path}" + (f" (pruned {', '.join(p.name for p in pruned)})" if pruned else ""))
@@ -338,6 +340,18 @@ def check_optimizer(saved: dict, path: Path, plan: RunPlan) -> None:
         )
 
 
+def check_tokenizer(saved: dict, path: Path, plan: RunPlan) -> None:
+    """Refuse, in one line and before any weight is loaded, to resume checkpoint `path` with another tokenizer than
+    the one it was trained with (its ids would mean other text)."""
+    config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")).get("train", {})
+    trained_with = saved.get("tokenizer", config.get("tokenizer", "gpt2"))  # earlier versions recorded the name
+    if trained_with != plan.tokenizer_id:
+        raise UserError(
+            f"cannot resume {path} with tokenizer {plan.cfg.tokenizer}: it was trained with tokenizer "
+            f"{config.get('tokenizer', 'gpt2')} ({trained_with[:19]}); resume with that one"
+        )
+
+
 def resume(run: Run, path: Path) -> tuple[TrainerState, dict | None, str]:
     """Load checkpoint `path` into the model and optimizer on every rank: returns where the run is, this rank's
     RNG state to restore just before the first step (None if it cannot map one to one) and a note for the console
@@ -345,6 +359,7 @@ def resume(run: Run, path: Path) -> tuple[TrainerState, dict | None, str]:
     accelerator, plan, total_steps = run.accelerator, run.plan, run.plan.total_steps
     world_size, rank = accelerator.num_processes, accelerator.process_index
     check_optimizer(read_trainer_state(path), path, plan)
+    check_tokenizer(read_trainer_state(path), path, plan)
     saved = load_checkpoint(path, run.raw_model(), run.optimizer.optimizer)
     apply_learning_rates(run.optimizer, plan.cfg)
     run.data.check_resume(saved, path, world_size)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from accel_gpt.data import cache
 from accel_gpt.data.sources import compression_of, dataset_shards, one_format, read_pieces, resolve_files
 from accel_gpt.errors import UserError
-from accel_gpt.tokenizer import get_tokenizer
+from accel_gpt.tokenizer import get_tokenizer, tokenizer_id
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class Corpus:
     column: str
     shards: list[list[Path]]
     sizes: list[int] = field(default_factory=list)  # bytes per shard: how the work is shared out
+    tokenizer: str = "gpt2"  # as the config names it (the settings hold what identifies its tokens)
 
 
 def plan_corpus(
@@ -124,10 +125,11 @@ def plan_corpus(
         sizes = [sum(_size(f) for f in (dataset_shards(f) if fmt == "dataset" else [f])) for f in files]
     except UserError as err:
         raise UserError(f"{role} data: {err}") from None
-    settings = {"format": fmt, "tokenizer": tokenizer, "special_token_id": special_token_id}
+    # A tokenizer folder is keyed by its content: two tokenizers, two entries; the same one moved, the same entries.
+    settings = {"format": fmt, "tokenizer": tokenizer_id(tokenizer), "special_token_id": special_token_id}
     if fmt != "text" and text_column != "text":  # the default stays out of the key: entries made before it still hit
         settings["text_column"] = text_column
-    corpus = Corpus(spec, role, fmt, settings, text_column, [])
+    corpus = Corpus(spec, role, fmt, settings, text_column, [], tokenizer=tokenizer)
     for path, size in zip(files, sizes):
         if not corpus.shards or corpus.sizes[-1] + size > shard_bytes:
             corpus.shards.append([])
@@ -185,7 +187,7 @@ def build_shards(
     """Make sure shards `indices` of `corpus` are in the cache: each is used if its entry checks out, else tokenized
     on `num_proc` worker processes (default: this machine's cores). A damaged entry is reported and rebuilt."""
     built, began = Built({}, {}), time.perf_counter()
-    encoder = Encoder(corpus.settings["tokenizer"], corpus.settings["special_token_id"], num_proc)
+    encoder = Encoder(corpus.tokenizer, corpus.settings["special_token_id"], num_proc)
     # On a terminal only, and cleared when done: for bad input the error is the only line.
     progress = tqdm(
         unit="char", unit_scale=True, desc=f"tokenizing {corpus.role} data", leave=False,
@@ -364,7 +366,7 @@ def _tokenize_shard(corpus: Corpus, index: int, entry: Path, encoder: Encoder, p
     tmp = cache.temp_tokens(entry)
     try:
         batches = _batches(files, corpus.fmt, corpus.column, progress)
-        num_tokens = _write_tokens(encoder.map(batches), tmp, token_dtype(corpus.settings["tokenizer"]))
+        num_tokens = _write_tokens(encoder.map(batches), tmp, token_dtype(corpus.tokenizer))
         built_by = {"host": socket.gethostname(), "pid": os.getpid()}
         meta = {**corpus.settings, "files": [str(f) for f in files], "num_tokens": num_tokens, "built_by": built_by}
         cache.install(entry, tmp, meta)

@@ -275,6 +275,20 @@ def tiny_run(tmp_path_factory, cache_root) -> FinishedRun:
     return FinishedRun(root / "run", cache_root, root)
 
 
+@pytest.fixture(scope="session")
+def trained_tokenizer(tmp_path_factory) -> Path:
+    """A 600-id byte-level BPE (`python -m accel_gpt.tokenizer train`) trained on The Verdict and the start of Tiny
+    Shakespeare, with GPT-2's split pattern: a tokenizer folder. Read-only."""
+    from accel_gpt.tokenizer.__main__ import main
+
+    root = tmp_path_factory.mktemp("tokenizer")
+    corpus = root / "corpus.txt"
+    shakespeare = resources.files("accel_gpt") / "assets" / "tinyshakespeare.txt"
+    corpus.write_text(VERDICT.read_text() + shakespeare.read_text()[:30_000])
+    main(["train", "--data", str(corpus), "--vocab_size", "600", "--out", str(root / "bpe")])
+    return root / "bpe"
+
+
 @pytest.fixture
 def train_here(capfd):
     """`python -m accel_gpt.train ARGS` run in this process, as train.main: the same exit status and output,

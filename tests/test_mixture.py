@@ -91,8 +91,12 @@ def test_windows_drawn_keep_to_the_weights_at_every_step_and_never_give_one_back
 
 
 @pytest.mark.slow  # two launches of two processes
-def test_a_mixture_gives_one_process_losses_at_two_processes_and_after_a_sigkill(mixture, tmp_path, train_here):
+def test_a_mixture_gives_one_process_losses_at_two_processes_and_after_a_sigkill(
+    mixture, tmp_path, train_here, trained_tokenizer
+):
+    """With a trained tokenizer too: 2 gloo processes train with it as one does."""
     args, _ = mixture
+    args = [*args, "--tokenizer", str(trained_tokenizer)]
     reference = train_here(*args, "--output_dir", tmp_path / "one")
     assert reference.returncode == 0, reference.stderr[-3000:]
     out = tmp_path / "two"

@@ -4,7 +4,7 @@ import shutil
 from importlib import resources
 
 import pytest
-from conftest import VERDICT, assert_one_line_error, in_process, launch, read_metrics
+from conftest import VERDICT, assert_one_line_error, in_process, read_metrics
 
 from accel_gpt.errors import UserError
 from accel_gpt.tokenizer import get_tokenizer
@@ -45,16 +45,9 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 600-id byte-level BPE trained on The Verdict and Tiny Shakespeare's start, with GPT-2's split pattern."""
-    from accel_gpt.tokenizer.__main__ import main
-
-    root = tmp_path_factory.mktemp("tokenizer")
-    corpus = root / "corpus.txt"
-    corpus.write_text(VERDICT.read_text() + SHAKESPEARE.read_text()[:30_000])
-    main(["train", "--data", str(corpus), "--vocab_size", "600", "--out", str(root / "bpe")])
-    return root / "bpe"
+@pytest.fixture
+def trained(trained_tokenizer):
+    return trained_tokenizer
 
 
 def test_a_trained_tokenizer_round_trips_any_utf8_and_gives_hugging_faces_ids(trained):
@@ -198,17 +191,3 @@ def test_a_run_carries_its_tokenizer_into_sampling_evaluation_and_export(trained
     with torch.no_grad():
         x = torch.tensor([ids[:32]])
         torch.testing.assert_close(hf_model(x).logits, model(x), atol=1e-4, rtol=0)
-
-
-@pytest.mark.slow  # a launch of two processes
-def test_two_gloo_processes_train_with_a_trained_tokenizer_as_one_does(trained, tmp_path, train_here):
-    args = ["--model", "tiny", "--train_data_path", str(VERDICT), "--data_cache_dir", str(tmp_path / "cache"),
-            "--tokenizer", str(trained), "--context_len", "32", "--batch_size", "2", "--global_batch_size", "4",
-            "--max_steps", "4", "--warmup_steps", "1", "--eval_freq", "4", "--eval_iter", "1", "--dropout", "0.0",
-            "--peak_flops", "1e11"]  # fmt: skip
-    assert train_here(*args, "--output_dir", tmp_path / "one").returncode == 0
-    launch([*args, "--output_dir", str(tmp_path / "two")], num_processes=2)
-    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    for step in range(1, 5):
-        assert two[step]["loss"] == pytest.approx(one[step]["loss"], abs=1e-5), step
-    assert two[4]["val_bpb"] == pytest.approx(one[4]["val_bpb"], abs=1e-5)

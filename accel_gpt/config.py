@@ -352,7 +352,15 @@ def _coerce(key: str, value, source: str):
         if kind is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
+            if not isinstance(value, str):
+                return int(value)
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:  # a count in scientific notation, as YAML reads it too: --train_tokens 1e9
+                number = float(value)
+                if not number.is_integer():
+                    raise
+                return int(number)
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError

@@ -158,9 +158,11 @@ class RunPlan:
             )
 
 
-def check_warmup(warmup_steps: int, total_steps: int) -> None:
+def check_warmup(warmup_steps: int, total_steps: int, budget: str = "") -> None:
+    """`budget`: what a token budget asked for, where one set the run's length (`steps_for_tokens`)."""
     if warmup_steps >= total_steps:
-        raise UserError(f"warmup_steps ({warmup_steps}) must be shorter than the run ({total_steps} steps)")
+        asked = f": {budget}" if budget else ""
+        raise UserError(f"warmup_steps ({warmup_steps}) must be shorter than the run ({total_steps} steps{asked})")
 
 
 def batch_geometry(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
@@ -263,7 +265,7 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
         )
     max_steps, token_budget = steps_for_tokens(cfg, model_cfg, global_batch * context_len)
     if max_steps is not None:
-        check_warmup(cfg.warmup_steps, max_steps)
+        check_warmup(cfg.warmup_steps, max_steps, token_budget)
     eot_id = tokenizer.eot_token if cfg.special_token_id is None else cfg.special_token_id
     if eot_id >= tokenizer.n_vocab:
         raise UserError(

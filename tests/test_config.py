@@ -195,7 +195,10 @@ BAD_VALUES = [
     ({"train_tokens": 0}, "train_tokens must be positive, got 0"),
     ({"tokens_per_parameter": -20.0}, "tokens_per_parameter must be a finite number > 0, got -20.0"),
     ({"tokens_per_parameter": float("inf")}, "tokens_per_parameter must be a finite number > 0, got inf"),
-    ({"train_tokens": 512, "warmup_steps": 20}, "warmup_steps (20) must be shorter than the run (1 steps)"),
+    (
+        {"train_tokens": 512, "warmup_steps": 20},
+        "must be shorter than the run (1 steps: 1,024 tokens for train_tokens 512",
+    ),
 ]
 
 
@@ -255,3 +258,6 @@ def test_a_budget_in_tokens_sets_the_run_length_and_says_so(tmp_path, train_here
     assert steps == [1, 2, 3]
     # A length on the command line replaces the config file's (the bundled xiyouji config sets max_steps).
     assert parse_config(["--config", "xiyouji", "--train_tokens", "1000"]).max_steps is None
+    assert parse_config(["--train_tokens", "2.5e6"]).train_tokens == 2_500_000  # as YAML reads 2.5e6
+    with pytest.raises(UserError, match="train_tokens expects an integer, got '2.5e-1'"):
+        parse_config(["--train_tokens", "2.5e-1"])

@@ -16,7 +16,8 @@ so every tokenizer is trained on the first and measured on the second:
    second takes to reach the first's final `val_bpb`, and its `val_bpb` at the first's wall time. Goal: <= 0.35x
    the wall time, and a lower `val_bpb`.
 
-Results go to `benchmarks/results/tokenizer.json`; a phase run again replaces its own entry.
+Results go to `benchmarks/results/tokenizer.json`; a phase run again replaces its own entry, and `--phases report`
+prints what is there.
 """
 
 from __future__ import annotations
@@ -184,7 +185,9 @@ def report(results: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phases", nargs="+", default=["all"], choices=["all", "compression", "encoding", "loss"])
+    parser.add_argument(
+        "--phases", nargs="+", default=["all"], choices=["all", "compression", "encoding", "loss", "report"]
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}

@@ -308,9 +308,10 @@ def cache_dir(tmp_path):
 # the long ones then run side by side instead of one of them alone at the end while the other core idles.
 # Measured with `--durations=0` (the sum of each file's tests), longest first.
 LONGEST_FIRST = ("test_launch.py", "test_faults.py", "test_streaming.py", "test_optim.py", "test_mixture.py",
-                 "test_rundir.py", "test_cache.py", "test_analysis.py", "test_trackers.py", "test_sample_evaluate.py",
-                 "test_hf.py", "test_tasks.py", "test_errors.py", "test_saved_datasets.py", "test_notebook.py",
-                 "test_train.py", "test_batches.py")  # fmt: skip
+                 "test_rundir.py", "test_cache.py", "test_analysis.py", "test_trackers.py", "test_documents.py",
+                 "test_sample_evaluate.py", "test_hf.py", "test_tasks.py", "test_tokenizer.py", "test_errors.py",
+                 "test_data_layouts.py", "test_saved_datasets.py", "test_notebook.py", "test_train.py",
+                 "test_batches.py")  # fmt: skip
 
 
 def pytest_collection_modifyitems(items):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, assert_one_line_error, common_args, launch, one_thread, read_metrics, train_cli
+from conftest import REPO, assert_one_line_error, common_args, launch, one_thread, read_metrics
 
 pytestmark = pytest.mark.slow  # every test here starts processes or trains
 
@@ -130,18 +130,19 @@ def test_wandb_offline_run_holds_the_metrics_and_config(tmp_path):
     assert config["learning_rate"] == 1.5e-3 and config["model"] == "tiny"
 
 
-def test_unknown_and_uninstalled_trackers_stop_before_training(tmp_path):
+def test_unknown_and_uninstalled_trackers_stop_before_training(tmp_path, train_here):
+    """In this process: the train command's one-line-error contract in a process of its own is tested elsewhere."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
     args = common_args(tmp_path / "run", tmp_path / "cache")
-    result = train_cli(*args, "--report_to", "tensorbored")
+    result = train_here(*args, "--report_to", "tensorbored")
     assert_one_line_error(
         result, "unknown tracker 'tensorbored' in report_to; choose none, all, or from", "tensorboard"
     )
     missing = sorted(set(LOGGER_TYPE_TO_CLASS) - {t.value for t in get_available_trackers()})
     if missing:
         assert_one_line_error(
-            train_cli(*args, "--report_to", f"tensorboard,{missing[0]}"),
+            train_here(*args, "--report_to", f"tensorboard,{missing[0]}"),
             f"tracker '{missing[0]}' is not installed here (pip install",
         )
     assert not (tmp_path / "run").exists()  # no run directory, no checkpoint: nothing started

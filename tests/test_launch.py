@@ -151,21 +151,16 @@ def test_gradient_accumulation_derived_from_global_batch_matches(two_process_run
             assert accumulated[step][key] == pytest.approx(two[step][key], abs=1e-5), (step, key)
 
 
-def test_python_m_with_a_separate_validation_path(tmp_path):
-    """`python -m accel_gpt.train` needs no launcher; val_data_path takes a directory of .jsonl files."""
+def test_python_m_with_a_separate_validation_path(tmp_path, train_here):
+    """The train command needs no launcher (one process; `python -m` itself, in a process of its own, is
+    test_faults' SIGINT case); val_data_path takes a directory of .jsonl files."""
     val_dir = tmp_path / "val"
     val_dir.mkdir()
     text = VERDICT.read_text(encoding="utf-8")
     (val_dir / "part.jsonl").write_text(json.dumps({"text": text[:6000]}) + "\n", encoding="utf-8")
     out = tmp_path / "run"
     args = common_args(out, tmp_path / "cache") + ["--val_data_path", str(val_dir), "--max_steps", "3"]
-    result = subprocess.run(
-        [sys.executable, "-m", "accel_gpt.train", *one_thread(args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
+    result = train_here(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world_size 1 | one process |" in result.stdout
     val_tokens = len(get_tokenizer("gpt2").encode(text[:6000])) + 1  # + end-of-text

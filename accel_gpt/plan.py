@@ -24,7 +24,7 @@ from accel_gpt.inference import accel_gpt_checkpoint
 from accel_gpt.model import PRESETS, GPTConfig, GPTModel, context_limit
 from accel_gpt.schedule import learning_rate_at
 from accel_gpt.tasks import Task, load_tasks
-from accel_gpt.tokenizer import get_tokenizer, tokenizer_id
+from accel_gpt.tokenizer import carried_files, get_tokenizer, tokenizer_id
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,9 @@ class RunPlan:
     stream_files: list = dataclasses.field(default_factory=list)  # streaming: what identifies its files, for resumes
     tasks: tuple[Task, ...] = ()  # eval_tasks, read and checked
     tokenizer_id: str = "gpt2"  # what identifies the tokenizer's tokens (`tokenizer.tokenizer_id`)
+    # A tokenizer folder's files as the run starts, which every checkpoint carries: read once, so a folder changed
+    # during the run never reaches its checkpoints (`tokenizer.carried_files`).
+    tokenizer_files: dict = dataclasses.field(default_factory=dict)
     mixture: tuple = ()  # a mixture's sources: (name, weight, training windows) each, in the config's order
 
     @property
@@ -275,4 +278,5 @@ def plan_run(cfg: TrainConfig, world_size: int) -> RunPlan:
     return RunPlan(
         cfg, world_size, accumulation, global_batch, model_cfg, context_len, cfg.stride or context_len, eot_id,
         init_checkpoint, max_steps, token_budget, tasks=tasks, tokenizer_id=tokenizer_id(cfg.tokenizer),
+        tokenizer_files=carried_files(cfg.tokenizer),
     )  # fmt: skip

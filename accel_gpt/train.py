@@ -56,7 +56,7 @@ from accel_gpt.rundir import RunDirs, complete_already, resolve_run_dirs
 from accel_gpt.schedule import clips_gradients_at
 from accel_gpt.step import make_step
 from accel_gpt.tasks import evaluate_task
-from accel_gpt.tokenizer import carried_files, get_tokenizer, token_byte_lengths
+from accel_gpt.tokenizer import get_tokenizer, token_byte_lengths
 
 
 @dataclass
@@ -171,7 +171,7 @@ class Run:
                 run_state["grad_scaler"] = accelerator.scaler.state_dict()
             path = save_checkpoint(
                 self.dirs.checkpoint_dir, state.global_step, plan.model_config, states, run_state,
-                plan.cfg.to_dict(), rng_states, data_positions, carried_files(plan.cfg.tokenizer),
+                plan.cfg.to_dict(), rng_states, data_positions, plan.tokenizer_files,
             )  # fmt: skip
             pruned = prune_checkpoints(self.dirs.checkpoint_dir, plan.cfg.keep_last)
             self.logger.info(f"saved {path}" + (f" (pruned {', '.join(p.name for p in pruned)})" if pruned else ""))
@@ -358,8 +358,9 @@ def resume(run: Run, path: Path) -> tuple[TrainerState, dict | None, str]:
     (for a run with nothing left to train, the line that says so)."""
     accelerator, plan, total_steps = run.accelerator, run.plan, run.plan.total_steps
     world_size, rank = accelerator.num_processes, accelerator.process_index
-    check_optimizer(read_trainer_state(path), path, plan)
-    check_tokenizer(read_trainer_state(path), path, plan)
+    saved_state = read_trainer_state(path)
+    check_optimizer(saved_state, path, plan)
+    check_tokenizer(saved_state, path, plan)
     saved = load_checkpoint(path, run.raw_model(), run.optimizer.optimizer)
     apply_learning_rates(run.optimizer, plan.cfg)
     run.data.check_resume(saved, path, world_size)

@@ -297,17 +297,21 @@ class Mixed:
     plan: RunPlan
     sources: list[SourceSpec]
 
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return tuple(s.weight for s in self.sources)
+
     def mixture_eval_sets(self, train: list[Windows], val: list[WindowDataset]) -> dict:
         cfg, batch = self.plan.cfg, self.plan.global_batch_size
-        weights = tuple(s.weight for s in self.sources)
         mixed = MixtureWindows(train)
-        order = MixtureSampler([len(t) for t in train], weights, cfg.batch_size, batch, cfg.seed, cfg.eval_iter, False)
+        sizes = [len(t) for t in train]
+        order = MixtureSampler(sizes, self.weights, cfg.batch_size, batch, cfg.seed, cfg.eval_iter, False)
         return {"train": (mixed, order)} | {
             f"val/{s.name}": fixed_windows(self.plan, v) for s, v in zip(self.sources, val)
         }
 
     def shares(self) -> dict[str, float]:
-        total = sum(s.weight for s in self.sources)
+        total = sum(self.weights)
         return {s.name: s.weight / total for s in self.sources}
 
     def drawn(self, global_step: int) -> np.ndarray:
@@ -344,9 +348,9 @@ class MixtureData(Mixed, CachedData):
         self.train, self.batches, self.is_main = MixtureWindows(train), None, False
 
     def training_sampler(self):
-        cfg, weights = self.plan.cfg, tuple(s.weight for s in self.sources)
+        cfg = self.plan.cfg
         return MixtureSampler(
-            self.sizes, weights, cfg.batch_size, self.plan.global_batch_size, cfg.seed, self.plan.total_steps
+            self.sizes, self.weights, cfg.batch_size, self.plan.global_batch_size, cfg.seed, self.plan.total_steps
         )
 
     def prepare(self, accelerator: Accelerator, *objects) -> list:
@@ -366,7 +370,7 @@ class MixtureData(Mixed, CachedData):
             yield batches
 
     def drawn(self, global_step: int) -> np.ndarray:
-        return windows_drawn(global_step, self.plan.global_batch_size, tuple(s.weight for s in self.sources))
+        return windows_drawn(global_step, self.plan.global_batch_size, self.weights)
 
     def window_sources(self, global_step: int) -> list[list[str]]:
         ids, batch = self.batches.sampler.step_windows(global_step), self.plan.cfg.batch_size

@@ -309,16 +309,16 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _base_type(annotation) -> type:
-    """`int | None` -> int (annotations are strings under `from __future__ import annotations`)."""
-    hint = typing.get_type_hints(TrainConfig)[annotation] if isinstance(annotation, str) else annotation
+def _base_type(hint) -> type:
+    """`int | None` -> int."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
     return hint
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_TYPES = {name: _base_type(name) for name in _FIELDS}
+# Annotations are strings under `from __future__ import annotations`: evaluated once, for every field at a time.
+_TYPES = {name: _base_type(hint) for name, hint in typing.get_type_hints(TrainConfig).items()}
 _OPTIONAL = {name for name, f in _FIELDS.items() if "None" in str(f.type)}  # fields that may be unset
 _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 _TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}

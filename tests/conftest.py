@@ -87,6 +87,13 @@ def common_args(out, cache) -> list[str]:
     ]  # fmt: skip
 
 
+RECIPE = [  # every modern option at once: Muon and the model options of the fast recipe
+    "--optimizer", "muon", "--muon_learning_rate", "0.004", "--learning_rate", "0.003", "--lr_schedule", "wsd",
+    "--position", "rotary", "--norm", "rmsnorm", "--qk_norm", "true", "--activation", "relu2",
+    "--zero_init_projections", "true", "--logit_softcap", "15",
+]  # fmt: skip
+
+
 def read_metrics(run_dir) -> dict[int, dict]:
     """metrics.jsonl by step; a resumed run appends, and the latest record of a step wins."""
     import json

@@ -52,27 +52,20 @@ def test_sigint_without_a_launcher_also_stops_cleanly_and_ends_a_long_sample(tmp
     assert stopped_at <= 3 and list_checkpoints(out / "checkpoints")[-1][0] == stopped_at
 
 
-def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_losses(tmp_path):
-    """One command with `--checkpoint auto`, run again unchanged after each kill, as a requeued job is."""
+def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_losses(tmp_path, train_here):
+    """One command with `--checkpoint auto`, run again unchanged after each kill, as a requeued job is. The
+    uninterrupted run is one process at the same global batch, in this process (2 processes = 1: test_launch.py);
+    the ranks' dropout streams surviving a SIGKILL are test_streaming.py's."""
     seed = random.randrange(10**6)
     rng = random.Random(seed)
-    args = common_args(tmp_path / "ref", tmp_path / "cache") + [
-        "--batch_size",
-        "2",
-        "--dropout",
-        "0.1",
-        "--max_steps",
-        "12",
-        "--save_freq",
-        "2",
-        "--eval_freq",
-        "6",
-    ]
-    launch(args, num_processes=2)
+    args = common_args(tmp_path / "ref", tmp_path / "cache") + ["--max_steps", "12", "--save_freq", "2",
+                                                                 "--eval_freq", "6"]  # fmt: skip
+    assert train_here(*args, "--batch_size", "4").returncode == 0
     reference = read_metrics(tmp_path / "ref")
 
     out = tmp_path / "killed"
-    command = [a if a != str(tmp_path / "ref") else str(out) for a in args] + ["--checkpoint", "auto"]
+    command = [a if a != str(tmp_path / "ref") else str(out) for a in args] + ["--batch_size", "2", "--checkpoint",
+                                                                               "auto"]  # fmt: skip
     ckpts = out / "checkpoints"
 
     def in_save():  # a writer's hidden temporary directory exists
@@ -100,7 +93,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_losses(tm
     final = read_metrics(out)
     assert sorted(final) == sorted(reference)
     for step in reference:
-        assert final[step]["loss"] == pytest.approx(reference[step]["loss"], abs=1e-6), (seed, step)
+        assert final[step]["loss"] == pytest.approx(reference[step]["loss"], abs=1e-5), (seed, step)
     assert [p.name for p in ckpts.iterdir() if p.name.startswith(".")] == [LOCK_FILE]  # temporaries cleaned up
 
 

@@ -101,28 +101,6 @@ def test_one_process_equals_two_processes_at_the_same_global_batch(two_process_r
         torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=0)
 
 
-def test_resume_onto_more_processes_continues_at_the_right_step_with_the_same_losses(
-    two_process_run, one_process_run, tmp_path
-):
-    """A 1-process checkpoint resumed by 2 processes: the run goes on at step 6, each rank is reseeded from (seed,
-    rank, step), so the ranks' dropout streams differ again, and with dropout 0 the losses are the 1-process run's
-    (which are the 2-process run's). A 2-process run resumed by 2 processes, its ranks' dropout streams restored,
-    gives the uninterrupted losses in test_faults.py (dropout 0.1, killed with SIGKILL)."""
-    one_process = one_process_run
-    out = tmp_path / "more"
-    shutil.copytree(one_process, out)
-    result = launch(
-        common_args(out, two_process_run["cache"]) + ["--batch_size", "2", "--checkpoint", "5"], num_processes=2
-    )
-    assert "resumed at step 5" in result.stdout and "(saved by 1 processes: dropout RNG reseeded)" in result.stdout
-    assert "step      6/10" in result.stdout and "step      5/10" not in result.stdout
-    rng = load_file(str(out / "checkpoints" / "checkpoint_000010" / "rng.safetensors"))
-    assert not torch.equal(rng["rank0.torch"], rng["rank1.torch"])
-    resumed, original = read_metrics(out), read_metrics(one_process)
-    for step in range(6, 11):
-        assert resumed[step]["loss"] == pytest.approx(original[step]["loss"], abs=1e-5), step
-
-
 def test_two_process_checkpoint_resumes_on_one_process(two_process_run, tmp_path, train_here):
     one = tmp_path / "one"
     shutil.copytree(two_process_run["out"], one)
@@ -257,8 +235,11 @@ def test_two_machines_with_different_files_stop_with_one_line(four_shards, tmp_p
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_fsdp_on_two_cpu_processes_matches_ddp_and_writes_one_consolidated_checkpoint(two_process_run, train_here):
-    """FSDP2 over gloo (accelerate_configs/cpu_2proc_fsdp.yaml): sharded training, unsharded files.
+def test_fsdp_on_two_cpu_processes_matches_ddp_and_writes_one_consolidated_checkpoint(
+    two_process_run, one_process_run, train_here
+):
+    """FSDP2 over gloo (accelerate_configs/cpu_2proc_fsdp.yaml): sharded training, unsharded files, which resume
+    on one process, and a 1-process checkpoint resumed onto 2 sharded processes.
 
     Micro-batches of 1 with 2 accumulation steps: the same global batch of 4 as the DDP run it is compared to."""
     out, cache = two_process_run["root"] / "run_fsdp", two_process_run["cache"]
@@ -286,13 +267,23 @@ def test_fsdp_on_two_cpu_processes_matches_ddp_and_writes_one_consolidated_check
     moments = load_file(str(ckpt / "optimizer.safetensors"))
     assert moments["tok_emb.weight.exp_avg"].shape == weights["tok_emb.weight"].shape
 
-    # Resume sharded from the consolidated step-5 checkpoint, and unsharded on one process: the same losses.
-    resumed = launch(args + ["--checkpoint", "5"], num_processes=2, config="cpu_2proc_fsdp.yaml")
-    assert "resumed at step 5" in resumed.stdout
+    # FSDP's step-5 checkpoint resumed unsharded on one process: the same losses.
     one = two_process_run["root"] / "run_fsdp_on_one"
     shutil.copytree(out / "checkpoints" / "checkpoint_000005", one / "checkpoints" / "checkpoint_000005")
     assert train_here(*common_args(one, cache), "--batch_size", "4", "--checkpoint", "5").returncode == 0
-    for run in (read_metrics(out), read_metrics(one)):
+
+    # A 1-process checkpoint resumed sharded onto 2 processes: the run goes on at step 6, each rank is reseeded
+    # from (seed, rank, step), so the ranks' dropout streams differ again, and with dropout 0 the losses are the
+    # 1-process run's. (2 processes resumed by 2, their dropout streams restored: test_streaming.py's SIGKILL.)
+    more = two_process_run["root"] / "run_fsdp_from_one"
+    shutil.copytree(one_process_run, more)
+    resumed = launch([*common_args(more, cache), "--batch_size", "1", "--global_batch_size", "4", "--checkpoint",
+                      "5"], num_processes=2, config="cpu_2proc_fsdp.yaml")  # fmt: skip
+    assert "resumed at step 5" in resumed.stdout and "(saved by 1 processes: dropout RNG reseeded)" in resumed.stdout
+    assert "step      6/10" in resumed.stdout and "step      5/10" not in resumed.stdout
+    rng = load_file(str(more / "checkpoints" / "checkpoint_000010" / "rng.safetensors"))
+    assert not torch.equal(rng["rank0.torch"], rng["rank1.torch"])
+    for run in (read_metrics(one), read_metrics(more)):
         for step in range(6, 11):
             assert run[step]["loss"] == pytest.approx(ddp[step]["loss"], abs=1e-5), step
 

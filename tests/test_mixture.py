@@ -8,6 +8,7 @@ from importlib import resources
 import numpy as np
 import pytest
 from conftest import (
+    RECIPE,
     VERDICT,
     assert_one_line_error,
     kill_all,
@@ -94,9 +95,10 @@ def test_windows_drawn_keep_to_the_weights_at_every_step_and_never_give_one_back
 def test_a_mixture_gives_one_process_losses_at_two_processes_and_after_a_sigkill(
     mixture, tmp_path, train_here, trained_tokenizer
 ):
-    """With a trained tokenizer too: 2 gloo processes train with it as one does."""
+    """With a trained tokenizer, and under Muon with every model option: 2 gloo processes train with them as one
+    does (each rank orthogonalises the same all-reduced momentum, so every rank applies one process's update)."""
     args, _ = mixture
-    args = [*args, "--tokenizer", str(trained_tokenizer)]
+    args = [*args, "--tokenizer", str(trained_tokenizer), *RECIPE]
     reference = train_here(*args, "--output_dir", tmp_path / "one")
     assert reference.returncode == 0, reference.stderr[-3000:]
     out = tmp_path / "two"

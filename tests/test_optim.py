@@ -1,12 +1,11 @@
 """The optimizers and the modern recipe: Muon orthogonalises what it should and leaves AdamW's parameters to AdamW,
-trains, resumes bit for bit, skips non-finite steps, agrees across DDP ranks; FSDP and optimizer switches are
-refused in one line; the bundled `fast` recipe."""
+trains, resumes bit for bit, skips non-finite steps; FSDP and optimizer switches are refused in one line; the
+bundled `fast` recipe. Muon on 2 gloo processes is test_mixture.py's two-process run."""
 
 import shutil
 
-import pytest
 import torch
-from conftest import assert_one_line_error, common_args, launch, one_thread, read_metrics
+from conftest import RECIPE, assert_one_line_error, common_args, one_thread, read_metrics
 
 from accel_gpt.config import TrainConfig, parse_config
 from accel_gpt.inference import generate, load_model, perplexity
@@ -16,11 +15,6 @@ from accel_gpt.train import train
 
 MODEL = GPTConfig(vocabulary_size=97, context_len=16, embedding_dim=32, num_heads=2, num_layers=2, dropout=0.0)
 MUON = TrainConfig(optimizer="muon", learning_rate=1e-3, muon_learning_rate=2e-3, weight_decay=0.1)
-RECIPE = [  # every modern option at once, on The Verdict's tiny run
-    "--optimizer", "muon", "--muon_learning_rate", "0.004", "--learning_rate", "0.003", "--lr_schedule", "wsd",
-    "--position", "rotary", "--norm", "rmsnorm", "--qk_norm", "true", "--activation", "relu2",
-    "--zero_init_projections", "true", "--logit_softcap", "15",
-]  # fmt: skip
 
 
 def with_gradients(seed: int = 0) -> GPTModel:
@@ -126,16 +120,3 @@ def test_the_fast_recipe_is_bundled():
     cfg = parse_config(["--config", "fast"])
     assert (cfg.optimizer, cfg.lr_schedule, cfg.position, cfg.norm) == ("muon", "wsd", "rotary", "rmsnorm")
     assert parse_config(["--config", "fast", "--model", "tiny"]).model == "tiny"
-
-
-@pytest.mark.slow
-def test_muon_on_two_gloo_processes_trains_as_one_process(tmp_path):
-    """DDP: each rank orthogonalises the same all-reduced momentum, so 2 processes x batch 2 give one process x batch
-    4's losses: every rank applies the update that one process would."""
-    args = [*common_args(tmp_path / "two", tmp_path / "cache"), *RECIPE, "--batch_size", "2"]
-    launch(args, num_processes=2)
-    train(parse_config(one_thread([*args, "--output_dir", tmp_path / "one", "--batch_size", "4"])))
-    two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
-    for step in range(1, 11):
-        assert two[step]["loss"] == pytest.approx(one[step]["loss"], abs=1e-5), step
-    assert two[10]["loss"] < two[1]["loss"] - 1.0

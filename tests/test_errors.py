@@ -2,16 +2,20 @@
 
 import json
 import shutil
+import subprocess
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import (
+    REPO,
     VERDICT,
     assert_one_line_error,
     assert_only_line_error,
     common_args,
+    launch_command,
+    launch_env,
     train_cli,
     without_read_override,
 )
@@ -128,6 +132,18 @@ def test_corpus_too_short_for_one_step_and_val_without_batches(tmp_path, train_h
 def test_bad_settings(tmp_path, args, fragments, train_here):
     base = ["--model", "tiny", "--train_data_path", VERDICT, "--data_cache_dir", tmp_path / "c"]
     assert_one_line_error(train_here(*base, *args), *fragments)
+
+
+@pytest.mark.slow
+def test_under_accelerate_launch_quiet_the_line_is_all_there_is():
+    """One process under `accelerate launch` adds the launcher's traceback after our line; `-q` (as
+    docs/configuration.md says) leaves our line alone. Several processes: test_streaming.py's bad-data launch."""
+    cmd = launch_command(1, launcher_args=("-q",)) + ["--learning_rat", "1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=launch_env(), cwd=REPO)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "accel_gpt: error: command line: unrecognized arguments: --learning_rat 1"
+    ], result.stderr[-3000:]
 
 
 @pytest.mark.slow

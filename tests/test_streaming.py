@@ -290,9 +290,10 @@ def test_bad_data_met_by_one_process_stops_every_process_with_its_line(tmp_path)
             "--eval_iter", "1", "--max_steps", "40", "--stream_workers", "1", "--shuffle_buffer", "0",
             "--train_data_path", data, "--output_dir", tmp_path / "run",
             "--data_cache_dir", tmp_path / "cache"]  # fmt: skip
-    cmd = launch_command(2) + one_thread(args)
+    cmd = launch_command(2, launcher_args=("-q",)) + one_thread(args)  # -q: the launcher's summary, no traceback
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=launch_env(), cwd=REPO)
     line = "accel_gpt: error: train data: " + str(data / "p3.jsonl") + " line 13 has a 'text' number, not a string"
     assert result.returncode != 0 and result.stderr.count(line + "\n") == 2, result.stderr[-3000:]  # each rank's
     assert "[rank" not in result.stderr  # no rank's traceback, only the launcher's report that they stopped
+    assert "Traceback" not in result.stderr and "accel_gpt.train FAILED" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -143,6 +143,8 @@ def test_a_streamed_mixture_draws_by_weight_and_resumes_exactly(mixture, tmp_pat
         ("a.txt:3,b.txt:x", "train_data_path: source b's weight must be a positive number, got 'x'"),
         ("a.txt:3,b.txt:-1", "source b's weight must be a positive number, got '-1'"),
         ("a.txt:3,b.txt:inf", "source b's weight must be a positive number"),
+        ("b=b.txt:nan", "source b's weight must be a positive number, got 'nan'"),
+        ("b.txt:-Inf", "source b's weight must be a positive number, got '-Inf'"),
         ("a=x.txt:1,a=y.txt:2", "two sources are named a: give each its own name"),
         ("x/a.txt:1,y/a.txt:2", "two sources are named a"),
         ("a.txt:1,b.txt", "'b.txt' has no weight; a mixture is [NAME=]PATH:WEIGHT,..."),

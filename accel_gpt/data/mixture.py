@@ -24,6 +24,8 @@ OPTION = "train_data_path"
 # A name goes into metric keys (val_loss/<name>, tokens_seen/<name>) and file names of trackers.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 SHORT_FORM = "[NAME=]PATH:WEIGHT,..."
+# A number after the last colon, nan and inf included (refused as weights, not read as part of a path).
+WEIGHT_AT_END = re.compile(r":\s*(?:[-+.\d][^:/\\]*|[-+]?(?:nan|inf(?:inity)?)\s*)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def is_short_form(value: str) -> bool:
     names no existing file and holds several entries, or ends in a weight."""
     if Path(value).exists():
         return False
-    return "," in value or re.search(r":\s*[-+.\d][^:/\\]*$", value) is not None
+    return "," in value or WEIGHT_AT_END.search(value) is not None
 
 
 def _short_form_entries(value: str) -> list[dict]:

@@ -346,9 +346,10 @@ def check_tokenizer(saved: dict, path: Path, plan: RunPlan) -> None:
     config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")).get("train", {})
     trained_with = saved.get("tokenizer", config.get("tokenizer", "gpt2"))  # earlier versions recorded the name
     if trained_with != plan.tokenizer_id:
+        carried = f" (the checkpoint carries it: --tokenizer {path})" if (path / "tokenizer.json").is_file() else ""
         raise UserError(
             f"cannot resume {path} with tokenizer {plan.cfg.tokenizer}: it was trained with tokenizer "
-            f"{config.get('tokenizer', 'gpt2')} ({trained_with[:19]}); resume with that one"
+            f"{config.get('tokenizer', 'gpt2')} ({trained_with[:19]}); resume with that one{carried}"
         )
 
 

@@ -42,7 +42,10 @@ def test_a_model_that_cannot_fit_stops_before_it_exists(tmp_path, train_here):
 
 
 def test_an_unknown_tokenizer_is_one_line(train_here):
-    assert_one_line_error(train_here("--tokenizer", "no_such_encoding"), "unknown tokenizer 'no_such_encoding'")
+    assert_one_line_error(
+        train_here("--tokenizer", "no_such_encoding"),
+        "unknown tokenizer 'no_such_encoding': no folder of that name, and not one of tiktoken's encodings (gpt2,",
+    )
 
 
 def test_empty_data_paths_are_refused_not_searched_from_the_working_directory(tmp_path, train_here):

@@ -148,7 +148,12 @@ def test_training_with_a_trained_tokenizer_keeps_its_own_cache_entries_and_its_o
     assert train_here(*common, "--output_dir", tmp_path / "gpt2").returncode == 0
     assert len(scan(tmp_path / "cache")) == 2  # one corpus, two tokenizers: two entries, never mixed
     again = train_here(*common, "--max_steps", "6", "--output_dir", tmp_path / "ours", "--checkpoint", "latest")
-    assert_one_line_error(again, "with tokenizer gpt2: it was trained with tokenizer", str(trained), "sha256:")
+    carrier = tmp_path / "ours" / "checkpoints" / "checkpoint_000004"
+    assert_one_line_error(again, "with tokenizer gpt2: it was trained with tokenizer", str(trained), "sha256:",
+                          f"(the checkpoint carries it: --tokenizer {carrier})")  # fmt: skip
+    resumed = train_here(*common, "--max_steps", "6", "--output_dir", tmp_path / "ours", "--checkpoint", "latest",
+                         "--tokenizer", carrier)  # fmt: skip
+    assert resumed.returncode == 0 and "resumed at step 4" in resumed.stdout, resumed.stderr[-3000:]
     streamed = train_here(*common, "--tokenizer", trained, "--streaming", "true", "--stream_workers", "0",
                           "--output_dir", tmp_path / "streamed")  # fmt: skip
     assert streamed.returncode == 0 and read_metrics(tmp_path / "streamed")[4]["loss"] < 6.5

@@ -48,8 +48,11 @@ def get_tokenizer(name: str = "gpt2") -> tiktoken.Encoding:
         return load_tokenizer_folder(Path(name).expanduser())
     try:
         return tiktoken.get_encoding(name)
-    except ValueError as err:
-        raise UserError(f"unknown tokenizer {name!r}: {str(err).splitlines()[0]}") from None
+    except ValueError:
+        names = ", ".join(tiktoken.list_encoding_names())
+        raise UserError(
+            f"unknown tokenizer {name!r}: no folder of that name, and not one of tiktoken's encodings ({names})"
+        ) from None
     except OSError as err:  # tiktoken downloads other encodings' ranks on first use
         raise UserError(f"tokenizer {name!r} is not cached and could not be downloaded ({err}); use gpt2") from None
 

@@ -14,7 +14,7 @@ import sys
 
 from accelerate.utils import gather_object
 
-from accel_gpt.cli import CommandLineParser, run_command
+from accel_gpt.cli import CommandLineParser, run_command, summary
 from accel_gpt.config import parse_config
 from accel_gpt.data.run_data import load_training_data
 from accel_gpt.errors import UserError
@@ -26,7 +26,7 @@ from accel_gpt.train import TrainerState
 
 def main(argv: list[str] | None = None) -> None:
     parser = CommandLineParser(
-        prog="python -m accel_gpt.batches", description=__doc__.splitlines()[0],
+        prog="python -m accel_gpt.batches", description=summary(__doc__),
         epilog="Every other option is the train command's: python -m accel_gpt.train --help",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=1, help="optimizer steps to show (default: 1)")

@@ -24,6 +24,12 @@ class CommandLineParser(argparse.ArgumentParser):
         raise UserError(f"command line: {message}")
 
 
+def summary(doc: str) -> str:
+    """A command module's docstring as its `--help` description: the first paragraph, on one line, a sentence."""
+    first = " ".join(doc.split("\n\n")[0].split()).rstrip(":")
+    return first if first.endswith(".") else first + "."
+
+
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     """--checkpoint and --step, as every command that reads a checkpoint takes them."""
     parser.add_argument(

@@ -11,7 +11,7 @@ import json
 import math
 import sys
 
-from accel_gpt.cli import CommandLineParser, add_checkpoint_arguments, run_command
+from accel_gpt.cli import CommandLineParser, add_checkpoint_arguments, run_command, summary
 from accel_gpt.data.cache import DEFAULT_DIR as DEFAULT_CACHE_DIR
 from accel_gpt.data.mixture import is_short_form
 from accel_gpt.errors import UserError
@@ -30,7 +30,7 @@ from accel_gpt.tokenizer import get_tokenizer
 
 
 def build_parser() -> CommandLineParser:
-    parser = CommandLineParser(prog="python -m accel_gpt.evaluate", description=__doc__.splitlines()[0])
+    parser = CommandLineParser(prog="python -m accel_gpt.evaluate", description=summary(__doc__))
     add_checkpoint_arguments(parser)
     parser.add_argument(
         "--data",

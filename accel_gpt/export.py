@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from accel_gpt.checkpoint import MANIFEST, list_checkpoints, overwritten_name
-from accel_gpt.cli import CommandLineParser, add_checkpoint_arguments, run_command
+from accel_gpt.cli import CommandLineParser, add_checkpoint_arguments, run_command, summary
 from accel_gpt.data.sources import DATASET_DICT_FILE, DATASET_FILES, is_corpus_file
 from accel_gpt.errors import UserError
 from accel_gpt.hf import EXPORT_FILES, export_to_hf
@@ -70,7 +70,7 @@ def set_aside(out: Path, files: list[Path]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = CommandLineParser(prog="python -m accel_gpt.export", description=__doc__.splitlines()[0])
+    parser = CommandLineParser(prog="python -m accel_gpt.export", description=summary(__doc__))
     add_checkpoint_arguments(parser)
     parser.add_argument("--out", required=True, help=f"output folder for {', '.join(EXPORT_FILES)}")
     parser.add_argument(
@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {', '.join(written)} to {out} (GPT2LMHeadModel{', and its tokenizer' if len(written) > 2 else ''})")
     if len(written) == 2:
         print(f"no tokenizer files: the {tokenizer} tokenizer has no Hugging Face form yet", file=sys.stderr)
+    if checkpoint.train_config.get("document_mask"):  # GPT2LMHeadModel has no block-causal mask to carry it in
+        print("note: trained with --document_mask: GPT2LMHeadModel attends across <|endoftext|>, so after one its "
+              "logits differ from accel_gpt's (within a document they are the same)", file=sys.stderr)  # fmt: skip
 
 
 if __name__ == "__main__":

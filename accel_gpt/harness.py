@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from accel_gpt.cli import CommandLineParser, add_checkpoint_arguments, run_command
+from accel_gpt.cli import CommandLineParser, add_checkpoint_arguments, run_command, summary
 from accel_gpt.errors import UserError
 from accel_gpt.inference import open_checkpoint, resolve_device
 from accel_gpt.model import stream_tokens
@@ -115,7 +115,7 @@ if TemplateLM is not None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = CommandLineParser(prog="python -m accel_gpt.harness", description=__doc__.splitlines()[0])
+    parser = CommandLineParser(prog="python -m accel_gpt.harness", description=summary(__doc__))
     add_checkpoint_arguments(parser)
     parser.add_argument(
         "--tasks", required=True, help="lm-eval task names, T[,T...] (hub tasks need their data cached)"

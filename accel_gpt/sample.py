@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from accel_gpt.cli import CommandLineParser, add_checkpoint_arguments, run_command
+from accel_gpt.cli import CommandLineParser, add_checkpoint_arguments, run_command, summary
 from accel_gpt.errors import UserError
 from accel_gpt.inference import check_sampling, encode_prompt, open_checkpoint, resolve_device
 from accel_gpt.model import stream_tokens
@@ -18,7 +18,7 @@ from accel_gpt.tokenizer import TextStream, get_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CommandLineParser(prog="python -m accel_gpt.sample", description=__doc__.splitlines()[0])
+    parser = CommandLineParser(prog="python -m accel_gpt.sample", description=summary(__doc__))
     add_checkpoint_arguments(parser)
     parser.add_argument("--prompt", help="text to continue (default: read from stdin; empty: start a new document)")
     parser.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per sample (default: 200)")

@@ -8,11 +8,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, one_thread, read_metrics
+from conftest import assert_one_line_error, in_process, one_thread, read_metrics
 
 from accel_gpt.batches import main as batches_main
 from accel_gpt.data.packing import document_spans, pack_documents
 from accel_gpt.data.tokens import TokenStream
+from accel_gpt.export import main as export_main
 from accel_gpt.inference import generate
 from accel_gpt.model import PRESETS, GPTConfig, GPTModel
 from accel_gpt.tokenizer import get_tokenizer
@@ -108,7 +109,7 @@ def test_a_later_documents_logits_do_not_change_with_an_earlier_one_in_its_windo
     assert generate(model, "the monkey king", 8) == off
 
 
-def test_aligned_and_masked_training_learns_and_resumes_exactly(documents, tmp_path, train_here):
+def test_aligned_and_masked_training_learns_and_resumes_exactly(documents, tmp_path, train_here, capfd):
     corpus, _ = documents
     args = ["--model", "tiny", "--train_data_path", corpus, "--data_cache_dir", tmp_path / "cache",
             "--context_len", "64", "--batch_size", "4", "--max_steps", "8", "--warmup_steps", "1", "--eval_freq",
@@ -124,6 +125,9 @@ def test_aligned_and_masked_training_learns_and_resumes_exactly(documents, tmp_p
     assert resumed.returncode == 0 and "resumed at step 4" in resumed.stdout
     again = read_metrics(tmp_path / "half")
     assert [again[s]["loss"] for s in range(5, 9)] == [first[s]["loss"] for s in range(5, 9)]
+    # Export has no mask to carry: it says so (GPT2LMHeadModel attends across end-of-text).
+    exported = in_process(export_main, ["--checkpoint", str(tmp_path / "whole"), "--out", str(tmp_path / "hf")], capfd)
+    assert exported.returncode == 0 and "note: trained with --document_mask" in exported.stderr
 
 
 def test_streamed_windows_start_at_documents_and_resume_exactly(documents, tmp_path, train_here, capfd):

@@ -144,6 +144,7 @@ def test_a_streamed_mixture_draws_by_weight_and_resumes_exactly(mixture, tmp_pat
         ("a.txt:3,b.txt:-1", "source b's weight must be a positive number, got '-1'"),
         ("a.txt:3,b.txt:inf", "source b's weight must be a positive number"),
         ("b=b.txt:nan", "source b's weight must be a positive number, got 'nan'"),
+        ("a.txt:1e308,b.txt:1e308", "the weights add up to more than a number holds; they are relative"),
         ("b.txt:-Inf", "source b's weight must be a positive number, got '-Inf'"),
         ("a=x.txt:1,a=y.txt:2", "two sources are named a: give each its own name"),
         ("x/a.txt:1,y/a.txt:2", "two sources are named a"),

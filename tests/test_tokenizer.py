@@ -1,5 +1,6 @@
 import hashlib
 import json
+import re
 import shutil
 from importlib import resources
 
@@ -109,19 +110,58 @@ def test_a_tokenizer_folder_is_never_overwritten_unless_asked_and_then_moved_asi
     assert (aside / "tokenizer.json").read_bytes() == before and get_tokenizer(str(out)).n_vocab == 300
 
 
+def set_normalizer(spec):
+    spec["normalizer"] = {"type": "Lowercase"}
+
+
+def set_prefix_space(spec):
+    steps = spec["pre_tokenizer"].get("pretokenizers") or [spec["pre_tokenizer"]]
+    steps[-1]["add_prefix_space"] = True
+
+
+def set_template(spec):
+    spec["post_processor"] = {"type": "TemplateProcessing", "single": [], "pair": [], "special_tokens": {}}
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (set_normalizer, "normalizes text first (Lowercase)"),
+        (set_prefix_space, "puts a space before every text (add_prefix_space)"),
+        (set_template, "adds tokens to what it encodes (TemplateProcessing)"),
+        (lambda spec: spec["model"].update(merges=[]), "has 0 merges for 343 tokens of several bytes"),
+        (lambda spec: spec.update(model=None), "is not a valid tokenizer.json (AttributeError:"),
+        (lambda spec: spec["added_tokens"][0].update(id=-5), "is not a valid tokenizer.json (OverflowError:"),
+        (lambda spec: spec["model"]["vocab"].update(a="5"), "is not a valid tokenizer.json (TypeError:"),
+    ],
+)
+def test_a_tokenizer_json_that_would_give_other_ids_than_hugging_face_is_one_line(trained, tmp_path, edit, message):
+    """tiktoken would encode these otherwise than `tokenizers` and `transformers` do (or not at all): refused, not
+    trained on with ids an exported tokenizer would not give."""
+    spec = json.loads((trained / "tokenizer.json").read_text())
+    edit(spec)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match=re.escape(message)):
+        get_tokenizer(str(tmp_path))
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--vocab_size", "100"], "vocab_size must be in [258, 1048576], got 100"),
         (["--vocab_size", "300", "--max_chars", "0"], "max_chars must be positive, got 0"),
+        (["--vocab_size", "300", "--out", ""], "--out is empty: give the folder to write the tokenizer to"),
+        (["--vocab_size", "300", "--out", VERDICT / "t"], "is under " + str(VERDICT) + ", a file: give a folder"),
+        (["--vocab_size", "300", "--data", f"a={VERDICT}:1,b={VERDICT}:1"], "is a mixture: a tokenizer trains on one"),
     ],
 )
-def test_bad_training_options_are_one_line(args, message, tmp_path, capfd):
+def test_bad_training_options_are_one_line(args, message, tmp_path, capfd, monkeypatch):
     from accel_gpt.tokenizer.__main__ import main
 
-    result = in_process(main, ["train", "--data", str(VERDICT), "--out", str(tmp_path / "t"), *args], capfd)
-    assert_one_line_error(result, message)
-    assert not (tmp_path / "t").exists()
+    monkeypatch.chdir(tmp_path)  # an empty --out is refused, not the working directory written to
+    args = ["train", "--data", str(VERDICT), "--out", str(tmp_path / "t"), *map(str, args)]  # the last --out wins
+    assert_one_line_error(in_process(main, args, capfd), message)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_folder_that_is_no_byte_level_bpe_is_one_line(tmp_path):

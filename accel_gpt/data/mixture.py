@@ -135,6 +135,8 @@ def read_sources(value: str | list, defaults: dict) -> list[SourceSpec]:
                 "the config file)"
             )
         sources.append(SourceSpec(name, _weight(entry.get("weight", 1.0), name), **fields))
+    if not math.isfinite(sum(source.weight for source in sources)):  # each is finite, their total need not be
+        raise UserError(f"{OPTION}: the weights add up to more than a number holds; they are relative: scale them down")
     return sources
 
 

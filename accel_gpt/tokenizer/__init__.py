@@ -100,8 +100,27 @@ def load_tokenizer_folder(folder: Path) -> tiktoken.Encoding:
         model = spec["model"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise UserError(f"tokenizer {path} is not a tokenizer.json ({err})") from None
+    try:
+        return _byte_level_bpe(spec, model, folder, path)
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as err:  # a field of the wrong form
+        raise UserError(f"tokenizer {path} is not a valid tokenizer.json ({type(err).__name__}: {err})") from None
+
+
+def _byte_level_bpe(spec: dict, model: dict, folder: Path, path: Path) -> tiktoken.Encoding:
     if model.get("type") != "BPE":
         raise UserError(f"tokenizer {path} is a {model.get('type')} model: accel_gpt reads byte-level BPE tokenizers")
+    # What tokenizers and transformers would do beside the split and the merges, and tiktoken cannot: refused, or the
+    # ids trained on would differ from theirs (and from an exported model's tokenizer).
+    if spec.get("normalizer") is not None:
+        raise UserError(
+            f"tokenizer {path} normalizes text first ({spec['normalizer'].get('type')}): accel_gpt reads byte-level "
+            "BPE tokenizers that encode text as it is"
+        )
+    if (spec.get("post_processor") or {}).get("type", "ByteLevel") != "ByteLevel":
+        raise UserError(
+            f"tokenizer {path} adds tokens to what it encodes ({spec['post_processor'].get('type')}): accel_gpt "
+            "reads byte-level BPE tokenizers that add none"
+        )
     pattern = split_pattern(spec.get("pre_tokenizer"), path)
     special = {t["content"]: t["id"] for t in spec.get("added_tokens") or [] if t.get("special")}
     if END_OF_TEXT not in special:
@@ -116,6 +135,11 @@ def load_tokenizer_folder(folder: Path) -> tiktoken.Encoding:
     ids = [model["vocab"].get("".join(m) if isinstance(m, list) else m.replace(" ", "")) for m in model["merges"]]
     if any(a is None or b is None or a >= b for a, b in zip(ids, ids[1:])):
         raise UserError(f"tokenizer {path}: its ids do not follow its merges' order, which tiktoken needs")
+    if len(ids) != sum(len(token) > 1 for token in ranks):
+        raise UserError(
+            f"tokenizer {path} has {len(ids)} merges for {sum(len(t) > 1 for t in ranks)} tokens of several bytes: "
+            "each needs the merge that makes it"
+        )
     return tiktoken.Encoding(name=str(folder), pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
 
 
@@ -124,6 +148,11 @@ def split_pattern(pre_tokenizer: dict | None, path: Path) -> str:
     itself, or the pattern of the Split before it."""
     steps = (pre_tokenizer or {}).get("pretokenizers") or [pre_tokenizer or {}]
     kinds = [step.get("type") for step in steps]
+    if steps[-1].get("add_prefix_space"):
+        raise UserError(
+            f"tokenizer {path} puts a space before every text (add_prefix_space): accel_gpt reads byte-level BPE "
+            "tokenizers that encode text as it is"
+        )
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return GPT2_PATTERN
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):

@@ -10,13 +10,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from accel_gpt.cli import CommandLineParser, run_command
+from accel_gpt.cli import CommandLineParser, run_command, summary
 from accel_gpt.errors import UserError
 from accel_gpt.tokenizer import MANIFEST_FILE, PATTERNS, TOKENIZER_FILE, get_tokenizer
 
 
 def build_parser() -> CommandLineParser:
-    parser = CommandLineParser(prog="python -m accel_gpt.tokenizer", description=__doc__.splitlines()[0])
+    parser = CommandLineParser(prog="python -m accel_gpt.tokenizer", description=summary(__doc__))
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a byte-level BPE on a corpus (needs the `tokenizers` package)")
     data = train.add_mutually_exclusive_group(required=True)
@@ -52,9 +52,13 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"vocab_size must be in [{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}], got {args.vocab_size}")
     if args.max_chars is not None and args.max_chars < 1:
         raise UserError(f"max_chars must be positive, got {args.max_chars}")
+    if not args.out.strip():
+        raise UserError("--out is empty: give the folder to write the tokenizer to")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: give a folder")
+    existing = next(p for p in (out, *out.parents) if p.exists())  # checked before training, not after
+    if not existing.is_dir():
+        raise UserError(f"--out {out} is a file: give a folder" if existing == out else
+                        f"--out {out} is under {existing}, a file: give a folder")  # fmt: skip
     found = [out / name for name in (TOKENIZER_FILE, MANIFEST_FILE, "tokenizer_config.json") if (out / name).exists()]
     if found and not args.overwrite:
         raise UserError(f"--out {out} already holds a tokenizer: give a new folder, or pass --overwrite")
@@ -84,13 +88,20 @@ def main(argv: list[str] | None = None) -> None:
 
 def open_source(args):
     """The training text's source (`data.streaming`'s, read document by document) and what the manifest says of it."""
-    from accel_gpt.data.sources import resolve_data
+    from accel_gpt.data.mixture import is_mixture
+    from accel_gpt.data.sources import one_format, resolve_data
     from accel_gpt.data.streaming import FileSource, open_dataset_source
 
     if args.dataset is not None:
         source = open_dataset_source(args.dataset, args.dataset_config, args.train_split, args.text_column, 1)
         return source, {"dataset": args.dataset, "dataset_config": args.dataset_config, "split": args.train_split}
+    if is_mixture(args.data):
+        raise UserError(
+            f"--data {args.data} is a mixture: a tokenizer trains on one data path (a folder or glob of every "
+            "source's files, in one format)"
+        )
     files = resolve_data(args.data, None).train
+    one_format(f"train data: {args.data}", files)  # as training refuses it: --data takes what train_data_path takes
     return FileSource(files, args.text_column), {"data": args.data, "files": len(files)}
 
 

@@ -56,7 +56,7 @@ from accel_gpt.rundir import RunDirs, complete_already, resolve_run_dirs
 from accel_gpt.schedule import clips_gradients_at
 from accel_gpt.step import make_step
 from accel_gpt.tasks import evaluate_task
-from accel_gpt.tokenizer import get_tokenizer, token_byte_lengths
+from accel_gpt.tokenizer import TOKENIZER_FILE, get_tokenizer, token_byte_lengths
 
 
 @dataclass
@@ -346,7 +346,7 @@ def check_tokenizer(saved: dict, path: Path, plan: RunPlan) -> None:
     config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")).get("train", {})
     trained_with = saved.get("tokenizer", config.get("tokenizer", "gpt2"))  # earlier versions recorded the name
     if trained_with != plan.tokenizer_id:
-        carried = f" (the checkpoint carries it: --tokenizer {path})" if (path / "tokenizer.json").is_file() else ""
+        carried = f" (the checkpoint carries it: --tokenizer {path})" if (path / TOKENIZER_FILE).is_file() else ""
         raise UserError(
             f"cannot resume {path} with tokenizer {plan.cfg.tokenizer}: it was trained with tokenizer "
             f"{config.get('tokenizer', 'gpt2')} ({trained_with[:19]}); resume with that one{carried}"

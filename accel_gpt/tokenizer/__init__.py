@@ -135,10 +135,11 @@ def _byte_level_bpe(spec: dict, model: dict, folder: Path, path: Path) -> tiktok
     ids = [model["vocab"].get("".join(m) if isinstance(m, list) else m.replace(" ", "")) for m in model["merges"]]
     if any(a is None or b is None or a >= b for a, b in zip(ids, ids[1:])):
         raise UserError(f"tokenizer {path}: its ids do not follow its merges' order, which tiktoken needs")
-    if len(ids) != sum(len(token) > 1 for token in ranks):
+    merged = sum(len(token) > 1 for token in ranks)  # every token of several bytes is made by one merge
+    if len(ids) != merged:
         raise UserError(
-            f"tokenizer {path} has {len(ids)} merges for {sum(len(t) > 1 for t in ranks)} tokens of several bytes: "
-            "each needs the merge that makes it"
+            f"tokenizer {path} has {len(ids)} merges for {merged} tokens of several bytes: each needs the merge that "
+            "makes it"
         )
     return tiktoken.Encoding(name=str(folder), pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
 
